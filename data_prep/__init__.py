@@ -1,0 +1,1 @@
+"""Data stage: raw corpora -> cleaned, deduplicated, tokenized WebDataset shards (see DESIGN.md)."""

@@ -1,0 +1,135 @@
+"""Readers for jsonl, jsonl.zst and jsonl.gz files; bad lines are counted with file and line, never fatal."""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import zstandard
+
+from data_prep.document import Document
+from data_prep.stats import PrepStats
+from data_prep.step import PipelineStep
+
+SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json.zst", ".json.gz")
+
+
+def expand_inputs(patterns: Iterable[str], root: Path | None = None) -> list[Path]:
+    """Expand globs and directories into a sorted, de-duplicated list of readable files.
+
+    Sorting makes the order of documents (and so every output) independent of the filesystem.
+    """
+    files: set[Path] = set()
+    for pattern in patterns:
+        pat = str(Path(root, pattern)) if root is not None and not os.path.isabs(pattern) else pattern
+        matches = sorted(glob.glob(pat, recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"prep.inputs: pattern {pattern!r} matches no file")
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                files.update(q for q in p.rglob("*") if q.is_file() and q.name.endswith(SUFFIXES))
+            elif p.name.endswith(SUFFIXES):
+                files.add(p)
+    return sorted(files)
+
+
+def _open_text(path: Path) -> IO[bytes]:
+    if path.name.endswith(".zst"):
+        # The zstd stream reader has no readline; BufferedReader adds line iteration on top of readinto.
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def get_field(record: dict[str, Any], dotted: str) -> Any:
+    """Read ``a.b.c`` from nested dicts; None when any part is missing."""
+    cur: Any = record
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+class JsonlReader(PipelineStep):
+    """Read documents from JSON-lines files (plain, zstd or gzip).
+
+    Task ``rank`` of ``world_size`` reads files ``rank, rank + world_size, ...`` of the sorted list.
+    """
+
+    name = "read"
+
+    def __init__(
+        self,
+        files: list[Path],
+        root: Path,
+        text_key: str = "text",
+        source_key: str = "meta.redpajama_set_name",
+        default_source: str = "unknown",
+        stats: PrepStats | None = None,
+    ) -> None:
+        super().__init__(stats)
+        self.files = files
+        self.root = root
+        self.text_key = text_key
+        self.source_key = source_key
+        self.default_source = default_source
+
+    def run(self, docs: Iterable[Document] = (), rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        # A reader creates documents, so only its output is counted.
+        yield from self.stats.count(self.name, self.process(docs, rank, world_size), "out")
+
+    def process(self, docs: Iterable[Document], rank: int, world_size: int) -> Iterator[Document]:
+        for path in self.files[rank::world_size]:
+            yield from self.read_file(path)
+
+    def read_file(self, path: Path) -> Iterator[Document]:
+        rel = os.path.relpath(path, self.root)
+        lineno = 0
+        try:
+            with _open_text(path) as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    doc = self._parse(raw, rel, lineno)
+                    if doc is not None:
+                        yield doc
+        except (OSError, EOFError, zstandard.ZstdError) as exc:
+            # Truncated or unreadable file: keep what was read, record where it broke.
+            self.stats.error(rel, lineno + 1 if lineno else None, f"unreadable: {type(exc).__name__}: {exc}")
+            self.stats.drop(self.name, "unreadable_file")
+
+    def _parse(self, raw: bytes, rel: str, lineno: int) -> Document | None:
+        if not raw.strip():
+            return None
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.stats.error(rel, lineno, f"invalid utf-8: {exc}")
+            self.stats.drop(self.name, "invalid_utf8")
+            return None
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            self.stats.error(rel, lineno, f"invalid json: {exc}")
+            self.stats.drop(self.name, "invalid_json")
+            return None
+        text = get_field(record, self.text_key) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            self.stats.error(rel, lineno, f"field {self.text_key!r} missing or not a string")
+            self.stats.drop(self.name, "missing_text")
+            return None
+        source = get_field(record, self.source_key)
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        return Document(
+            id=f"{rel}:{lineno}",
+            text=text,
+            source=str(source) if source is not None else self.default_source,
+            meta=meta,
+        )

@@ -1,0 +1,149 @@
+"""The shard format shared by prep (writer) and trainer (reader).
+
+Each sample is one tar member ``<shard>-<index>.tokens.npy`` holding a 1-D array of ``block_size``
+token ids. All members of a dataset have the same name length and byte size, so sample ``i`` of a
+shard starts at byte ``i * record_bytes``: the trainer seeks straight to it, while plain
+``webdataset.WebDataset`` and ``tar`` still read the file as an ordinary tar archive.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+MEMBER_SUFFIX = "tokens.npy"
+TAR_BLOCK = 512
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32 (halves shard size for vocabularies up to 65536)."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def member_name(shard_index: int, sample_index: int) -> str:
+    return f"{shard_index:06d}-{sample_index:09d}.{MEMBER_SUFFIX}"
+
+
+def npy_bytes(block: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, block, allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Byte layout of one sample inside a shard."""
+
+    record_bytes: int  # tar header + padded payload
+    npy_header_bytes: int  # .npy header inside the payload
+
+    @classmethod
+    def for_block(cls, block_size: int, dtype: np.dtype) -> "RecordLayout":
+        payload = len(npy_bytes(np.zeros(block_size, dtype=dtype)))
+        header = payload - block_size * dtype.itemsize
+        padded = -(-payload // TAR_BLOCK) * TAR_BLOCK
+        return cls(record_bytes=TAR_BLOCK + padded, npy_header_bytes=header)
+
+
+class ShardWriter:
+    """Write fixed-size samples into one tar shard, deterministically (fixed mtime, owner, mode).
+
+    The file is written under a temporary name and renamed on :meth:`close`.
+    """
+
+    def __init__(self, path: Path, shard_index: int, dtype: np.dtype) -> None:
+        self.path = path
+        self.shard_index = shard_index
+        self.dtype = dtype
+        self.samples = 0
+        self.tokens_per_source: dict[str, int] = {}
+        self._tmp = path.with_name(path.name + ".tmp")
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, block: np.ndarray, tokens_per_source: dict[str, int]) -> None:
+        data = npy_bytes(np.ascontiguousarray(block, dtype=self.dtype))
+        info = tarfile.TarInfo(member_name(self.shard_index, self.samples))
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+        for src, n in tokens_per_source.items():
+            self.tokens_per_source[src] = self.tokens_per_source.get(src, 0) + n
+
+    def close(self, block_size: int) -> dict[str, Any]:
+        """Finish the shard and return its manifest entry."""
+        self._tar.close()
+        os.replace(self._tmp, self.path)
+        h = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return {
+            "name": self.path.name,
+            "samples": self.samples,
+            "tokens": self.samples * block_size,
+            "bytes": self.path.stat().st_size,
+            "sha256": h.hexdigest(),
+            "tokens_per_source": dict(sorted(self.tokens_per_source.items())),
+        }
+
+
+class ShardReader:
+    """Random access to samples of one shard by index (a seek and one read; no scan from the start)."""
+
+    def __init__(self, path: Path, shard_index: int, block_size: int, dtype: np.dtype, layout: RecordLayout) -> None:
+        self.path = path
+        self.shard_index = shard_index
+        self.block_size = block_size
+        self.dtype = dtype
+        self.layout = layout
+        self._fh: BinaryIO | None = None
+
+    def read(self, index: int) -> np.ndarray:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(index * self.layout.record_bytes)
+        raw = self._fh.read(TAR_BLOCK + self.layout.npy_header_bytes + self.block_size * self.dtype.itemsize)
+        name = raw[:100].rstrip(b"\0").decode("ascii", "replace")
+        expected = member_name(self.shard_index, index)
+        if name != expected:
+            raise ValueError(f"{self.path}: sample {index} has member {name!r}, expected {expected!r}; shard corrupt or not of this manifest")
+        start = TAR_BLOCK + self.layout.npy_header_bytes
+        return np.frombuffer(raw, dtype=self.dtype, count=self.block_size, offset=start)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __getstate__(self) -> dict:
+        # File handles do not cross process boundaries (DataLoader workers reopen lazily).
+        state = self.__dict__.copy()
+        state["_fh"] = None
+        return state
+
+
+def load_manifest(data_dir: Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path={str(data_dir)!r}: no {MANIFEST} there (run slimpajama-prep first)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+    return manifest

@@ -1,0 +1,33 @@
+"""Train/holdout split by document hash: stable under reordering, re-sharding and re-runs."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from data_prep.document import Document, text_hash
+from data_prep.stats import PrepStats
+from data_prep.step import PipelineStep
+
+
+def hash_fraction(text: str) -> float:
+    """Map a string to a uniform number in [0, 1) through its content hash."""
+    return int.from_bytes(text_hash(text)[:8], "big") / 2**64
+
+
+class HashSplit(PipelineStep):
+    """Mark documents ``val`` when their hash falls below ``holdout_ratio``; the rest stay ``train``."""
+
+    name = "split"
+
+    def __init__(self, holdout_ratio: float, stats: PrepStats | None = None) -> None:
+        super().__init__(stats)
+        if not 0.0 <= holdout_ratio < 1.0:
+            raise ValueError(f"prep.holdout_ratio={holdout_ratio}: must be in [0, 1)")
+        self.holdout_ratio = holdout_ratio
+
+    def process(self, docs: Iterable[Document], rank: int, world_size: int) -> Iterator[Document]:
+        for doc in docs:
+            doc.split = "val" if hash_fraction(doc.text) < self.holdout_ratio else "train"
+            if doc.split == "val":
+                # Reported as its own row so the retention table shows how much went to holdout.
+                self.stats.add("holdout_val", doc.source, "out", 1, doc.nbytes)
+            yield doc

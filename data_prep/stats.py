@@ -1,0 +1,88 @@
+"""Documents and bytes in/out per step and per source: SlimPajama's retention table."""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from data_prep.document import Document
+
+
+class PrepStats:
+    """Counters keyed by (step, source); plus free-form drop reasons and notes per step."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+        self.reasons: dict[str, Counter] = defaultdict(Counter)
+        self.errors: list[dict[str, Any]] = []
+        self._order: list[str] = []
+
+    def _touch(self, step: str) -> None:
+        if step not in self._order:
+            self._order.append(step)
+
+    def add(self, step: str, source: str, key: str, docs: int, nbytes: int) -> None:
+        self._touch(step)
+        c = self._counts[step][source]
+        c[f"docs_{key}"] += docs
+        c[f"bytes_{key}"] += nbytes
+
+    def drop(self, step: str, reason: str) -> None:
+        self._touch(step)
+        self.reasons[step][reason] += 1
+
+    def error(self, file: str, line: int | None, reason: str) -> None:
+        self.errors.append({"file": file, "line": line, "reason": reason})
+
+    def count(self, step: str, docs: Iterable[Document], key: str) -> Iterator[Document]:
+        """Pass documents through unchanged while counting them as ``key`` ("in" or "out") of ``step``."""
+        for doc in docs:
+            self.add(step, doc.source, key, 1, doc.nbytes)
+            yield doc
+
+    def to_dict(self) -> dict[str, Any]:
+        steps = []
+        for step in self._order:
+            per_source = {src: dict(c) for src, c in sorted(self._counts[step].items())}
+            total: Counter = Counter()
+            for c in self._counts[step].values():
+                total.update(c)
+            steps.append(
+                {
+                    "step": step,
+                    "total": dict(total),
+                    "per_source": per_source,
+                    "drop_reasons": dict(self.reasons.get(step, {})),
+                }
+            )
+        return {"steps": steps, "errors": self.errors}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrepStats":
+        """Rebuild from :meth:`to_dict` output (stages that were skipped on re-run report from their marker)."""
+        stats = cls()
+        for entry in data["steps"]:
+            stats._touch(entry["step"])
+            for src, c in entry["per_source"].items():
+                stats._counts[entry["step"]][src].update(c)
+            stats.reasons[entry["step"]].update(entry.get("drop_reasons", {}))
+        stats.errors = list(data.get("errors", []))
+        return stats
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+    def markdown(self) -> str:
+        """The retention table as Markdown."""
+        lines = ["| step | source | docs in | docs out | bytes in | bytes out | kept bytes % |", "|---|---|---:|---:|---:|---:|---:|"]
+        for entry in self.to_dict()["steps"]:
+            rows = list(entry["per_source"].items()) + [("**all**", entry["total"])]
+            for src, c in rows:
+                bin_, bout = c.get("bytes_in", 0), c.get("bytes_out", 0)
+                pct = f"{100.0 * bout / bin_:.1f}" if bin_ else "-"
+                lines.append(
+                    f"| {entry['step']} | {src} | {c.get('docs_in', 0)} | {c.get('docs_out', 0)} | {bin_} | {bout} | {pct} |"
+                )
+        return "\n".join(lines) + "\n"

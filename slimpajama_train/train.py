@@ -1,0 +1,53 @@
+"""``slimpajama-train``: pretrain a decoder-only LM on prepared shards.
+
+Launch::
+
+    # one process (CPU or one GPU)
+    slimpajama-train experiment=demo
+    # one node, 8 GPUs
+    torchrun --nproc-per-node 8 -m slimpajama_train.train model=1.3b data.path=/data/shards
+    # several nodes
+    torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m slimpajama_train.train model=1.3b data.path=/data/shards
+    # SLURM
+    sbatch launch/slurm/train.sbatch model=1.3b data.path=/data/shards
+
+Any config field is a Hydra override (``trainer.max_steps=2000 optim.lr=1e-3``); see ``conf/``.
+"""
+from __future__ import annotations
+
+import json
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from data_prep.config import conf_dir
+from slimpajama_train.config import TrainConfig, register_configs
+from slimpajama_train.distributed import destroy_distributed, init_distributed
+from slimpajama_train.trainer import Trainer
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train with ``cfg`` inside an initialized process group; returns the trainer's summary."""
+    dist_info = init_distributed()
+    try:
+        summary = Trainer(cfg, dist_info).fit()
+        if dist_info.is_main:
+            print(json.dumps(summary), flush=True)
+        return summary
+    finally:
+        destroy_distributed()
+
+
+def main() -> None:
+    register_configs()
+
+    @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
+    def _app(dcfg: DictConfig) -> None:
+        run(OmegaConf.to_object(dcfg))  # the raw DictConfig stops here
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()
