@@ -111,7 +111,8 @@ class CheckpointManager:
             raise FileNotFoundError(f"checkpoint.resume={self.cfg.resume!r}: no such checkpoint directory")
         return path
 
-    def save(self, step: int, backend: Backend, meta: dict[str, Any]) -> Path:
+    def save(self, step: int, backend: Backend, meta: dict[str, Any], extra_files: list[Path] = ()) -> Path:
+        """Write checkpoint ``step``; ``extra_files`` (e.g. the tokenizer) are copied in so it stands alone."""
         rank, world = _world()
         final = self.root / step_dirname(step)
         tmp = self.root / f".tmp_{step_dirname(step)}"
@@ -128,6 +129,8 @@ class CheckpointManager:
         _barrier()
         if rank == 0:
             full_meta = {**meta, "step": step, "world_size": world, "rng": rngs}
+            for f in extra_files:
+                shutil.copyfile(f, tmp / Path(f).name)
             (tmp / META).write_text(json.dumps(full_meta, indent=1))
             if final.exists():
                 shutil.rmtree(final)

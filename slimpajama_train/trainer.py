@@ -169,7 +169,8 @@ class Trainer:
             "tokenizer_sha256": self.manifest["tokenizer"]["sha256"],
             "code_version": __version__,
         }
-        path = self.ckpt.save(self.step, self.backend, meta)
+        tokenizer = self.data_dir / self.manifest["tokenizer"]["file"]
+        path = self.ckpt.save(self.step, self.backend, meta, extra_files=[tokenizer])
         self.last_saved_step, self.last_checkpoint = self.step, path
         self.log(f"checkpoint: {path}")
         return path

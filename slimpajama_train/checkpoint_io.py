@@ -1,0 +1,35 @@
+"""Load a trained model from a sharded checkpoint into one process (for generation and export)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from slimpajama_train.checkpoint import LATEST, STATE, read_meta
+from slimpajama_train.model import ModelConfig, Transformer
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, or a checkpoints root / run dir (then follow ``latest``)."""
+    p = Path(path)
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
+    return p
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any], Path]:
+    """Return (model in eval mode, checkpoint meta, checkpoint dir). DCP resharding lets any world size's
+    checkpoint load here; tensors are read from DCP's files, nothing is unpickled into code."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    model = Transformer(ModelConfig(**meta["config"]["model"]))
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(ckpt / STATE))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), meta, ckpt
