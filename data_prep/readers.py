@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import zstandard
 
@@ -39,14 +38,41 @@ def expand_inputs(patterns: Iterable[str], root: Path | None = None) -> list[Pat
     return sorted(files)
 
 
-def _open_text(path: Path) -> IO[bytes]:
+class TruncatedFileError(OSError):
+    """A compressed file ended in the middle of a frame."""
+
+
+def _zst_lines(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a (multi-frame) zstd file. Unlike ``stream_reader``, which ends silently at a cut,
+    this raises :class:`TruncatedFileError` when the data stops mid-frame, before yielding the partial line."""
+    dctx = zstandard.ZstdDecompressor()
+    dobj = dctx.decompressobj()
+    pending = b""
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            while block:
+                pending += dobj.decompress(block)
+                block = b""
+                if dobj.eof and dobj.unused_data:  # next frame of a multi-frame file
+                    block = dobj.unused_data
+                    dobj = dctx.decompressobj()
+            *lines, pending = pending.split(b"\n")
+            yield from lines
+    if not dobj.eof:
+        raise TruncatedFileError(f"zstd data ends mid-frame ({path.stat().st_size} bytes)")
+    if pending:
+        yield pending
+
+
+def _lines(path: Path) -> Iterator[bytes]:
     if path.name.endswith(".zst"):
-        # The zstd stream reader has no readline; BufferedReader adds line iteration on top of readinto.
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+        yield from _zst_lines(path)
+    elif path.name.endswith(".gz"):
+        with gzip.open(path, "rb") as fh:
+            yield from fh
+    else:
+        with open(path, "rb") as fh:
+            yield from fh
 
 
 def get_field(record: dict[str, Any], dotted: str) -> Any:
@@ -95,11 +121,10 @@ class JsonlReader(PipelineStep):
         rel = os.path.relpath(path, self.root)
         lineno = 0
         try:
-            with _open_text(path) as fh:
-                for lineno, raw in enumerate(fh, start=1):
-                    doc = self._parse(raw, rel, lineno)
-                    if doc is not None:
-                        yield doc
+            for lineno, raw in enumerate(_lines(path), start=1):
+                doc = self._parse(raw, rel, lineno)
+                if doc is not None:
+                    yield doc
         except (OSError, EOFError, zstandard.ZstdError) as exc:
             # Truncated or unreadable file: keep what was read, record where it broke.
             self.stats.error(rel, lineno + 1 if lineno else None, f"unreadable: {type(exc).__name__}: {exc}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
+import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,29 +66,32 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_path: Path, 
     """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        prefix = os.path.join(tmp, "spm")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(texts, cfg.max_sentence_length),
-            model_prefix=prefix,
-            model_type="bpe",
-            vocab_size=cfg.vocab_size,
-            character_coverage=cfg.character_coverage,
-            byte_fallback=True,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            remove_extra_whitespaces=False,
-            normalization_rule_name="identity",
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            max_sentence_length=cfg.max_sentence_length,
-            shuffle_input_sentence=False,
-            num_threads=cfg.threads,
-            minloglevel=2,
-        )
-        os.replace(prefix + ".model", out_path)
+    # model_writer (not model_prefix): the prefix path would be stored in the model and break
+    # byte-identical output across runs.
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(texts, cfg.max_sentence_length),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        max_sentence_length=cfg.max_sentence_length,
+        shuffle_input_sentence=False,
+        num_threads=cfg.threads,
+        minloglevel=2,
+    )
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out_path)
     return out_path
 
 

@@ -1,0 +1,63 @@
+"""normalize, short-document filter, exact dedup and split."""
+import unicodedata
+
+import pytest
+
+from data_prep.dedup_exact import ExactDedup
+from data_prep.document import Document
+from data_prep.filters import ShortDocumentFilter, slimpajama_clean_length
+from data_prep.normalize import Normalize
+from data_prep.split import HashSplit
+from data_prep.stats import PrepStats
+
+
+def doc(text, source="s", i=0):
+    return Document(id=f"f:{i}", text=text, source=source)
+
+
+def test_normalize_nfc():
+    decomposed = "Cafe\u0301"
+    out = list(Normalize().run([doc(decomposed)]))
+    assert out[0].text == "Café" and unicodedata.is_normalized("NFC", out[0].text)
+
+
+def test_normalize_rejects_unknown_form():
+    with pytest.raises(ValueError, match="normalize.form"):
+        Normalize("XYZ")
+
+
+def test_clean_length_follows_slimpajama():
+    # lowercase, punctuation removed, whitespace collapsed and stripped
+    assert slimpajama_clean_length("  Hello,   World!!  \n\n") == len("hello world")
+
+
+def test_short_filter_threshold_and_reasons():
+    stats = PrepStats()
+    long_text = "word " * 50  # 249 chars after cleaning
+    padded_short = "a" * 150 + "!" * 100  # 250 raw chars, 150 after removing punctuation
+    kept = list(ShortDocumentFilter(200, stats=stats).run([doc(long_text), doc("short"), doc(padded_short)]))
+    assert [d.text for d in kept] == [long_text]
+    step = stats.to_dict()["steps"][0]
+    assert step["drop_reasons"] == {"shorter_than_200_chars": 2}
+    assert step["total"]["docs_in"] == 3 and step["total"]["docs_out"] == 1
+    assert list(ShortDocumentFilter(10).run([doc("short text here")]))  # configurable threshold
+
+
+def test_exact_dedup_keeps_first_across_sources():
+    stats = PrepStats()
+    docs = [doc("same", "a", 0), doc("other", "a", 1), doc("same", "b", 2)]
+    out = list(ExactDedup(stats=stats).run(docs))
+    assert [d.id for d in out] == ["f:0", "f:1"]
+    per_source = stats.to_dict()["steps"][0]["per_source"]
+    assert per_source["b"]["docs_in"] == 1 and per_source["b"].get("docs_out", 0) == 0
+
+
+def test_split_is_a_function_of_content_and_near_ratio():
+    docs = [doc(f"document {i}", i=i) for i in range(5000)]
+    first = [d.split for d in HashSplit(0.1).run([Document(d.id, d.text, d.source) for d in docs])]
+    reordered = [d.split for d in HashSplit(0.1).run([Document(d.id, d.text, d.source) for d in reversed(docs)])]
+    assert first == list(reversed(reordered))
+    frac = first.count("val") / len(first)
+    assert 0.08 < frac < 0.12
+    with pytest.raises(ValueError, match="holdout_ratio"):
+        HashSplit(1.5)
