@@ -1,0 +1,31 @@
+import math
+
+import pytest
+import torch
+
+from slimpajama_train.model import ModelConfig, Transformer
+from slimpajama_train.optim import OptimConfig, lr_at, param_groups
+
+
+def test_warmup_then_cosine_to_floor():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1) == lr_at(500, cfg, 110)
+    lrs = [lr_at(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_no_decay_for_norms_and_embeddings():
+    m = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=8))
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all("norm" in names[id(p)] or "embed" in names[id(p)] for p in no_decay["params"])
+    assert {names[id(p)] for p in decay["params"]} >= {"lm_head.weight", "layers.0.self_attn.q_proj.weight"}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_bad_values_name_the_override():
+    with pytest.raises(ValueError, match="optim.lr"):
+        OptimConfig(lr=0)

@@ -1,0 +1,89 @@
+"""2-process torchrun runs of a tiny model: train, checkpoint, stop, resume; then generate and export."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, read_metrics, run_torchrun
+
+STEPS = 8
+
+
+def _overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.path={shards}", f"run_dir={run_dir}", "model.dim=64", "model.n_layers=2", "model.n_heads=4",
+        "model.n_kv_heads=2", "backend.precision=fp32", "data.micro_batch_size=2", "data.num_workers=1",
+        "trainer.global_batch_size=8", f"trainer.max_steps={STEPS}", "trainer.log_interval=1",
+        "trainer.eval_interval=4", "trainer.eval_batches=2", "checkpoint.interval=4", "checkpoint.keep_last=3",
+        "optim.warmup_steps=2", "optim.lr=3e-3", "logger.wandb.enabled=false", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def straight_run(demo_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight")
+    proc = run_torchrun(2, _overrides(demo_shards, run_dir), cwd=REPO)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == STEPS and summary["checkpoint"].endswith("step_00000008")
+    return run_dir
+
+
+def _losses(run_dir: Path) -> dict[int, tuple]:
+    return {m["step"]: (m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)}
+
+
+def test_stop_and_resume_gives_the_same_per_step_losses(straight_run, demo_shards, tmp_path):
+    run_dir = tmp_path / "resumed"
+    wandb = ["logger.wandb.enabled=true", "logger.wandb.mode=offline"]
+    first = run_torchrun(2, _overrides(demo_shards, run_dir, "trainer.halt_at_step=4", *wandb), cwd=REPO)
+    assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 4
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000004"
+    meta = json.loads((run_dir / "checkpoints/step_00000004/meta.json").read_text())
+    assert meta["samples_consumed"] == 32 and meta["world_size"] == 2 and len(meta["rng"]) == 2
+    assert meta["tokens_seen"] == 32 * 64 and meta["config"]["trainer"]["global_batch_size"] == 8
+
+    second = run_torchrun(2, _overrides(demo_shards, run_dir, *wandb), cwd=REPO)
+    assert "resumed from" in second.stderr and "step 4" in second.stderr
+    straight, resumed = _losses(straight_run), _losses(run_dir)
+    assert sorted(resumed) == sorted(straight) == list(range(STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == straight[step], f"step {step}: {resumed[step]} != {straight[step]}"
+    assert straight[STEPS][0] < straight[1][0] and straight[STEPS][1] < straight[0][1]  # it learns
+    # W&B (offline) continued the same run id after the resume
+    run_id = json.loads((run_dir / "checkpoints/step_00000008/meta.json").read_text())["wandb_run_id"]
+    assert run_id == meta["wandb_run_id"]
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_generate_from_checkpoint(straight_run):
+    from slimpajama_train.generate import generate_text
+
+    text = generate_text(str(straight_run), "def ", max_new_tokens=20, temperature=0.8, seed=1)
+    assert text.startswith("def ") and len(text) > len("def ")
+    assert text == generate_text(str(straight_run), "def ", max_new_tokens=20, temperature=0.8, seed=1)
+
+
+def test_export_loads_in_transformers_with_identical_logits(straight_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimpajama_train.checkpoint_io import load_model
+    from slimpajama_train.export import export_checkpoint
+    from slimpajama_train.generate import sample
+
+    out = export_checkpoint(straight_run, tmp_path / "hf")
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"}
+    ours, _, _ = load_model(straight_run)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    for prompt in ["def main(argv):\n    return 0", "The license grants permission"]:
+        ids = tok(prompt)["input_ids"]
+        assert ids == sp.encode(prompt)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            assert torch.allclose(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+        greedy_hf = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert sample(ours, ids, 12, temperature=0.0) == greedy_hf
