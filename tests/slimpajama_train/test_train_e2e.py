@@ -87,3 +87,20 @@ def test_export_loads_in_transformers_with_identical_logits(straight_run, tmp_pa
             assert torch.allclose(ours(x), hf(x).logits, atol=1e-4, rtol=0)
         greedy_hf = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert sample(ours, ids, 12, temperature=0.0) == greedy_hf
+
+
+def test_single_process_matches_two_processes(straight_run, demo_shards, tmp_path):
+    """Same seed, data and global batch on 1 process (4 micro-batches accumulated) as on 2 (2 each)."""
+    run_dir = tmp_path / "one"
+    run_torchrun(1, _overrides(demo_shards, run_dir, f"trainer.max_steps={STEPS}", "checkpoint.interval=0"), cwd=REPO)
+    one, two = _losses(run_dir), _losses(straight_run)
+    for step in range(1, STEPS + 1):
+        assert one[step][0] == pytest.approx(two[step][0], abs=1e-5), step
+
+
+def test_bf16_run_trains(demo_shards, tmp_path):
+    run_dir = tmp_path / "bf16"
+    run_torchrun(1, _overrides(demo_shards, run_dir, "backend.precision=bf16", "trainer.max_steps=4",
+                               "checkpoint.interval=0", "trainer.eval_interval=0"), cwd=REPO)
+    losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+    assert len(losses) == 4 and all(l == l and l < 8.0 for l in losses) and losses[-1] < losses[0]
