@@ -17,26 +17,39 @@ class LoopConfig:
 
     Attributes:
         max_steps: optimizer steps of the whole run (the LR schedule spans these).
-        global_batch_size: samples per optimizer step across all ranks; gradient accumulation is
-            derived as ``global_batch_size / (data.micro_batch_size · world_size)``.
+        global_batch_size: samples (sequences) per optimizer step across all ranks.
+        global_batch_tokens: the same in tokens; when set it wins and must be a multiple of seq_len.
+            Gradient accumulation is derived: ``global batch / (data.micro_batch_size · world_size)``.
         log_interval: compute and log train metrics every N steps.
         eval_interval: validation every N steps (0: never); also at the last step.
         eval_batches: global batches of the holdout split per validation.
         halt_at_step: stop (with a checkpoint) after this step, leaving the run resumable; None runs to ``max_steps``.
+        max_consecutive_skips: stop with an error after this many consecutive steps skipped for
+            non-finite loss or gradients.
+        peak_tflops: per-device peak for MFU; None detects H100 (989) / A100 (312) bf16 dense peaks on GPU.
+        compile: ``torch.compile`` each transformer block.
     """
 
     max_steps: int = 1000
     global_batch_size: int = 64
+    global_batch_tokens: int | None = None
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 8
     halt_at_step: int | None = None
+    max_consecutive_skips: int = 10
+    peak_tflops: float | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"trainer.max_steps={self.max_steps}: must be >= 1")
         if self.global_batch_size < 1:
             raise ValueError(f"trainer.global_batch_size={self.global_batch_size}: must be >= 1")
+        if self.global_batch_tokens is not None and self.global_batch_tokens < 1:
+            raise ValueError(f"trainer.global_batch_tokens={self.global_batch_tokens}: must be >= 1")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"trainer.max_consecutive_skips={self.max_consecutive_skips}: must be >= 1")
         if self.log_interval < 1:
             raise ValueError(f"trainer.log_interval={self.log_interval}: must be >= 1")
 

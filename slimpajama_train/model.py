@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -29,7 +30,12 @@ class ModelConfig:
         norm_eps: RMSNorm epsilon.
         rope_theta: RoPE base.
         tie_embeddings: share input embedding and output projection.
-        init_std: std of the normal init; residual output projections are scaled by 1/sqrt(2 · n_layers).
+        position_encoding: ``rope`` or ``alibi`` (linear attention biases, as BTLM-3B-8K used).
+        share_layers_every: ALBERT-style sharing: ``n_layers / k`` distinct blocks, each applied ``k``
+            times in a row (1: no sharing).
+        embedding_rank: low-rank factorized embeddings (V×r then r×dim); None: a full V×dim table.
+        init_std: std of the normal init.
+        init_scaled_residual: scale residual output projections by 1/sqrt(2 · n_layers) (GPT-2).
     """
 
     dim: int = 128
@@ -43,7 +49,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    position_encoding: str = "rope"
+    share_layers_every: int = 1
+    embedding_rank: int | None = None
     init_std: float = 0.02
+    init_scaled_residual: bool = True
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -53,6 +63,12 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={kv}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE: change model.dim or model.n_heads")
+        if self.position_encoding not in ("rope", "alibi"):
+            raise ValueError(f"model.position_encoding={self.position_encoding!r}: choose rope or alibi")
+        if self.share_layers_every < 1 or self.n_layers % self.share_layers_every:
+            raise ValueError(f"model.share_layers_every={self.share_layers_every} must be >= 1 and divide model.n_layers={self.n_layers}")
+        if self.embedding_rank is not None and not 0 < self.embedding_rank < self.dim:
+            raise ValueError(f"model.embedding_rank={self.embedding_rank}: must be in (0, model.dim={self.dim})")
 
     @property
     def kv_heads(self) -> int:
@@ -68,6 +84,38 @@ class ModelConfig:
             return self.ffn_hidden
         hidden = int(8 * self.dim / 3)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), PaLM's convention:
+    6 · (matmul parameters, counted once per use) + 12 · layers · dim · seq_len for attention scores
+    and values. Embedding lookups are not matmuls and are left out."""
+    kv = cfg.kv_heads * cfg.head_dim
+    per_layer = cfg.dim * cfg.dim * 2 + cfg.dim * kv * 2 + 3 * cfg.dim * cfg.hidden_dim
+    head = cfg.dim * cfg.vocab_size if cfg.embedding_rank is None else cfg.embedding_rank * (cfg.dim + cfg.vocab_size)
+    if cfg.embedding_rank is not None:
+        head += cfg.embedding_rank * cfg.dim  # the input projection r -> dim
+    return 6.0 * (cfg.n_layers * per_layer + head) + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al.): a geometric sequence, interleaved for non-powers of two."""
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(pow2(n_heads))
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return torch.tensor(pow2(closest) + pow2(2 * closest)[0::2][: n_heads - closest])
+
+
+def alibi_bias(n_heads: int, seq_len: int) -> torch.Tensor:
+    """(H, T, T) additive attention bias: -slope · distance on and below the diagonal, -inf above."""
+    pos = torch.arange(seq_len)
+    dist = (pos[None, :] - pos[:, None]).float()  # j - i, <= 0 for visible keys
+    bias = alibi_slopes(n_heads)[:, None, None] * dist[None]
+    return bias.masked_fill(dist[None] > 0, float("-inf"))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -112,13 +160,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv != self.n_heads
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # ALiBi: the bias already holds the causal mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -136,16 +189,25 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block. ``checkpoint_activations`` recomputes its activations in backward
+    (set by activation checkpointing; parameter names stay unchanged)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
+        self.checkpoint_activations = False
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def _forward(self, x: torch.Tensor, cos, sin, bias) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, bias, use_reentrant=False)
+        return self._forward(x, cos, sin, bias)
 
 
 class Transformer(nn.Module):
@@ -156,16 +218,25 @@ class Transformer(nn.Module):
         if cfg.vocab_size is None or cfg.max_seq_len is None:
             raise ValueError("model.vocab_size and model.max_seq_len must be resolved (from the data manifest) before building")
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        r = cfg.embedding_rank
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, r or cfg.dim)
+        if r is not None:
+            self.embed_proj = nn.Linear(r, cfg.dim, bias=False)  # factorized: V×r table, then r -> dim
+        # With sharing, only n_layers / k distinct blocks exist; layer i runs block i // k.
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers // cfg.share_layers_every))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if r is not None and cfg.tie_embeddings:
+            self.head_proj = nn.Linear(cfg.dim, r, bias=False)  # dim -> r, then the tied V×r table
+        self.lm_head = nn.Linear(r if (r is not None and cfg.tie_embeddings) else cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         # Buffers are not persistent: they are derived from the config, never loaded from a checkpoint.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.position_encoding == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.register_buffer("alibi", alibi_bias(cfg.n_heads, cfg.max_seq_len), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -174,7 +245,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight")) and self.cfg.init_scaled_residual:
                 p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 p.normal_(0.0, std)
@@ -183,11 +254,25 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        h = self.embed_tokens(tokens)  # (B, T, C)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.lm_head(self.norm(h))  # (B, T, V)
+        cos = sin = bias = None
+        if self.cfg.position_encoding == "rope":
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            bias = self.alibi[:, :T, :T]  # (H, T, T)
+        h = self.embed_tokens(tokens)  # (B, T, C) or (B, T, r)
+        if self.cfg.embedding_rank is not None:
+            h = self.embed_proj(h)
+        for i in range(self.cfg.n_layers):
+            h = self.layers[i // self.cfg.share_layers_every](h, cos, sin, bias)
+        h = self.norm(h)
+        if hasattr(self, "head_proj"):
+            h = self.head_proj(h)
+        return self.lm_head(h)  # (B, T, V)
+
+    def set_activation_checkpointing(self, mode: str, every: int = 2) -> None:
+        """``none``, ``full`` (every block) or ``selective`` (every ``every``-th block)."""
+        for i, block in enumerate(self.layers):
+            block.checkpoint_activations = mode == "full" or (mode == "selective" and i % every == 0)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

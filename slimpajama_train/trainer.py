@@ -20,7 +20,8 @@ from slimpajama_train.checkpoint import CheckpointManager
 from slimpajama_train.config import TrainConfig
 from slimpajama_train.data import check_manifest, open_dataset, train_loader, val_loader
 from slimpajama_train.distributed import DistInfo, all_reduce_sum
-from slimpajama_train.model import ModelConfig, Transformer, count_parameters
+from slimpajama_train.metrics import detect_peak_tflops, peak_memory_gb
+from slimpajama_train.model import ModelConfig, Transformer, count_parameters, flops_per_token
 from slimpajama_train.optim import lr_at
 
 
@@ -46,26 +47,42 @@ class Trainer:
         self.manifest, self.data_dir = open_dataset(cfg.data)
         cfg.model = resolve_model_config(cfg.model, self.manifest)
         check_manifest(self.manifest, self.data_dir, cfg.model.max_seq_len, cfg.model.vocab_size, cfg.data.tokenizer_sha256)
+        seq_len = self.manifest["seq_len"]
+        if cfg.trainer.global_batch_tokens is not None:
+            if cfg.trainer.global_batch_tokens % seq_len:
+                raise ValueError(f"trainer.global_batch_tokens={cfg.trainer.global_batch_tokens} is not a multiple of the data's seq_len {seq_len}")
+            cfg.trainer.global_batch_size = cfg.trainer.global_batch_tokens // seq_len
         G, B, W = cfg.trainer.global_batch_size, cfg.data.micro_batch_size, dist_info.world_size
         if G % (B * W):
             raise ValueError(
-                f"trainer.global_batch_size={G} must be a multiple of data.micro_batch_size={B} x world size {W}"
+                f"global batch of {G} samples (trainer.global_batch_size / global_batch_tokens) must be a multiple "
+                f"of data.micro_batch_size={B} x world size {W}"
             )
         self.grad_accum = G // (B * W)
-        self.tokens_per_step = G * self.manifest["seq_len"]
+        self.tokens_per_step = G * seq_len
+        self.flops_per_token = flops_per_token(cfg.model, seq_len)
+        peak = cfg.trainer.peak_tflops or detect_peak_tflops(dist_info.device)
+        self.peak_flops = peak * 1e12 if peak else None
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
         model = Transformer(cfg.model)
+        model.set_activation_checkpointing(cfg.backend.activation_checkpointing, cfg.backend.ac_every)
+        if cfg.trainer.compile:
+            for block in model.layers:
+                block.compile()  # in place: parameter names (and checkpoints) are unchanged
         self.n_params = count_parameters(model)
-        self.log(f"model: {self.n_params / 1e6:.2f}M parameters ({cfg.model.n_layers} layers, dim {cfg.model.dim}, "
-                 f"vocab {cfg.model.vocab_size}, seq {cfg.model.max_seq_len}); backend {cfg.backend.name} "
+        self.log(f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOPs/token "
+                 f"({cfg.model.n_layers} layers, dim {cfg.model.dim}, vocab {cfg.model.vocab_size}, seq {seq_len}); "
+                 f"backend {cfg.backend.name}{'' if cfg.backend.name == 'fsdp2' else f' ZeRO-{cfg.backend.zero_stage}'} "
                  f"{cfg.backend.precision}; world {W}; global batch {G} = {B} micro x {self.grad_accum} accum x {W} ranks")
         self.backend = build_backend(cfg.backend, dist_info)
-        self.backend.setup(model, cfg.optim)
+        self.backend.setup(model, cfg.optim, B, self.grad_accum)
 
         self.ckpt = CheckpointManager(cfg.checkpoint, Path(cfg.checkpoint_dir))
         self.step = 0
         self.samples_consumed = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.last_saved_step: int | None = None
         self.last_checkpoint: Path | None = None
         self.wandb_run_id = cfg.logger.wandb.id
@@ -75,7 +92,8 @@ class Trainer:
         if self.wandb_run_id is None:
             self.wandb_run_id = uuid.uuid4().hex[:12]
 
-        self.train_iter = iter(train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G, dist_info.rank, W))
+        self.train_data = train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G, dist_info.rank, W)
+        self.train_iter = iter(self.train_data)
         self.val_data = (
             val_loader(cfg.data, self.manifest, self.data_dir, cfg.trainer.eval_batches, dist_info.rank, W)
             if cfg.trainer.eval_interval else None
@@ -117,27 +135,63 @@ class Trainer:
             td = time.perf_counter()
             inputs, targets = next(self.train_iter)
             data_wait += time.perf_counter() - td
-            last = micro == self.grad_accum - 1
-            loss_sum += self.backend.forward_backward(inputs, targets, 1.0 / self.grad_accum, sync_grads=last)
-        grad_norm = self.backend.step(lr, self.cfg.optim.grad_clip)
+            loss_sum += self.backend.forward_backward(inputs, targets, last_micro=micro == self.grad_accum - 1)
+        result = self.backend.step(lr)
+        batch_start = self.samples_consumed
         self.step += 1
         self.samples_consumed += self.cfg.trainer.global_batch_size
+        # The loss is reduced every step: the skip decision must be global, and the step already
+        # synchronized on the gradient norm, so this adds no stall.
+        loss_total, wait_total = all_reduce_sum([loss_sum.item(), data_wait], self.dist.device)
+        loss = loss_total / (self.grad_accum * self.dist.world_size)
+        if result.skipped or not math.isfinite(loss):
+            self._record_skip(batch_start, loss, result.grad_norm)
+        else:
+            self.consecutive_skips = 0
         metrics: dict[str, Any] = {"step": self.step}
         if self.step % self.cfg.trainer.log_interval == 0 or self.step == 1 or self.step == self.cfg.trainer.max_steps:
-            loss_total, wait_total = all_reduce_sum([loss_sum.item(), data_wait], self.dist.device)
             dt = time.perf_counter() - t0
+            tps = self.tokens_per_step / dt
             metrics.update(
-                loss=loss_total / (self.grad_accum * self.dist.world_size),
-                lr=lr,
-                grad_norm=grad_norm,
-                tokens_per_s=self.tokens_per_step / dt,
-                data_wait_s=wait_total / self.dist.world_size,
-                step_time_s=dt,
+                loss=loss, lr=lr, grad_norm=result.grad_norm,
+                tokens_per_s=tps, tokens_per_s_per_device=tps / self.dist.world_size,
+                data_wait_s=wait_total / self.dist.world_size, step_time_s=dt,
                 tokens_seen=self.samples_consumed * self.manifest["seq_len"],
+                peak_mem_gb=peak_memory_gb(self.dist.device), skipped_steps=self.skipped_steps,
             )
-            self.summary.setdefault("first_train_loss", metrics["loss"])
-            self.summary["last_train_loss"] = metrics["loss"]
+            if self.peak_flops:
+                metrics["mfu"] = tps / self.dist.world_size * self.flops_per_token / self.peak_flops
+            if result.loss_scale is not None:
+                metrics["loss_scale"] = result.loss_scale
+            if math.isfinite(loss):
+                self.summary.setdefault("first_train_loss", loss)
+                self.summary["last_train_loss"] = loss
         return metrics
+
+    def _record_skip(self, batch_start: int, loss: float, grad_norm: float) -> None:
+        """Count a skipped step and log which samples were in its batch (to find bad data)."""
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        G = self.cfg.trainer.global_batch_size
+        if self.dist.is_main:
+            order = self.train_data.dataset.order
+            names = [s["name"] for s in self.manifest["splits"]["train"]["shards"]]
+            samples = [[names[shard], index] for shard, index in
+                       (order.locate(order.sample_id(pos)) for pos in range(batch_start, batch_start + G))]
+            record = {"step": self.step, "loss": loss, "grad_norm": grad_norm,
+                      "positions": [batch_start, batch_start + G], "samples": samples}
+            path = Path(self.cfg.run_dir) / "skipped_batches.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            self.log(f"step {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped. "
+                     f"Batch = global positions [{batch_start}, {batch_start + G}); its samples are in {path}")
+        if self.consecutive_skips >= self.cfg.trainer.max_consecutive_skips:
+            raise RuntimeError(
+                f"{self.consecutive_skips} consecutive steps had non-finite loss or gradients (last: step {self.step}); "
+                f"stopping. Lower optim.lr, check the data listed in {self.cfg.run_dir}/skipped_batches.jsonl, "
+                f"or raise trainer.max_consecutive_skips"
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -168,6 +222,8 @@ class Trainer:
             "data_manifest_hash": self.manifest.get("prep_config_hash"),
             "tokenizer_sha256": self.manifest["tokenizer"]["sha256"],
             "code_version": __version__,
+            "skipped_steps": self.skipped_steps,
+            "backend_state": self.backend.extra_state(),
         }
         tokenizer = self.data_dir / self.manifest["tokenizer"]["file"]
         path = self.ckpt.save(self.step, self.backend, meta, extra_files=[tokenizer])
@@ -185,6 +241,8 @@ class Trainer:
                              f"trainer.global_batch_size={self.cfg.trainer.global_batch_size}")
         self.step = meta["step"]
         self.samples_consumed = meta["samples_consumed"]
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        self.backend.load_extra_state(meta.get("backend_state", {}))
         self.last_saved_step, self.last_checkpoint = self.step, Path(path)
         self.wandb_run_id = self.cfg.logger.wandb.id or meta.get("wandb_run_id")
         self.log(f"resumed from {path}: step {self.step}, {self.samples_consumed} samples consumed")

@@ -11,4 +11,8 @@ def build_backend(cfg: BackendConfig, dist_info: DistInfo) -> Backend:
         from slimpajama_train.backends.fsdp2 import FSDP2Backend
 
         return FSDP2Backend(cfg, dist_info)
-    raise ValueError(f"backend.name={cfg.name!r}: available backends are: fsdp2")
+    if cfg.name == "deepspeed":
+        from slimpajama_train.backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, dist_info)
+    raise ValueError(f"backend.name={cfg.name!r}: available backends are fsdp2 and deepspeed")

@@ -1,6 +1,7 @@
 """PyTorch FSDP2 (``fully_shard``) backend with DCP checkpoints."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -10,45 +11,66 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from slimpajama_train.backends.base import PRECISIONS, Backend
+from slimpajama_train.backends.base import PRECISIONS, Backend, StepResult
+from slimpajama_train.backends.loss_scale import DynamicLossScaler
 from slimpajama_train.model import Transformer, lm_loss
 from slimpajama_train.optim import OptimConfig, build_optimizer
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class FSDP2Backend(Backend):
     """Shards each transformer block, then the root (embeddings, final norm, head)."""
 
-    def setup(self, model: Transformer, optim_cfg: OptimConfig) -> None:
+    def setup(self, model: Transformer, optim_cfg: OptimConfig, micro_batch: int, grad_accum: int) -> None:
         mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
-        dtype = PRECISIONS[self.cfg.precision]
         # Master weights stay fp32 (the sharded parameters); compute runs in param_dtype; gradients
-        # are reduced in fp32 so small per-rank contributions are not lost in bf16.
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # are reduced in fp32 so small per-rank contributions are not lost in half precision.
+        mp = MixedPrecisionPolicy(param_dtype=PRECISIONS[self.cfg.precision], reduce_dtype=torch.float32)
         model.to(self.dist.device)
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
         self.model = model
         self.optimizer = build_optimizer(model, optim_cfg, self.dist.device)
+        self.grad_clip = optim_cfg.grad_clip
+        self.grad_accum = grad_accum
+        self.scaler = (
+            DynamicLossScaler(self.cfg.initial_loss_scale, self.cfg.loss_scale_window) if self.cfg.precision == "fp16" else None
+        )
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float, sync_grads: bool) -> torch.Tensor:
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, last_micro: bool) -> torch.Tensor:
         self.model.train()
         # Skip the reduce-scatter on all but the last micro-batch: gradients accumulate unsharded locally.
-        self.model.set_requires_gradient_sync(sync_grads)
+        self.model.set_requires_gradient_sync(last_micro)
         loss = lm_loss(self.model(inputs.to(self.dist.device, non_blocking=True)), targets.to(self.dist.device, non_blocking=True))
-        (loss * loss_scale).backward()
+        scale = (self.scaler.scale if self.scaler else 1.0) / self.grad_accum
+        (loss * scale).backward()
         return loss.detach()
 
-    def step(self, lr: float, grad_clip: float) -> float:
+    def step(self, lr: float) -> StepResult:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        # Total norm of the (possibly loss-scaled) gradients, reduced across ranks: one global decision.
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = float(_full(total))
+        used_scale = self.scaler.scale if self.scaler else 1.0  # update() may change it
+        skipped = self.scaler.update(norm) if self.scaler else not math.isfinite(norm)
+        if not skipped:
+            if self.scaler:
+                # Unscale in place; the norm scales linearly, so it need not be recomputed.
+                inv = 1.0 / used_scale
+                for p in params:
+                    p.grad.mul_(inv)
+                total, norm = total * inv, norm * inv
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return StepResult(grad_norm=norm, skipped=skipped, loss_scale=self.scaler.scale if self.scaler else None)
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,3 +88,10 @@ class FSDP2Backend(Backend):
         state = self._state()
         dcp.load(state, checkpoint_id=str(path))  # resharding to this world size happens here
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def extra_state(self) -> dict:
+        return {"loss_scaler": self.scaler.state_dict()} if self.scaler else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.scaler and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])

@@ -1,0 +1,131 @@
+"""DeepSpeed ZeRO (stages 1/2/3, optional CPU offload) backend, configured from our typed config."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+
+import deepspeed  # noqa: E402
+
+from slimpajama_train.backends.base import Backend, BackendConfig, StepResult  # noqa: E402
+from slimpajama_train.model import Transformer, lm_loss  # noqa: E402
+from slimpajama_train.optim import OptimConfig, build_optimizer, param_groups  # noqa: E402
+
+# Keys whose values the trainer derives; a user JSON may repeat them only with the same value.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+CKPT_TAG = "ds"
+
+
+def deepspeed_config(cfg: BackendConfig, optim: OptimConfig, micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, so batch sizes, precision and clipping agree with the trainer's."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
+        "fp16": {
+            "enabled": cfg.precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": int(round(torch.log2(torch.tensor(cfg.initial_loss_scale)).item())),
+            "loss_scale_window": cfg.loss_scale_window,
+            "hysteresis": 1,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.offload_optimizer:
+        # DeepSpeed's vectorized CPU Adam, built from this section with our weight-decay groups.
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2],
+                                                       "eps": optim.eps, "weight_decay": optim.weight_decay}}
+    if cfg.deepspeed_config:
+        ds = merge_user_config(ds, Path(cfg.deepspeed_config))
+    return ds
+
+
+def merge_user_config(ds: dict[str, Any], path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"backend.deepspeed_config={str(path)!r}: no such file")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    for key in OWNED_KEYS:
+        if key in user and user[key] not in ("auto", ds[key]):
+            raise ValueError(f"{path}: {key}={user[key]} disagrees with the trainer's {ds[key]}; remove it or set the trainer's config")
+    for prec in ("bf16", "fp16"):
+        enabled = user.get(prec, {}).get("enabled")
+        if enabled not in (None, "auto", ds[prec]["enabled"]):
+            raise ValueError(f"{path}: {prec}.enabled={enabled} disagrees with backend.precision")
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            if v == "auto":
+                continue
+            out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return out
+
+    return merge(ds, user)
+
+
+class DeepSpeedBackend(Backend):
+    """Drives a DeepSpeed engine; gradient accumulation and loss scaling are DeepSpeed's."""
+
+    def setup(self, model: Transformer, optim_cfg: OptimConfig, micro_batch: int, grad_accum: int) -> None:
+        self.grad_accum = grad_accum
+        self.ds_config = deepspeed_config(self.cfg, optim_cfg, micro_batch, grad_accum, self.dist.world_size)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        client_optim = None if self.cfg.offload_optimizer else build_optimizer(model, optim_cfg, self.dist.device)
+        params = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_embeddings) if client_optim is None else None
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=client_optim, model_parameters=params, config=self.ds_config
+        )
+        self.model, self.optimizer = engine, optimizer
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        engine = self.model
+        engine.train()
+        loss = lm_loss(engine(inputs.to(self.dist.device)), targets.to(self.dist.device))
+        engine.backward(loss)  # divides by gradient_accumulation_steps itself
+        if not last_micro:
+            engine.step()  # DeepSpeed counts micro-steps; this is not a boundary, so nothing is applied
+        return loss.detach()
+
+    def step(self, lr: float) -> StepResult:
+        engine = self.model
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        skipped_before = engine.skipped_steps
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        scale = float(engine.optimizer.loss_scale) if self.cfg.precision == "fp16" else None
+        return StepResult(grad_norm=norm, skipped=engine.skipped_steps > skipped_before, loss_scale=scale)
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return lm_loss(self.model(inputs.to(self.dist.device)), targets.to(self.dist.device))
+
+    def _save(self, path: Path) -> None:
+        self.model.save_checkpoint(str(path), tag=CKPT_TAG, save_latest=False)
+
+    def _load(self, path: Path) -> None:
+        load_path, _ = self.model.load_checkpoint(str(path), tag=CKPT_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag {CKPT_TAG!r}) to load")
