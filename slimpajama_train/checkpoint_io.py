@@ -27,9 +27,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     model = Transformer(ModelConfig(**meta["config"]["model"]))
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(state, checkpoint_id=str(ckpt / STATE))
-    model.load_state_dict(state["model"])
+    if meta["config"]["backend"]["name"] == "deepspeed":
+        from slimpajama_train.backends.deepspeed import consolidated_state_dict
+
+        weights = consolidated_state_dict(ckpt / STATE)
+        if model.cfg.tie_embeddings:
+            weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
+        model.load_state_dict(weights)
+    else:
+        state = {"model": model.state_dict()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(state, checkpoint_id=str(ckpt / STATE))
+        model.load_state_dict(state["model"])
     return model.to(device).eval(), meta, ckpt

@@ -24,8 +24,22 @@ from slimpajama_train.checkpoint_io import load_model
 from slimpajama_train.model import ModelConfig, Transformer
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """Refuse model options that ``LlamaForCausalLM`` cannot express."""
+    problems = []
+    if cfg.position_encoding != "rope":
+        problems.append(f"model.position_encoding={cfg.position_encoding} (HF Llama has RoPE only)")
+    if cfg.share_layers_every != 1:
+        problems.append(f"model.share_layers_every={cfg.share_layers_every} (HF Llama has no shared layers)")
+    if cfg.embedding_rank is not None:
+        problems.append(f"model.embedding_rank={cfg.embedding_rank} (HF Llama has no factorized embeddings)")
+    if problems:
+        raise ValueError("cannot export to LlamaForCausalLM: " + "; ".join(problems))
+
+
 def hf_config(cfg: ModelConfig, special: dict[str, int]) -> dict[str, Any]:
     """The ``config.json`` of the equivalent ``LlamaForCausalLM``."""
+    check_exportable(cfg)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

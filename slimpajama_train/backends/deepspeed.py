@@ -129,3 +129,11 @@ class DeepSpeedBackend(Backend):
                                                   load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag {CKPT_TAG!r}) to load")
+
+
+def consolidated_state_dict(state_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights from a ZeRO checkpoint written by :meth:`DeepSpeedBackend.save`
+    (any stage and world size), for generation and export in one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=CKPT_TAG)

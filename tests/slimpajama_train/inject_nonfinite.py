@@ -1,0 +1,41 @@
+"""Test helper, run under torchrun: train with the loss made NaN at the steps in $NAN_STEPS
+(comma-separated, 1-based), through the real backward and optimizer-step path of the backend."""
+import json
+import os
+import sys
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import slimpajama_train.backends.deepspeed as ds_backend
+import slimpajama_train.backends.fsdp2 as fsdp2_backend
+from data_prep.config import conf_dir
+from slimpajama_train.config import register_configs
+from slimpajama_train.distributed import destroy_distributed, init_distributed
+from slimpajama_train.model import lm_loss
+from slimpajama_train.trainer import Trainer
+
+bad_steps = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
+register_configs()
+with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+    cfg = OmegaConf.to_object(compose(config_name="train", overrides=sys.argv[1:]))
+dist_info = init_distributed()
+trainer = Trainer(cfg, dist_info)
+
+
+def poisoned(logits, targets):
+    loss = lm_loss(logits, targets)
+    return loss * float("nan") if trainer.step + 1 in bad_steps else loss
+
+
+fsdp2_backend.lm_loss = ds_backend.lm_loss = poisoned
+try:
+    summary = trainer.fit()
+    if dist_info.is_main:
+        print(json.dumps({"ok": True, "skipped_steps": trainer.skipped_steps, **summary}))
+except RuntimeError as exc:
+    if dist_info.is_main:
+        print(json.dumps({"ok": False, "error": str(exc), "skipped_steps": trainer.skipped_steps}))
+finally:
+    destroy_distributed()
