@@ -52,3 +52,59 @@ def test_config_errors_name_the_field():
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="max_seq_len"):
         Transformer(tiny())(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_alibi_bias_slopes_and_causality():
+    from slimpajama_train.model import alibi_bias, alibi_slopes
+
+    assert alibi_slopes(8).tolist() == pytest.approx([2 ** -(i + 1) for i in range(8)])
+    assert len(alibi_slopes(12)) == 12
+    b = alibi_bias(2, 4)
+    assert b[0, 3, 1] == pytest.approx(-0.0625 * 2) and torch.isinf(b[0, 1, 2]) and b[1, 2, 2] == 0
+    torch.manual_seed(0)
+    m = Transformer(tiny(position_encoding="alibi")).eval()
+    x = torch.randint(0, 97, (2, 32))
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % 97
+    with torch.no_grad():
+        assert torch.equal(m(x)[:, :10], m(y)[:, :10])
+
+
+def test_layer_sharing_reuses_blocks():
+    shared, full = Transformer(tiny(n_layers=4, share_layers_every=2)), Transformer(tiny(n_layers=4))
+    assert len(shared.layers) == 2 and len(full.layers) == 4
+    per_block = sum(p.numel() for p in full.layers[0].parameters())
+    assert count_parameters(full) - count_parameters(shared) == 2 * per_block
+    assert shared(torch.randint(0, 97, (1, 8))).shape == (1, 8, 97)
+    with pytest.raises(ValueError, match="share_layers_every"):
+        ModelConfig(n_layers=4, share_layers_every=3)
+
+
+def test_factorized_embeddings():
+    fact = Transformer(tiny(embedding_rank=16, tie_embeddings=True))
+    assert fact.embed_tokens.weight.shape == (97, 16) and fact.lm_head.weight is fact.embed_tokens.weight
+    assert count_parameters(fact) < count_parameters(Transformer(tiny(tie_embeddings=True)))
+    assert fact(torch.randint(0, 97, (1, 8))).shape == (1, 8, 97)
+    untied = Transformer(tiny(embedding_rank=16))
+    assert untied.lm_head.weight.shape == (97, 64)
+
+
+def test_flops_per_token_formula():
+    from slimpajama_train.model import flops_per_token
+
+    cfg = tiny(n_kv_heads=4, ffn_hidden=128)
+    per_layer = 4 * 64 * 64 + 3 * 64 * 128
+    assert flops_per_token(cfg, 32) == 6 * (2 * per_layer + 64 * 97) + 12 * 2 * 64 * 32
+    # matmul parameters = all parameters but embeddings and norms, for an untied model
+    m = Transformer(cfg)
+    matmul = sum(p.numel() for n, p in m.named_parameters() if p.ndim == 2 and not n.startswith("embed"))
+    assert flops_per_token(cfg, 32) == 6 * matmul + 12 * 2 * 64 * 32
+
+
+def test_initialization_is_configurable():
+    torch.manual_seed(0)
+    a = Transformer(tiny(init_std=0.02))
+    torch.manual_seed(0)
+    b = Transformer(tiny(init_std=0.02, init_scaled_residual=False))
+    assert a.layers[0].mlp.down_proj.weight.std().item() < 0.7 * b.layers[0].mlp.down_proj.weight.std().item()
+    assert b.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)

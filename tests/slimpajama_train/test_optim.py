@@ -29,3 +29,27 @@ def test_no_decay_for_norms_and_embeddings():
 def test_bad_values_name_the_override():
     with pytest.raises(ValueError, match="optim.lr"):
         OptimConfig(lr=0)
+
+
+def test_wsd_schedule():
+    cfg = OptimConfig(lr=1.0, schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_at(5, cfg, 100) == pytest.approx(0.6)
+    assert lr_at(10, cfg, 100) == lr_at(79, cfg, 100) == 1.0
+    assert lr_at(80, cfg, 100) == pytest.approx(0.95) and lr_at(99, cfg, 100) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        OptimConfig(schedule="linear")
+
+
+def test_embeddings_decay_is_configurable():
+    m = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=8, tie_embeddings=True))
+    decay, _ = param_groups(m, 0.1, decay_embeddings=False)
+    assert all(p is not m.embed_tokens.weight for p in decay["params"])
+    decay, _ = param_groups(m, 0.1, decay_embeddings=True)
+    assert any(p is m.embed_tokens.weight for p in decay["params"])
+
+
+def test_fused_adamw_only_on_cuda():
+    from slimpajama_train.optim import build_optimizer
+
+    m = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=8))
+    assert not build_optimizer(m, OptimConfig(fused=True), torch.device("cpu")).defaults["fused"]

@@ -104,3 +104,40 @@ def test_bf16_run_trains(demo_shards, tmp_path):
                                "checkpoint.interval=0", "trainer.eval_interval=0"), cwd=REPO)
     losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
     assert len(losses) == 4 and all(l == l and l < 8.0 for l in losses) and losses[-1] < losses[0]
+
+
+def test_batch_in_tokens_metrics_and_wandb_naming(demo_shards, tmp_path):
+    """global_batch_tokens derives the batch and accumulation; MFU, memory and per-device throughput
+    are logged; W&B gets the configured name, tags and config offline."""
+    run_dir = tmp_path / "tok"
+    proc = run_torchrun(2, _overrides(demo_shards, run_dir, "trainer.global_batch_tokens=1024", "trainer.max_steps=2",
+                                      "trainer.peak_tflops=1.0", "logger.wandb.enabled=true", "logger.wandb.name=unit-run",
+                                      "logger.wandb.tags=[ci,tiny]", "logger.wandb.id=fixedid123"), cwd=REPO)
+    assert "global batch 16 = 2 micro x 4 accum x 2 ranks" in proc.stderr and "MFLOPs/token" in proc.stderr
+    m = [x for x in read_metrics(run_dir) if "loss" in x][-1]
+    assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"] / 2)
+    assert 0 < m["mfu"] < 1 and m["peak_mem_gb"] > 0.1 and m["data_wait_s"] >= 0 and m["skipped_steps"] == 0
+    run = next((run_dir / "wandb").glob("offline-run-*-fixedid123"))
+    assert run.is_dir()
+    with pytest.raises(AssertionError, match="global_batch_tokens=1000 is not a multiple"):
+        run_torchrun(1, _overrides(demo_shards, tmp_path / "bad", "trainer.global_batch_tokens=1000"), cwd=REPO)
+
+
+def test_export_refuses_what_llama_cannot_express():
+    from slimpajama_train.export import hf_config
+    from slimpajama_train.model import ModelConfig
+
+    for kw, word in [({"position_encoding": "alibi"}, "alibi"), ({"share_layers_every": 2}, "shared"),
+                     ({"embedding_rank": 16}, "factorized")]:
+        with pytest.raises(ValueError, match=word):
+            hf_config(ModelConfig(dim=64, n_layers=2, vocab_size=100, max_seq_len=8, **kw), {"bos_id": 1, "eos_id": 2})
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_model_options_train_on_both_backends(demo_shards, tmp_path, backend):
+    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp32", "trainer.max_steps=3",
+                               "model.n_layers=4", "model.share_layers_every=2", "model.embedding_rank=16",
+                               "model.position_encoding=alibi", "model.tie_embeddings=true", "checkpoint.interval=0",
+                               "trainer.eval_interval=0"), cwd=REPO)
+    losses = [x["loss"] for x in read_metrics(tmp_path) if "loss" in x]
+    assert len(losses) == 3 and losses[-1] < losses[0]
