@@ -38,8 +38,11 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, local, world, device)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(barrier: bool = False) -> None:
+    """Leave the process group; with ``barrier`` (after a clean run), first wait until every rank is done."""
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -30,13 +30,18 @@ from slimpajama_train.trainer import Trainer
 def run(cfg: TrainConfig) -> dict:
     """Train with ``cfg`` inside an initialized process group; returns the trainer's summary."""
     dist_info = init_distributed()
+    trainer, clean = None, False
     try:
-        summary = Trainer(cfg, dist_info).fit()
+        trainer = Trainer(cfg, dist_info)
+        summary = trainer.fit()
         if dist_info.is_main:
             print(json.dumps(summary), flush=True)
+        clean = True
         return summary
     finally:
-        destroy_distributed()
+        if trainer is not None:
+            trainer.backend.close()
+        destroy_distributed(barrier=clean)
 
 
 def main() -> None:

@@ -108,6 +108,9 @@ class Backend(ABC):
     @abstractmethod
     def _load(self, path: Path) -> None: ...
 
+    def close(self) -> None:
+        """Release hooks and helper threads before the process group goes away."""
+
     def extra_state(self) -> dict:
         """Small JSON-able state kept in ``meta.json`` (e.g. FSDP2's fp16 loss scale)."""
         return {}

@@ -121,6 +121,12 @@ class DeepSpeedBackend(Backend):
         self.model.eval()
         return lm_loss(self.model(inputs.to(self.dist.device)), targets.to(self.dist.device))
 
+    def close(self) -> None:
+        # ZeRO-3 keeps module hooks and prefetch state; tearing them down before the process group
+        # is destroyed avoids an abort in a background thread at interpreter exit.
+        if self.model is not None:
+            self.model.destroy()
+
     def _save(self, path: Path) -> None:
         self.model.save_checkpoint(str(path), tag=CKPT_TAG, save_latest=False)
 
