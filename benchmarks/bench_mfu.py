@@ -20,7 +20,7 @@ from data_prep.config import conf_dir
 from slimpajama_train.backends import build_backend
 from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.distributed import destroy_distributed, init_distributed
-from slimpajama_train.metrics import detect_peak_tflops
+from slimpajama_train.metrics import detect_peak_tflops, peak_memory_gb
 from slimpajama_train.model import ModelConfig, Transformer, count_parameters, flops_per_token
 from slimpajama_train.optim import OptimConfig
 
@@ -55,7 +55,7 @@ def measure(name: str, a: argparse.Namespace, dist_info) -> dict:
     tps = a.steps * a.micro_batch * a.seq_len / dt
     fpt = flops_per_token(cfg, a.seq_len)
     peak = a.peak_tflops or detect_peak_tflops(dist_info.device)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if dist_info.device.type == "cuda" else float("nan")
+    mem = peak_memory_gb(dist_info.device)
     del backend, model
     if dist_info.device.type == "cuda":
         torch.cuda.empty_cache()
