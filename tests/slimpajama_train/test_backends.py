@@ -145,3 +145,23 @@ def test_consecutive_nonfinite_steps_stop_the_run(demo_shards, tmp_path):
 def test_torch_compile_option_gives_the_same_losses(reference, demo_shards, tmp_path):
     run_torchrun(1, _overrides(demo_shards, tmp_path, "trainer.max_steps=3", "trainer.compile=true"), cwd=REPO, timeout=900)
     assert _train_losses(tmp_path) == pytest.approx(reference[:3], abs=1e-4)
+
+
+def test_zero3_offload_trains_in_bf16(demo_shards, tmp_path):
+    """ZeRO-3 with optimizer and parameters offloaded to CPU (DeepSpeed CPU Adam), bf16 compute."""
+    run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=zero3_offload", "backend.precision=bf16",
+                               "trainer.max_steps=4", "optim.lr=3e-3"), cwd=REPO, timeout=900)
+    losses = _train_losses(tmp_path)
+    assert len(losses) == 4 and all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+
+
+def test_bf16_keeps_fp32_master_weights_and_optimizer_state(demo_shards, tmp_path):
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=fsdp2", "backend.precision=bf16", "trainer.max_steps=2"), cwd=REPO)
+    meta = FileSystemReader(str(tmp_path / "checkpoints/step_00000002/state")).read_metadata().state_dict_metadata
+    dtypes = {k: v.properties.dtype for k, v in meta.items() if hasattr(v, "properties") and v.size}
+    weights = {k: d for k, d in dtypes.items() if k.startswith("model.")}
+    moments = {k: d for k, d in dtypes.items() if "exp_avg" in k}
+    assert weights and moments and set(weights.values()) == set(moments.values()) == {torch.float32}
