@@ -128,16 +128,19 @@ class WandbCallback(Callback):
 
 
 class CheckpointCallback(Callback):
-    """Save every ``checkpoint.interval`` steps and once at the end (all ranks take part)."""
+    """Save every ``checkpoint.interval`` steps and once at the end (all ranks take part); finalize
+    async saves as they complete. Runs first, so the metrics it adds reach the loggers."""
 
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+        trainer.poll_checkpoint()
         interval = trainer.cfg.checkpoint.interval
-        if interval and trainer.step > 0 and trainer.step % interval == 0:
-            trainer.save_checkpoint()
+        if interval and trainer.step > 0 and trainer.step % interval == 0 and trainer.last_saved_step != trainer.step:
+            metrics["checkpoint_blocking_s"] = trainer.save_checkpoint()
 
     def on_train_end(self, trainer: "Trainer") -> None:
         if trainer.last_saved_step != trainer.step:
             trainer.save_checkpoint()
+        trainer.wait_checkpoint()
 
 
 def build_callbacks(cfg: LoggerConfig, is_main: bool) -> list[Callback]:

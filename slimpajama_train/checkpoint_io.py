@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from slimpajama_train.checkpoint import LATEST, STATE, read_meta
+from slimpajama_train.checkpoint import LATEST, STATE, read_meta, weights_only_loads
 from slimpajama_train.model import ModelConfig, Transformer
 
 
@@ -36,7 +36,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         model.load_state_dict(weights)
     else:
         state = {"model": model.state_dict()}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), weights_only_loads():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, checkpoint_id=str(ckpt / STATE))
         model.load_state_dict(state["model"])

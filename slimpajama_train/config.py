@@ -56,10 +56,14 @@ class LoopConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything ``slimpajama-train`` needs; ``conf/train.yaml`` composes into this."""
+    """Everything ``slimpajama-train`` needs; ``conf/train.yaml`` composes into this.
+
+    ``resume_from=<checkpoint dir>`` is a shortcut for ``checkpoint.resume=<checkpoint dir>``.
+    """
 
     run_dir: str = "runs/default"
     seed: int = 0
+    resume_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -67,6 +71,12 @@ class TrainConfig:
     trainer: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        if self.resume_from is not None:
+            self.checkpoint.resume = self.resume_from
+        if self.checkpoint.async_save and self.backend.name != "fsdp2":
+            raise ValueError("checkpoint.async_save=true needs backend=fsdp2 (DeepSpeed writes its own format synchronously)")
 
     @property
     def checkpoint_dir(self) -> str:

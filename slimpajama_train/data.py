@@ -7,6 +7,7 @@ state is one integer (samples consumed) and resuming, on any world size, is a se
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -141,6 +142,13 @@ def open_dataset(cfg: DataConfig) -> tuple[dict[str, Any], Path]:
     return manifest, data_dir
 
 
+def _ignore_preemption_signals(_: int) -> None:
+    # SIGUSR1 (SLURM's "time is nearly up", sent to every process of the job) must not kill the
+    # loader workers while the trainer finishes its step and checkpoints. SIGTERM keeps its default:
+    # multiprocessing stops workers with it at exit.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = torch.stack(samples)  # (B, T+1)
     return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
@@ -151,15 +159,16 @@ def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, star
     ds = TokenBlocks(data_dir, manifest, "train", cfg.seed, shuffle=True)
     sampler = RankBatchSampler(start, global_batch, cfg.micro_batch_size, rank, world_size)
     return DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
-                      persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
+                      persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None,
+                      worker_init_fn=_ignore_preemption_signals if cfg.num_workers else None)
 
 
-def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batches: int, rank: int, world_size: int) -> DataLoader:
-    """The first ``batches`` global batches of the holdout split, in file order (same every evaluation)."""
+def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batches: int, global_batch: int, rank: int, world_size: int) -> DataLoader:
+    """The first ``batches`` global batches of the holdout split, in file order: the same samples every
+    evaluation and on any world size (each rank takes its slice of every global batch)."""
     ds = TokenBlocks(data_dir, manifest, "val", cfg.seed, shuffle=False)
-    G = cfg.micro_batch_size * world_size
-    n = min(batches * G, (len(ds) // G) * G)
+    n = min(batches * global_batch, (len(ds) // global_batch) * global_batch)
     if n == 0:
-        raise ValueError(f"{data_dir}: the val split has {len(ds)} samples, fewer than one batch of {G}")
-    sampler = RankBatchSampler(0, G, cfg.micro_batch_size, rank, world_size, limit=n)
+        raise ValueError(f"{data_dir}: the val split has {len(ds)} samples, fewer than one global batch of {global_batch}")
+    sampler = RankBatchSampler(0, global_batch, cfg.micro_batch_size, rank, world_size, limit=n)
     return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=_collate)

@@ -17,6 +17,7 @@ Any config field is a Hydra override (``trainer.max_steps=2000 optim.lr=1e-3``);
 from __future__ import annotations
 
 import json
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,10 @@ from data_prep.config import conf_dir
 from slimpajama_train.config import TrainConfig, register_configs
 from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.trainer import Trainer
+
+# Exit status of a run that stopped on SIGTERM/SIGUSR1 after saving: EX_TEMPFAIL ("try again"),
+# which launch/slurm/train.sbatch turns into a requeue.
+PREEMPTED_EXIT_CODE = 75
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -47,11 +52,16 @@ def run(cfg: TrainConfig) -> dict:
 def main() -> None:
     register_configs()
 
+    preempted = False
+
     @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
     def _app(dcfg: DictConfig) -> None:
-        run(OmegaConf.to_object(dcfg))  # the raw DictConfig stops here
+        nonlocal preempted
+        preempted = run(OmegaConf.to_object(dcfg)).get("preempted", False)  # the raw DictConfig stops here
 
     _app()
+    if preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

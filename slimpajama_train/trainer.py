@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, replace
@@ -16,13 +18,16 @@ import torch
 from slimpajama_train import __version__
 from slimpajama_train.backends import build_backend
 from slimpajama_train.callbacks import Callback, build_callbacks
-from slimpajama_train.checkpoint import CheckpointManager
+from slimpajama_train.checkpoint import CheckpointManager, step_dirname
 from slimpajama_train.config import TrainConfig
 from slimpajama_train.data import check_manifest, open_dataset, train_loader, val_loader
 from slimpajama_train.distributed import DistInfo, all_reduce_sum
 from slimpajama_train.metrics import detect_peak_tflops, peak_memory_gb
 from slimpajama_train.model import ModelConfig, Transformer, count_parameters, flops_per_token
 from slimpajama_train.optim import lr_at
+
+
+PREEMPTED_MARKER = "preempted.json"
 
 
 def resolve_model_config(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
@@ -83,6 +88,8 @@ class Trainer:
         self.samples_consumed = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self._signal_received = False
+        self.preempted = False
         self.last_saved_step: int | None = None
         self.last_checkpoint: Path | None = None
         self.wandb_run_id = cfg.logger.wandb.id
@@ -95,7 +102,7 @@ class Trainer:
         self.train_data = train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G, dist_info.rank, W)
         self.train_iter = iter(self.train_data)
         self.val_data = (
-            val_loader(cfg.data, self.manifest, self.data_dir, cfg.trainer.eval_batches, dist_info.rank, W)
+            val_loader(cfg.data, self.manifest, self.data_dir, cfg.trainer.eval_batches, G, dist_info.rank, W)
             if cfg.trainer.eval_interval else None
         )
         self.callbacks = callbacks if callbacks is not None else build_callbacks(cfg.logger, dist_info.is_main)
@@ -107,23 +114,46 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to ``max_steps`` (or ``halt_at_step``); returns first/last losses and the last checkpoint."""
+        """Train to ``max_steps`` (or ``halt_at_step``, or a preemption signal); returns first/last
+        losses, the last checkpoint and whether the run was preempted."""
         loop = self.cfg.trainer
         end = min(loop.max_steps, loop.halt_at_step or loop.max_steps)
+        self._install_signal_handlers()
         for cb in self.callbacks:
             cb.on_train_start(self)
         if self.step == 0 and self.val_data is not None:
             self._emit({"step": 0, **self.evaluate()})
-        while self.step < end:
+        while self.step < end and not self.preempted:
             metrics = self.train_step()
             if self.val_data is not None and (self.step % loop.eval_interval == 0 or self.step == loop.max_steps):
                 metrics.update(self.evaluate())
             self._emit(metrics)
+        if self.preempted:
+            self.log(f"preemption signal received: saving at step {self.step} and exiting for requeue")
         for cb in self.callbacks:
-            cb.on_train_end(self)
-        self.summary["checkpoint"] = str(self.last_checkpoint) if self.last_checkpoint else None
-        self.summary["step"] = self.step
+            cb.on_train_end(self)  # the checkpoint callback saves here if this step is not saved yet
+        self.summary.update(checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                            step=self.step, preempted=self.preempted)
+        marker = Path(self.cfg.run_dir) / PREEMPTED_MARKER
+        if self.dist.is_main:
+            if self.preempted:  # tells a launcher (which may only see torchrun's exit code) to requeue
+                marker.write_text(json.dumps({"step": self.step, "checkpoint": self.summary["checkpoint"]}) + "\n")
+            else:
+                marker.unlink(missing_ok=True)
         return self.summary
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (what SLURM sends ahead of a time limit or on preemption) ask for a stop;
+        the ranks agree on it at the end of the step (see :meth:`train_step`)."""
+        self._signal_received = False
+        self.preempted = False
+
+        def request_stop(signum, frame) -> None:
+            self._signal_received = True
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, request_stop)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; metrics on log steps."""
@@ -142,7 +172,10 @@ class Trainer:
         self.samples_consumed += self.cfg.trainer.global_batch_size
         # The loss is reduced every step: the skip decision must be global, and the step already
         # synchronized on the gradient norm, so this adds no stall.
-        loss_total, wait_total = all_reduce_sum([loss_sum.item(), data_wait], self.dist.device)
+        # A pending stop signal rides on the same collective: every rank stops after the same step.
+        loss_total, wait_total, stop_votes = all_reduce_sum(
+            [loss_sum.item(), data_wait, float(self._signal_received)], self.dist.device)
+        self.preempted = stop_votes > 0
         loss = loss_total / (self.grad_accum * self.dist.world_size)
         if result.skipped or not math.isfinite(loss):
             self._record_skip(batch_start, loss, result.grad_norm)
@@ -211,7 +244,8 @@ class Trainer:
             cb.on_step_end(self, metrics)
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> float:
+        """Checkpoint this step (collective); returns the seconds training was blocked."""
         meta = {
             "tokens_seen": self.samples_consumed * self.manifest["seq_len"],
             "samples_consumed": self.samples_consumed,
@@ -226,10 +260,25 @@ class Trainer:
             "backend_state": self.backend.extra_state(),
         }
         tokenizer = self.data_dir / self.manifest["tokenizer"]["file"]
-        path = self.ckpt.save(self.step, self.backend, meta, extra_files=[tokenizer])
-        self.last_saved_step, self.last_checkpoint = self.step, path
-        self.log(f"checkpoint: {path}")
-        return path
+        blocked = self.ckpt.save(self.step, self.backend, meta, extra_files=[tokenizer])
+        self.last_saved_step = self.step
+        if self.ckpt.pending is None:
+            self.last_checkpoint = self.ckpt.root / step_dirname(self.step)
+            self.log(f"checkpoint: {self.last_checkpoint} (blocked {blocked:.2f} s)")
+        else:
+            self.log(f"checkpoint: step {self.step} writing in the background (blocked {blocked:.2f} s)")
+        return blocked
+
+    def poll_checkpoint(self) -> None:
+        """Finalize a background checkpoint once every rank has written it (collective)."""
+        if (path := self.ckpt.poll()) is not None:
+            self.last_checkpoint = path
+            self.log(f"checkpoint: {path}")
+
+    def wait_checkpoint(self) -> None:
+        if (path := self.ckpt.wait()) is not None:
+            self.last_checkpoint = path
+            self.log(f"checkpoint: {path}")
 
     def _resume(self, path: Path) -> None:
         meta = self.ckpt.load(path, self.backend)

@@ -125,6 +125,10 @@ class Backend(ABC):
         path.mkdir(parents=True, exist_ok=True)
         self._save(path)
 
+    def save_async(self, path: Path):
+        """Start writing the state in the background; return a future (collective)."""
+        raise NotImplementedError(f"checkpoint.async_save=true is not supported by backend.name={self.cfg.name}")
+
     def load(self, path: Path) -> None:
         """Load model + optimizer state written by :meth:`save` (collective)."""
         if self.model is None or self.optimizer is None:

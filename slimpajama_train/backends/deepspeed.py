@@ -14,8 +14,19 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 
 from slimpajama_train.backends.base import Backend, BackendConfig, StepResult  # noqa: E402
+from slimpajama_train.checkpoint import weights_only_loads  # noqa: E402
 from slimpajama_train.model import Transformer, lm_loss  # noqa: E402
 from slimpajama_train.optim import OptimConfig, build_optimizer, param_groups  # noqa: E402
+
+def _safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed's checkpoints hold (found by loading them with the safe
+    unpickler); everything else in them is tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
 
 # Keys whose values the trainer derives; a user JSON may repeat them only with the same value.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -131,8 +142,9 @@ class DeepSpeedBackend(Backend):
         self.model.save_checkpoint(str(path), tag=CKPT_TAG, save_latest=False)
 
     def _load(self, path: Path) -> None:
-        load_path, _ = self.model.load_checkpoint(str(path), tag=CKPT_TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+        with weights_only_loads(_safe_globals()):
+            load_path, _ = self.model.load_checkpoint(str(path), tag=CKPT_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag {CKPT_TAG!r}) to load")
 
@@ -142,4 +154,5 @@ def consolidated_state_dict(state_dir: Path) -> dict[str, torch.Tensor]:
     (any stage and world size), for generation and export in one process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=CKPT_TAG)
+    with weights_only_loads(_safe_globals()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=CKPT_TAG)

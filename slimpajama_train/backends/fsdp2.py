@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from slimpajama_train.backends.base import PRECISIONS, Backend, StepResult
 from slimpajama_train.backends.loss_scale import DynamicLossScaler
+from slimpajama_train.checkpoint import weights_only_loads
 from slimpajama_train.model import Transformer, lm_loss
 from slimpajama_train.optim import OptimConfig, build_optimizer
 
@@ -99,9 +100,19 @@ class FSDP2Backend(Backend):
     def _save(self, path: Path) -> None:
         dcp.save(self._state(), checkpoint_id=str(path))
 
+    def save_async(self, path: Path):
+        # The background thread's collectives run on a group of their own, so they never interleave
+        # with the training step's collectives on the default group.
+        if not hasattr(self, "_ckpt_group"):
+            self._ckpt_group = torch.distributed.new_group(backend="gloo")
+        path.mkdir(parents=True, exist_ok=True)
+        out = dcp.async_save(self._state(), checkpoint_id=str(path), process_group=self._ckpt_group)
+        return getattr(out, "upload_completion", out)  # Future, or AsyncSaveResponse in newer torch
+
     def _load(self, path: Path) -> None:
         state = self._state()
-        dcp.load(state, checkpoint_id=str(path))  # resharding to this world size happens here
+        with weights_only_loads():
+            dcp.load(state, checkpoint_id=str(path))  # resharding to this world size happens here
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def extra_state(self) -> dict:

@@ -52,5 +52,8 @@ def test_loader_reads_the_ordered_samples(demo_shards):
     r1 = iter(train_loader(cfg, manifest, data_dir, start=0, global_batch=8, rank=1, world_size=2))
     full = torch.cat([x, next(loader)[0]])
     assert torch.equal(next(r1)[0], full[4:8])
-    v = list(val_loader(cfg, manifest, data_dir, batches=2, rank=0, world_size=1))
-    assert len(v) == 2 and torch.equal(v[0][0], list(val_loader(cfg, manifest, data_dir, 2, 0, 1))[0][0])
+    v = list(val_loader(cfg, manifest, data_dir, batches=2, global_batch=8, rank=0, world_size=1))
+    assert len(v) == 4 and torch.equal(v[0][0], list(val_loader(cfg, manifest, data_dir, 2, 8, 0, 1))[0][0])
+    # the same samples on 2 ranks: rank 1 holds the second half of each global batch
+    v1 = list(val_loader(cfg, manifest, data_dir, batches=2, global_batch=8, rank=1, world_size=2))
+    assert len(v1) == 2 and torch.equal(v1[0][0], v[1][0]) and torch.equal(v1[1][0], v[3][0])

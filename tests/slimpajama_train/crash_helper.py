@@ -1,0 +1,38 @@
+"""Test helper, run under torchrun with Hydra overrides: the real ``slimpajama_train.train`` entry point,
+where rank $CRASH_RANK at step $CRASH_STEP
+- CRASH_AT=step:   SIGKILLs itself right after the step,
+- CRASH_AT=save:   SIGKILLs itself inside that step's checkpoint, after the state shards are written
+                   and before the checkpoint is completed,
+- CRASH_AT=signal: sends itself SIGUSR1 (as SLURM does before a time limit) after the step."""
+import os
+import signal
+
+from slimpajama_train import train
+from slimpajama_train.checkpoint import CheckpointManager
+from slimpajama_train.trainer import Trainer
+
+crash_step, crash_rank, crash_at = int(os.environ["CRASH_STEP"]), int(os.environ["CRASH_RANK"]), os.environ["CRASH_AT"]
+rank = int(os.environ.get("RANK", 0))
+
+if crash_at == "save":
+    finalize = CheckpointManager._finalize
+
+    def crashing_finalize(self, step, tmp, meta):
+        if step == crash_step and rank == crash_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return finalize(self, step, tmp, meta)
+
+    CheckpointManager._finalize = crashing_finalize
+else:
+    train_step = Trainer.train_step
+    sig = signal.SIGKILL if crash_at == "step" else signal.SIGUSR1
+
+    def crashing_train_step(self):
+        metrics = train_step(self)
+        if self.step == crash_step and rank == crash_rank:
+            os.kill(os.getpid(), sig)
+        return metrics
+
+    Trainer.train_step = crashing_train_step
+
+train.main()

@@ -1,0 +1,243 @@
+"""Checkpoints and resume: exact (clean stop and kill -9), elastic, O(1), crash-safe, preemption."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from slimpajama_train.checkpoint import CheckpointConfig, CheckpointManager, CorruptCheckpointError, read_meta
+from tests.conftest import REPO, read_metrics, run_torchrun
+
+STEPS = 8
+BACKENDS = ["fsdp2", "zero1", "zero2", "zero3"]
+
+
+def _overrides(shards: Path, run_dir: Path, backend: str, *extra: str) -> list[str]:
+    return [
+        f"data.path={shards}", f"run_dir={run_dir}", f"backend={backend}", "backend.precision=fp32",
+        "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.micro_batch_size=2",
+        "data.num_workers=1", "trainer.global_batch_size=8", f"trainer.max_steps={STEPS}", "trainer.log_interval=1",
+        "trainer.eval_interval=4", "trainer.eval_batches=1", "checkpoint.interval=4", "checkpoint.keep_last=5",
+        "optim.warmup_steps=2", "optim.lr=3e-3", "logger.wandb.enabled=false", *extra,
+    ]
+
+
+def _losses(run_dir: Path) -> dict[int, tuple]:
+    """Last record per step (a killed run leaves records that the resumed run rewrites)."""
+    return {m["step"]: (m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)}
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def _launch(nproc: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The trainer processes torchrun started (its direct children)."""
+    return psutil.Process(proc.pid).children()
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(m["step"] >= step and "loss" in m for m in read_metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def straight(demo_shards, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs, one per backend."""
+    runs = {}
+    for backend in BACKENDS:
+        run_dir = tmp_path_factory.mktemp(f"straight_{backend}")
+        run_torchrun(2, _overrides(demo_shards, run_dir, backend), cwd=REPO)
+        runs[backend] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_resume_after_clean_stop(straight, demo_shards, tmp_path, backend):
+    run_torchrun(2, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4"), cwd=REPO)
+    proc = run_torchrun(2, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
+    assert "resumed from" in proc.stderr
+    assert _losses(tmp_path) == _losses(straight[backend])  # bitwise: fp32 on CPU
+
+
+def _crash(demo_shards: Path, run_dir: Path, backend: str, at: str, step: int, rank: int, *extra: str) -> None:
+    env = _env(CRASH_AT=at, CRASH_STEP=str(step), CRASH_RANK=str(rank))
+    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"), *_overrides(demo_shards, run_dir, backend, *extra)], env)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0, "the run should have died"
+    assert "SIGKILL" in err or "Signal 9" in err or "-9" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_resume_after_kill_9_of_a_rank(straight, demo_shards, tmp_path, backend):
+    _crash(demo_shards, tmp_path, backend, "step", 6, 1)
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000004"
+    resumed = run_torchrun(2, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
+    assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
+    assert _losses(tmp_path) == _losses(straight[backend])
+
+
+def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_shards, tmp_path):
+    _crash(demo_shards, tmp_path, "fsdp2", "save", 8, 0)
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    assert (ckpts / ".tmp_step_00000008/state").is_dir() and not (ckpts / "step_00000008").exists()
+    resumed = run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2"), cwd=REPO)
+    assert "step_00000004" in resumed.stderr
+    assert _losses(tmp_path) == _losses(straight["fsdp2"])
+    assert (ckpts / "latest").read_text().strip() == "step_00000008"
+
+
+def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, demo_shards, tmp_path):
+    env = _env(CRASH_AT="signal", CRASH_STEP="3", CRASH_RANK="1")
+    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"),
+                       *_overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true", "logger.wandb.mode=offline")], env)
+    _, err = proc.communicate(timeout=600)
+    assert "exitcode  : 75" in err  # both ranks exit with the requeue status
+    marker = json.loads((tmp_path / "preempted.json").read_text())
+    # the signal arrived during step 3 on rank 1 only; both ranks stopped after step 4 at the latest
+    assert marker["step"] in (3, 4) and marker["checkpoint"].endswith(f"step_0000000{marker['step']}")
+    run_id = read_meta(Path(marker["checkpoint"]))["wandb_run_id"]
+    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true", "logger.wandb.mode=offline"), cwd=REPO)
+    assert _losses(tmp_path) == _losses(straight["fsdp2"])
+    assert not (tmp_path / "preempted.json").exists()
+    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # same W&B run continued
+
+
+def test_single_process_sigterm_exits_for_requeue(demo_shards, tmp_path):
+    env = _env(CRASH_AT="signal", CRASH_STEP="2", CRASH_RANK="0")
+    proc = subprocess.run([sys.executable, str(REPO / "tests/slimpajama_train/crash_helper.py"),
+                           *_overrides(demo_shards, tmp_path, "fsdp2")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    # the signal lands after step 2; the trainer notices it in the next step and stops after step 3
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000003"
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_elastic_resume_fsdp2(straight, demo_shards, tmp_path, first, second):
+    run_torchrun(first, _overrides(demo_shards, tmp_path, "fsdp2", "trainer.halt_at_step=4"), cwd=REPO)
+    proc = run_torchrun(second, _overrides(demo_shards, tmp_path, "fsdp2"), cwd=REPO)
+    assert "resumed from" in proc.stderr
+    got, ref = _losses(tmp_path), _losses(straight["fsdp2"])
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        for a, b in zip(got[step], ref[step]):
+            assert (a is None and b is None) or abs(a - b) < 1e-5, (step, got[step], ref[step])
+
+
+def test_resume_from_a_chosen_checkpoint(straight, demo_shards, tmp_path):
+    chosen = straight["fsdp2"] / "checkpoints/step_00000004"
+    proc = run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", f"resume_from={chosen}"), cwd=REPO)
+    assert f"resumed from {chosen}" in proc.stderr
+    ref = _losses(straight["fsdp2"])
+    assert {s: v for s, v in _losses(tmp_path).items() if s > 4} == {s: v for s, v in ref.items() if s > 4}
+
+
+def test_async_save_gives_the_same_run_and_blocks_less(straight, demo_shards, tmp_path):
+    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "checkpoint.async_save=true"), cwd=REPO)
+    assert _losses(tmp_path) == _losses(straight["fsdp2"])
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000008"
+    read_meta(tmp_path / "checkpoints/step_00000004")
+    blocked = [m["checkpoint_blocking_s"] for m in read_metrics(tmp_path) if "checkpoint_blocking_s" in m]
+    sync = [m["checkpoint_blocking_s"] for m in read_metrics(straight["fsdp2"]) if "checkpoint_blocking_s" in m]
+    print(f"checkpoint blocking time: async {blocked} s, sync {sync} s")
+    assert blocked and sync
+
+
+def test_corrupt_or_partial_checkpoints_are_reported(straight, tmp_path):
+    src = straight["fsdp2"] / "checkpoints/step_00000008"
+    for damage, pattern in [("truncate", "has .* bytes"), ("delete", "is missing"), ("meta", "no meta.json")]:
+        ckpt = tmp_path / damage
+        shutil.copytree(src, ckpt)
+        shard = next((ckpt / "state").glob("*.distcp"))
+        if damage == "truncate":
+            shard.write_bytes(shard.read_bytes()[:100])
+        elif damage == "delete":
+            shard.unlink()
+        else:
+            (ckpt / "meta.json").unlink()
+        with pytest.raises(CorruptCheckpointError, match=pattern):
+            read_meta(ckpt)
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    (root / "latest").write_text("step_00000099\n")
+    with pytest.raises(CorruptCheckpointError, match="does not exist"):
+        CheckpointManager(CheckpointConfig(), root).latest()
+
+
+def test_trainer_refuses_a_corrupt_checkpoint(straight, demo_shards, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight["fsdp2"] / "checkpoints/step_00000004", ckpt)
+    shard = next((ckpt / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(AssertionError, match="CorruptCheckpointError"):
+        run_torchrun(2, _overrides(demo_shards, tmp_path / "run", "fsdp2", f"resume_from={ckpt}"), cwd=REPO)
+
+
+class _FakeBackend:
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True)
+        (path / "shard.bin").write_bytes(b"x" * 10)
+
+
+def test_keep_last_and_keep_every(tmp_path):
+    mgr = CheckpointManager(CheckpointConfig(keep_last=2, keep_every=4), tmp_path)
+    for step in range(1, 11):
+        mgr.save(step, _FakeBackend(), {})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+    assert mgr.latest().name == "step_00000010" and read_meta(mgr.latest())["state_files"] == {"shard.bin": 10}
+
+
+def test_resume_position_is_a_seek(demo_shards):
+    """No replay: starting the loader at a huge offset costs what starting at 0 costs."""
+    from slimpajama_train.data import DataConfig, open_dataset, train_loader
+
+    cfg = DataConfig(path=str(demo_shards), micro_batch_size=2, num_workers=0)
+    manifest, data_dir = open_dataset(cfg)
+
+    def first_batch_seconds(start: int) -> float:
+        t0 = time.perf_counter()
+        next(iter(train_loader(cfg, manifest, data_dir, start, 8, 0, 1)))
+        return time.perf_counter() - t0
+
+    first_batch_seconds(0)  # warm the page cache
+    small = min(first_batch_seconds(8) for _ in range(3))
+    large = min(first_batch_seconds(8 * 10**8) for _ in range(3))  # 800M samples in: thousands of epochs
+    print(f"first batch after resume: at sample 8 {small * 1e3:.1f} ms, at sample 8e8 {large * 1e3:.1f} ms")
+    assert large < 3 * small + 0.05
+
+
+def test_weights_only_loading_refuses_code_in_a_checkpoint(tmp_path):
+    import pickle
+
+    from slimpajama_train.checkpoint import weights_only_loads
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"w": Exploit()}, fh)
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=False)  # what DCP and DeepSpeed pass
+    assert not (tmp_path / "pwned").exists()
