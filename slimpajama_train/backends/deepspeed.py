@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,21 @@ def _safe_globals() -> list:
 # Keys whose values the trainer derives; a user JSON may repeat them only with the same value.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 CKPT_TAG = "ds"
+UNIVERSAL_TAG = "ds_universal"
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal (world-size independent) format."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+    os.replace(tmp, dst)
 
 
 def deepspeed_config(cfg: BackendConfig, optim: OptimConfig, micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
@@ -142,11 +158,22 @@ class DeepSpeedBackend(Backend):
         self.model.save_checkpoint(str(path), tag=CKPT_TAG, save_latest=False)
 
     def _load(self, path: Path) -> None:
+        tag = CKPT_TAG
+        saved_world = len(list((path / CKPT_TAG).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        if saved_world and saved_world != self.dist.world_size:
+            # Elastic resume: DeepSpeed's universal checkpoint re-partitions the fp32 weights and
+            # optimizer state for this world size. Converted once, by rank 0, next to the original.
+            tag = UNIVERSAL_TAG
+            if self.dist.rank == 0 and not (path / UNIVERSAL_TAG / "zero").is_dir():
+                to_universal(path / CKPT_TAG, path / UNIVERSAL_TAG)
+            torch.distributed.barrier()
+            self.model._config.load_universal_checkpoint = True
         with weights_only_loads(_safe_globals()):
-            load_path, _ = self.model.load_checkpoint(str(path), tag=CKPT_TAG, load_optimizer_states=True,
+            load_path, _ = self.model.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
+        self.model._config.load_universal_checkpoint = False
         if load_path is None:
-            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag {CKPT_TAG!r}) to load")
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag {tag!r}) to load")
 
 
 def consolidated_state_dict(state_dir: Path) -> dict[str, torch.Tensor]:

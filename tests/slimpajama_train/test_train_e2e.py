@@ -64,20 +64,20 @@ def test_generate_from_checkpoint(straight_run):
     assert text == generate_text(str(straight_run), "def ", max_new_tokens=20, temperature=0.8, seed=1)
 
 
-def test_export_loads_in_transformers_with_identical_logits(straight_run, tmp_path):
+def assert_hf_parity(checkpoint: Path, out_dir: Path) -> None:
+    """Export ``checkpoint`` and check transformers' logits (1e-4) and greedy tokens against ours."""
+    import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimpajama_train.checkpoint_io import load_model
     from slimpajama_train.export import export_checkpoint
     from slimpajama_train.generate import sample
 
-    out = export_checkpoint(straight_run, tmp_path / "hf")
+    out = export_checkpoint(checkpoint, out_dir)
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"}
-    ours, _, _ = load_model(straight_run)
+    ours, _, _ = load_model(checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     for prompt in ["def main(argv):\n    return 0", "The license grants permission"]:
         ids = tok(prompt)["input_ids"]
@@ -87,6 +87,16 @@ def test_export_loads_in_transformers_with_identical_logits(straight_run, tmp_pa
             assert torch.allclose(ours(x), hf(x).logits, atol=1e-4, rtol=0)
         greedy_hf = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert sample(ours, ids, 12, temperature=0.0) == greedy_hf
+
+
+def test_export_from_fsdp2_checkpoint_matches_transformers(straight_run, tmp_path):
+    assert_hf_parity(straight_run, tmp_path / "hf")
+
+
+def test_export_from_zero3_checkpoint_matches_transformers(demo_shards, tmp_path):
+    run_dir = tmp_path / "z3"
+    run_torchrun(2, _overrides(demo_shards, run_dir, "backend=zero3", "trainer.max_steps=3", "trainer.eval_interval=0"), cwd=REPO)
+    assert_hf_parity(run_dir, tmp_path / "hf")
 
 
 def test_single_process_matches_two_processes(straight_run, demo_shards, tmp_path):
