@@ -168,10 +168,21 @@ class DeepSpeedBackend(Backend):
                 to_universal(path / CKPT_TAG, path / UNIVERSAL_TAG)
             torch.distributed.barrier()
             self.model._config.load_universal_checkpoint = True
+        # Two flaws of DeepSpeed's ZeRO-3 universal load are undone after it: it copies the
+        # hyperparameters of param group 0 into every group (giving the no-decay group weight decay),
+        # and it gives every group the same `step` tensor, which Adam then increments once per group
+        # and step, so later groups get the wrong bias correction.
+        hypers = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         with weights_only_loads(_safe_globals()):
             load_path, _ = self.model.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
         self.model._config.load_universal_checkpoint = False
+        for group, saved in zip(self.optimizer.param_groups, hypers):
+            group.update(saved)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
         if load_path is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag {tag!r}) to load")
 

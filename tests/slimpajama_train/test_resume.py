@@ -132,11 +132,7 @@ def test_single_process_sigterm_exits_for_requeue(demo_shards, tmp_path):
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000003"
 
 
-ZERO3_ELASTIC_GAP = pytest.mark.xfail(
-    strict=True, reason="ZeRO-3 through the universal checkpoint resumes but drifts by ~3e-3 by step 6: known gap, issue open")
-
-
-@pytest.mark.parametrize("backend", ["fsdp2", "zero1", "zero2", pytest.param("zero3", marks=ZERO3_ELASTIC_GAP)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
 def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second):
     """FSDP2 through DCP resharding; ZeRO through DeepSpeed's universal checkpoint."""
