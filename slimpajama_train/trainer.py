@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from slimpajama_train.optim import lr_at
 
 
 PREEMPTED_MARKER = "preempted.json"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def resolve_model_config(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
@@ -97,7 +99,7 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         if self.wandb_run_id is None:
-            self.wandb_run_id = uuid.uuid4().hex[:12]
+            self.wandb_run_id = self._run_dir_wandb_id()
 
         self.train_data = train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G, dist_info.rank, W)
         self.train_iter = iter(self.train_data)
@@ -107,6 +109,20 @@ class Trainer:
         )
         self.callbacks = callbacks if callbacks is not None else build_callbacks(cfg.logger, dist_info.is_main)
         self.summary: dict[str, Any] = {}
+
+    def _run_dir_wandb_id(self) -> str:
+        """The W&B run id kept in ``run_dir`` for runs without a checkpoint yet, so that a job
+        requeued before its first save still continues the same W&B run."""
+        path = Path(self.cfg.run_dir) / WANDB_ID_FILE
+        if path.is_file():
+            return path.read_text().strip()
+        run_id = uuid.uuid4().hex[:12]
+        if self.dist.is_main:  # only the main rank logs to W&B
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(run_id + "\n")
+            os.replace(tmp, path)
+        return run_id
 
     def log(self, msg: str) -> None:
         if self.dist.is_main:

@@ -54,6 +54,23 @@ def demo_shards(demo_corpus, tmp_path_factory) -> Path:
     return out
 
 
+def tiny_train_overrides(shards: Path, run_dir: Path, *extra: str, backend: str = "fsdp2", steps: int = 8) -> list[str]:
+    """Hydra overrides for a tiny fp32 run (seconds on CPU) that evaluates and checkpoints every 4 steps."""
+    return [
+        f"data.path={shards}", f"run_dir={run_dir}", f"backend={backend}", "backend.precision=fp32",
+        "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.micro_batch_size=2",
+        "data.num_workers=1", "trainer.global_batch_size=8", f"trainer.max_steps={steps}", "trainer.log_interval=1",
+        "trainer.eval_interval=4", "trainer.eval_batches=1", "checkpoint.interval=4", "checkpoint.keep_last=5",
+        "optim.warmup_steps=2", "optim.lr=3e-3", "logger.wandb.enabled=false", *extra,
+    ]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, tuple]:
+    """(train loss, val loss) per step; the last record wins (a killed run leaves records that the
+    resumed run rewrites)."""
+    return {m["step"]: (m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)}
+
+
 def run_torchrun(nproc: int, overrides: list[str], cwd: Path, timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Launch the trainer under torchrun with gloo on CPU; raise with its output when it fails."""
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(extra_env or {})}

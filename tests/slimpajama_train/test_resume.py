@@ -13,25 +13,17 @@ import pytest
 import torch
 
 from slimpajama_train.checkpoint import CheckpointConfig, CheckpointManager, CorruptCheckpointError, read_meta
-from tests.conftest import REPO, read_metrics, run_torchrun
+from tests.conftest import REPO, losses_by_step, read_metrics, run_torchrun, tiny_train_overrides
 
 STEPS = 8
 BACKENDS = ["fsdp2", "zero1", "zero2", "zero3"]
 
 
 def _overrides(shards: Path, run_dir: Path, backend: str, *extra: str) -> list[str]:
-    return [
-        f"data.path={shards}", f"run_dir={run_dir}", f"backend={backend}", "backend.precision=fp32",
-        "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.micro_batch_size=2",
-        "data.num_workers=1", "trainer.global_batch_size=8", f"trainer.max_steps={STEPS}", "trainer.log_interval=1",
-        "trainer.eval_interval=4", "trainer.eval_batches=1", "checkpoint.interval=4", "checkpoint.keep_last=5",
-        "optim.warmup_steps=2", "optim.lr=3e-3", "logger.wandb.enabled=false", *extra,
-    ]
+    return tiny_train_overrides(shards, run_dir, *extra, backend=backend, steps=STEPS)
 
 
-def _losses(run_dir: Path) -> dict[int, tuple]:
-    """Last record per step (a killed run leaves records that the resumed run rewrites)."""
-    return {m["step"]: (m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)}
+_losses = losses_by_step
 
 
 def _env(**extra) -> dict:

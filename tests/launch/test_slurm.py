@@ -1,0 +1,70 @@
+"""launch/slurm/train.sbatch against a real (one-node) SLURM cluster: a full run, and a run that is
+signalled mid-way, requeues itself and resumes to the same losses and the same W&B run."""
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overrides
+from tests.launch.slurm_cluster import job_env, submit, wait_for_state
+
+TRAIN_SBATCH = REPO / "launch/slurm/train.sbatch"
+STEPS = 12
+
+
+def _submit_train(slurm_env: dict, work: Path, shards: Path) -> tuple[int, Path]:
+    """train.sbatch with its #SBATCH defaults overridden for a CPU node: no GPUs, 2 CPUs, 10 minutes."""
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = work / "run"
+    args = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=10", f"--output={work}/job-%j.out", str(TRAIN_SBATCH),
+            *tiny_train_overrides(shards, run_dir, "logger.wandb.enabled=true", "logger.wandb.mode=offline", steps=STEPS)]
+    env = job_env(slurm_env, NPROC_PER_NODE="2", LOG_DIR=str(work / "logs"))
+    return submit(env, args, cwd=work), run_dir
+
+
+def _wandb_runs(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_env, demo_shards, tmp_path_factory) -> tuple[int, Path, Path]:
+    work = tmp_path_factory.mktemp("sbatch_straight")
+    job, run_dir = _submit_train(slurm_env, work, demo_shards)
+    fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600, work / f"job-{job}.out")
+    assert fields["JobState"] == "COMPLETED", (work / f"job-{job}.out").read_text()[-4000:]
+    return job, run_dir, work
+
+
+def test_train_sbatch_runs_checkpoints_and_logs_per_rank(uninterrupted, slurm_env):
+    job, run_dir, work = uninterrupted
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{STEPS:08d}"
+    losses = losses_by_step(run_dir)
+    assert sorted(losses) == list(range(STEPS + 1)) and losses[STEPS][0] < losses[1][0]
+    log = (work / f"job-{job}.out").read_text()
+    assert f"job {job} restart 0: 1 node(s) x 2" in log and "finished with status 0" in log
+    rank_logs = sorted((work / "logs" / str(job) / "restart0" / "node0").glob("*/attempt_0/*/stderr.log"))
+    assert [p.parent.name for p in rank_logs] == ["0", "1"] and "step" in rank_logs[0].read_text()
+    assert len(_wandb_runs(run_dir)) == 1
+
+
+def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(uninterrupted, slurm_env, demo_shards, tmp_path):
+    _, straight_dir, _ = uninterrupted
+    job, run_dir = _submit_train(slurm_env, tmp_path, demo_shards)
+    log = tmp_path / f"job-{job}.out"
+    deadline = time.time() + 300
+    while not ((run_dir / "metrics.jsonl").is_file() and any(m["step"] >= 3 and "loss" in m for m in read_metrics(run_dir))):
+        assert time.time() < deadline, f"no step 3 within 300 s: {log.read_text()[-3000:] if log.is_file() else ''}"
+        time.sleep(0.2)
+    # What SLURM does ahead of a time limit (--signal=USR1@120), sent now.
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=slurm_env, check=True)
+    fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600, log)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED", text[-4000:]
+    assert fields["Restarts"] == "1" and "requeueing" in text and f"job {job} restart 1" in text
+    preempted_at = json.loads(text.split("preempted after saving (")[1].split(")")[0])["step"]
+    assert 3 <= preempted_at < STEPS
+    assert losses_by_step(run_dir) == losses_by_step(straight_dir)  # bitwise: fp32 on CPU
+    runs = _wandb_runs(run_dir)
+    assert len(runs) == 2 and runs[0].split("-")[-1] == runs[1].split("-")[-1]  # one W&B run id across the requeue
