@@ -1,14 +1,16 @@
-"""launch/slurm/train.sbatch against a real (one-node) SLURM cluster: a full run, and a run that is
-signalled mid-way, requeues itself and resumes to the same losses and the same W&B run."""
+"""The SLURM launchers against a real (one-node) cluster: train.sbatch for a full run and for a run that
+is signalled mid-way, requeues itself and resumes to the same losses and W&B run; prep.sbatch as
+dependent array jobs that make the shards of a local run."""
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overrides
-from tests.launch.slurm_cluster import job_env, submit, wait_for_state
+from tests.launch.slurm_cluster import job_env, job_fields, submit, wait_for_state
 
 TRAIN_SBATCH = REPO / "launch/slurm/train.sbatch"
 STEPS = 12
@@ -68,3 +70,32 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(uninte
     assert losses_by_step(run_dir) == losses_by_step(straight_dir)  # bitwise: fp32 on CPU
     runs = _wandb_runs(run_dir)
     assert len(runs) == 2 and runs[0].split("-")[-1] == runs[1].split("-")[-1]  # one W&B run id across the requeue
+
+
+def test_prep_sbatch_array_jobs_make_the_shards_of_a_local_run(slurm_env, tmp_path):
+    """launch/slurm/prep.sh submits every stage as an array job (2 tasks) depending on the one before;
+    the shards equal those of the same config run locally in one process pool."""
+    from data_prep.prep import run_prep
+    from tests.data_prep.test_pipeline import _cfg, _tars, synthetic_corpus
+
+    corpus = synthetic_corpus(tmp_path / "corpus")
+    pattern = f"{corpus}/train/chunk*/example_train_*.jsonl.zst"
+    out = tmp_path / "slurm"
+    overrides = [f"inputs=[{pattern}]", f"input_root={corpus}", f"output_dir={out}", "seq_len=32", "samples_per_shard=40",
+                 "holdout_ratio=0.02", "tokenizer.vocab_size=300", "tokenizer.threads=1"]
+    env = job_env(slurm_env, PYTHON=sys.executable,
+                  SBATCH_EXTRA=f"--output={tmp_path}/prep-%x-%A_%a.out --cpus-per-task=1 --mem-per-cpu=1G --time=10")
+    proc = subprocess.run(["bash", str(REPO / "launch/slurm/prep.sh"), "2", *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = dict(line.split(": job ")[0:2] for line in proc.stdout.splitlines() if ": job " in line)
+    assert list(jobs) == ["clean", "signatures", "buckets", "clusters", "split", "tokenizer", "tokenize", "shards", "report"]
+    last = int(jobs["report"].split()[0])
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("prep-*.out")))
+    fields = wait_for_state(slurm_env, last, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
+    assert fields["JobState"] == "COMPLETED", logs
+    clean = job_fields(slurm_env, int(jobs["clean"].split()[0]))
+    assert clean.get("ArrayTaskId") in ("0", "1")  # an array job, one record per task
+    local = _cfg(corpus, tmp_path / "local", num_tasks=2, holdout_ratio=0.02, inputs=[pattern])
+    run_prep(local)
+    assert _tars(out) and _tars(out) == _tars(tmp_path / "local")
