@@ -27,6 +27,38 @@ def tokenize(docs: Iterable[Document], model_file: str, batch_docs: int = 256, t
         yield from flush()
 
 
+def split_long(text: str, max_chars: int) -> list[str]:
+    """Cut a long text into pieces of at most ~``max_chars``, at line breaks where there are any.
+
+    SentencePiece's encoder is superlinear on very long inputs without breaks; pieces keep every
+    document's cost proportional to its length. Tokens at a cut may differ from encoding the whole.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + max_chars, len(text))
+        if end < len(text):
+            nl = text.rfind("\n", start + max_chars // 2, end)
+            if nl != -1:
+                end = nl + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def encode_texts(sp: spm.SentencePieceProcessor, texts: list[str], max_chars: int) -> list[list[int]]:
+    """Encode a batch; long texts go piecewise and their ids are concatenated."""
+    out: list[list[int]] = []
+    short = [t if len(t) <= max_chars else "" for t in texts]
+    ids = sp.encode(short, num_threads=1)
+    for t, i in zip(texts, ids):
+        if len(t) > max_chars:
+            i = [x for piece in sp.encode(split_long(t, max_chars), num_threads=1) for x in piece]
+        out.append(i)
+    return out
+
+
 class BlockPacker:
     """Concatenate documents, each followed by EOS, and cut the stream into blocks of ``block_size``.
 
