@@ -577,20 +577,25 @@ def cluster_task(num_parts: int, num_buckets: int, paths: DedupPaths, removed_js
     index = PartIndex(paths, num_parts)
     per_part: dict[int, list[tuple[int, bool]]] = {}
     lines: list[str] = []
+    seen_texts: set[tuple[int, int]] = set()  # (keeper, content digest) of earlier members
     for key in sorted(keeper):
         kept = keeper[key]
+        digest = index.digest(key)
+        # An exact duplicate repeats the text of an earlier document of its cluster (not
+        # necessarily the keeper's): the report counts those as exact_dedup.
+        same = (kept, digest) in seen_texts
+        seen_texts.add((kept, digest))
         if kept == key:
             continue
         part, row = index.locate(key)
         kpart, krow = index.locate(kept)
-        same = index.digest(key) == index.digest(kept)
         per_part.setdefault(part, []).append((row, same))
         est = float(np.mean(index.signature(key) == index.signature(kept)))
         rec = {
             "id": str(index.docs(part)["id"][row]),
             "kept_id": str(index.docs(kpart)["id"][krow]),
             "jaccard_estimate": round(est, 4),
-            "exact_duplicate": bool(same),
+            "exact_duplicate": bool(same),  # an earlier document of the cluster has the same text
             "source": str(index.docs(part)["source"][row]),
             "kept_source": str(index.docs(kpart)["source"][krow]),
         }

@@ -54,7 +54,7 @@ def test_truncated_zst_keeps_what_was_read(tmp_path):
     stats = PrepStats()
     docs = list(JsonlReader([path], tmp_path, stats=stats).run())
     assert 0 < len(docs) < 2000
-    assert stats.to_dict()["steps"][0]["drop_reasons"] == {"unreadable_file": 1}
+    assert stats.to_dict()["steps"][0]["drop_reasons"] == {"truncated_file": 1}
 
 
 def test_missing_pattern_names_it(tmp_path):
