@@ -48,13 +48,27 @@ def split_long(text: str, max_chars: int) -> list[str]:
 
 
 def encode_texts(sp: spm.SentencePieceProcessor, texts: list[str], max_chars: int) -> list[list[int]]:
-    """Encode a batch; long texts go piecewise and their ids are concatenated."""
+    """Encode a batch; long texts go piecewise and their ids are concatenated.
+
+    A piece that starts after a line break is encoded as ``"\n" + piece`` and the ids of ``"\n"`` are
+    stripped: the newline (a byte-fallback token, never merged) restores the context, so the ids equal
+    those of the whole text instead of gaining a dummy-prefix ``▁`` at every cut.
+    """
     out: list[list[int]] = []
     short = [t if len(t) <= max_chars else "" for t in texts]
     ids = sp.encode(short, num_threads=1)
+    nl = sp.encode("\n")
     for t, i in zip(texts, ids):
         if len(t) > max_chars:
-            i = [x for piece in sp.encode(split_long(t, max_chars), num_threads=1) for x in piece]
+            pieces = split_long(t, max_chars)
+            i = list(sp.encode(pieces[0]))
+            for prev, piece in zip(pieces, pieces[1:]):
+                if prev.endswith("\n"):
+                    j = sp.encode("\n" + piece)
+                    if j[: len(nl)] == nl:
+                        i.extend(j[len(nl) :])
+                        continue
+                i.extend(sp.encode(piece))
         out.append(i)
     return out
 
