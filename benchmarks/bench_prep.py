@@ -1,0 +1,192 @@
+"""Data-prep throughput per core: our fuzzy dedup, end to end, SentencePiece alone, and SlimPajama's recipe.
+
+    python benchmarks/bench_prep.py [--corpus data/demo_corpus] [--tasks 2] [--datasketch-mb 4]
+
+All figures come from one run on the same input (``--corpus``: a directory in the RedPajama layout;
+the demo corpus is built there when missing). "Per core" is megabytes of input per CPU-second,
+counting every process and thread involved (``getrusage`` of the process and its children), so
+it does not depend on how busy the machine is or how many workers ran.
+
+- ``dedup``: our four dedup stages (signatures, buckets, clusters; word 13-grams, 128 permutations,
+  exact Jaccard check) on the clean documents, one task, in a fresh process; its peak RSS too.
+- ``spm_encode``: SentencePiece encoding of the same documents, one thread, with the tokenizer the
+  pipeline trains (training is not timed).
+- ``e2e``: ``run_prep`` from raw files to shards with that tokenizer given as ``.model``
+  (tokenizer training excluded), ``--tasks`` tasks on a local pool.
+- ``datasketch_slimpajama``: SlimPajama's recipe with datasketch (MinHash 128 permutations of
+  character 13-grams of the normalized text, LSH with b=9, r=13, no Jaccard check) on the first
+  ``--datasketch-mb`` MB of the same documents (it runs at under 1 MB/s).
+
+Prints a table and, last, one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before rensa is imported anywhere
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (user + system)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def load_texts(corpus: Path) -> list[str]:
+    """Documents of the corpus after normalization and the short-document filter (what dedup sees)."""
+    from data_prep.filters import ShortDocumentFilter
+    from data_prep.normalize import Normalize
+    from data_prep.readers import DocumentReader, expand_inputs
+
+    docs = DocumentReader(expand_inputs([str(corpus / "train")]), corpus).run()
+    return [d.text for d in ShortDocumentFilter(200).run(Normalize().run(docs))]
+
+
+def dedup_child(corpus: Path, work: Path) -> None:
+    """Run in a fresh process: time our dedup, print JSON (MB, CPU s, wall s, peak RSS MB)."""
+    from data_prep.minhash_dedup import DedupConfig, dedup_in_memory
+
+    texts = load_texts(corpus)
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    c0, w0 = cpu_seconds(), time.perf_counter()
+    removed = dedup_in_memory(texts, DedupConfig(), work)
+    cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"mb": mb, "cpu_s": cpu, "wall_s": wall, "rss_mb": rss, "removed": len(removed), "docs": len(texts)}))
+
+
+def datasketch_slimpajama(texts: list[str]) -> dict[str, float]:
+    """SlimPajama's dedup recipe with datasketch; returns MB, CPU seconds and documents flagged."""
+    from datasketch import MinHash, MinHashLSH
+
+    table = str.maketrans("", "", string.punctuation)
+    c0 = cpu_seconds()
+    lsh = MinHashLSH(num_perm=128, params=(9, 13))
+    flagged = 0
+    for i, t in enumerate(texts):
+        s = re.sub(r"\s+", " ", t.lower().translate(table).strip())
+        m = MinHash(num_perm=128)
+        m.update_batch([s[j : j + 13].encode("utf-8") for j in range(max(1, len(s) - 12))])
+        if lsh.query(m):
+            flagged += 1
+        lsh.insert(str(i), m)
+    return {"mb": sum(len(t.encode("utf-8")) for t in texts) / 1e6, "cpu_s": cpu_seconds() - c0, "flagged": flagged}
+
+
+def spm_encode(texts: list[str], model: Path) -> dict[str, float]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    c0, w0 = cpu_seconds(), time.perf_counter()
+    for i in range(0, len(texts), 64):
+        sp.encode(texts[i : i + 64], num_threads=1)
+    return {"mb": sum(len(t.encode("utf-8")) for t in texts) / 1e6, "cpu_s": cpu_seconds() - c0, "wall_s": time.perf_counter() - w0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", default=str(REPO / "data/demo_corpus"))
+    p.add_argument("--tasks", type=int, default=2, help="tasks (and local workers) of the end-to-end run")
+    p.add_argument("--datasketch-mb", type=float, default=4.0)
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--_dedup-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    corpus = Path(args.corpus)
+    if args._dedup_child:
+        dedup_child(corpus, Path(args.work))
+        return
+    if not (corpus / "train").is_dir():
+        from data_prep.demo_corpus import build_demo_corpus
+
+        print(f"building the demo corpus in {corpus}", file=sys.stderr)
+        build_demo_corpus(corpus)
+
+    from data_prep.config import PrepConfig
+    from data_prep.prep import run_prep
+    from data_prep.readers import expand_inputs
+    from data_prep.tokenizer import TokenizerConfig, train_tokenizer
+
+    tmp = tempfile.TemporaryDirectory(dir=args.work)
+    work = Path(tmp.name)
+    raw_mb = sum(f.stat().st_size for f in expand_inputs([str(corpus / "train")]))  # compressed, for the table only
+    texts = load_texts(corpus)
+    text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+
+    # 1. our dedup, in a fresh process (peak RSS of dedup alone)
+    proc = subprocess.run([sys.executable, __file__, "--corpus", str(corpus), "--work", str(work / "dedup"), "--_dedup-child"],
+                          capture_output=True, text=True, check=True, env={**os.environ, "RAYON_NUM_THREADS": "1"})
+    dd = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    # 2. tokenizer (not timed) and SentencePiece encoding alone
+    model = train_tokenizer(texts, TokenizerConfig(vocab_size=args.vocab_size, max_sample_bytes=16_000_000), work / "tok.model")
+    enc = spm_encode(texts, model)
+
+    # 3. end to end with that tokenizer
+    raw_bytes = 0
+    from data_prep.readers import DocumentReader
+
+    for d in DocumentReader(expand_inputs([str(corpus / "train")]), corpus).run():
+        raw_bytes += d.nbytes
+    cfg = PrepConfig(inputs=[str(corpus / "train")], input_root=str(corpus), output_dir=str(work / "shards"),
+                     tokenizer=TokenizerConfig(model_path=str(model)), num_tasks=args.tasks, workers=args.tasks)
+    c0, w0 = cpu_seconds(), time.perf_counter()
+    manifest = run_prep(cfg)
+    e2e_cpu, e2e_wall = cpu_seconds() - c0, time.perf_counter() - w0
+
+    # 4. SlimPajama's recipe with datasketch on a prefix of the same documents
+    subset, size = [], 0
+    for t in texts:
+        if size >= args.datasketch_mb * 1e6:
+            break
+        subset.append(t)
+        size += len(t.encode("utf-8"))
+    ds = datasketch_slimpajama(subset)
+
+    result = {
+        "dedup_mb_s_per_core": round(dd["mb"] / dd["cpu_s"], 3),
+        "e2e_mb_s_per_core": round(raw_bytes / 1e6 / e2e_cpu, 3),
+        "spm_encode_mb_s_per_core": round(enc["mb"] / enc["cpu_s"], 3),
+        "datasketch_slimpajama_mb_s_per_core": round(ds["mb"] / ds["cpu_s"], 3),
+        "dedup_peak_rss_mb": round(dd["rss_mb"], 1),
+        "e2e_over_spm": round((raw_bytes / 1e6 / e2e_cpu) / (enc["mb"] / enc["cpu_s"]), 3),
+        "corpus_mb": round(raw_bytes / 1e6, 3),
+        "dedup_input_mb": round(dd["mb"], 3),
+        "dedup_removed_docs": dd["removed"],
+        "e2e_wall_s": round(e2e_wall, 2),
+        "e2e_tasks": args.tasks,
+        "e2e_tokens": manifest["totals"]["tokens"],
+        "datasketch_input_mb": round(ds["mb"], 3),
+        "datasketch_flagged_docs": ds["flagged"],
+    }
+    rows = [
+        ("fuzzy dedup (ours: rensa, word 13-grams, exact check)", dd["mb"], dd["cpu_s"], result["dedup_mb_s_per_core"]),
+        ("SentencePiece encode, 1 thread", enc["mb"], enc["cpu_s"], result["spm_encode_mb_s_per_core"]),
+        (f"end to end, {args.tasks} tasks (tokenizer given)", raw_bytes / 1e6, e2e_cpu, result["e2e_mb_s_per_core"]),
+        ("SlimPajama recipe (datasketch, char 13-grams, b=9 r=13)", ds["mb"], ds["cpu_s"], result["datasketch_slimpajama_mb_s_per_core"]),
+    ]
+    print(f"corpus {corpus}: {raw_bytes / 1e6:.1f} MB of text ({raw_mb / 1e6:.1f} MB on disk), {len(texts)} documents after the short filter")
+    print(f"{'measurement':58s} {'MB':>8s} {'CPU s':>8s} {'MB/s/core':>10s}")
+    for name, mb, cpu, rate in rows:
+        print(f"{name:58s} {mb:8.2f} {cpu:8.2f} {rate:10.2f}")
+    print(f"dedup peak RSS {dd['rss_mb']:.0f} MB; e2e/spm = {result['e2e_over_spm']:.2f} (target >= 0.7); "
+          f"e2e wall {e2e_wall:.1f} s")
+    print(json.dumps(result))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
