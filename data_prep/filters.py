@@ -32,7 +32,14 @@ class ShortDocumentFilter(Filter):
 
     def drop_reason(self, doc: Document) -> str | None:
         # Raw length bounds the cleaned length from above, so short raw texts skip the regex work.
-        if len(doc.text) < self.min_chars or slimpajama_clean_length(doc.text) < self.min_chars:
+        if len(doc.text) < self.min_chars:
+            return f"shorter_than_{self.min_chars}_chars"
+        # Cleaning a prefix gives a prefix of the cleaned text (up to one trailing space), so a long
+        # enough cleaned prefix decides "keep" without cleaning megabytes.
+        head = doc.text[: 4 * self.min_chars + 256]
+        if len(head) < len(doc.text) and slimpajama_clean_length(head) >= self.min_chars + 1:
+            return None
+        if slimpajama_clean_length(doc.text) < self.min_chars:
             return f"shorter_than_{self.min_chars}_chars"
         return None
 

@@ -90,3 +90,14 @@ def test_quality_filter_reasons():
         "too_few_words": 1, "symbol_ratio": 1, "duplicate_lines": 1, "mean_word_length": 1}
     with pytest.raises(ValueError, match="min_words"):
         QualityConfig(min_words=10, max_words=5)
+
+
+def test_short_filter_prefix_shortcut_agrees_with_full_cleaning():
+    import random
+
+    rnd = random.Random(0)
+    alphabet = "ab ,.!?\n\t-" + "é"
+    f = ShortDocumentFilter(200)
+    for _ in range(400):
+        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(150, 2500)))
+        assert (f.drop_reason(doc(text)) is None) == (slimpajama_clean_length(text) >= 200)
