@@ -169,10 +169,15 @@ def _powers(base: np.uint64, n: int) -> np.ndarray:
     """``base**t mod 2^64`` for t < n, cached (batches reuse them)."""
     cached = _POWER_CACHE.get(int(base))
     if cached is None or len(cached) < n:
-        out = np.full(max(n, 1 << 20), base, np.uint64)
-        out[0] = 1
-        with np.errstate(over="ignore"):
-            cached = np.cumprod(out, dtype=np.uint64)  # wraps modulo 2^64, which is what we want
+        size = max(n, 1 << 20, 2 * len(cached) if cached is not None else 0)
+        cached = np.empty(size, np.uint64)
+        cached[0] = 1
+        filled = 1
+        with np.errstate(over="ignore"):  # wraps modulo 2^64, which is what we want
+            while filled < size:  # doubling: base^(k+f) = base^k * base^f, one vector multiply per step
+                step = min(filled, size - filled)
+                cached[filled : filled + step] = cached[:step] * (cached[filled - 1] * base)
+                filled += step
         _POWER_CACHE[int(base)] = cached
     return cached[:n]
 

@@ -83,15 +83,16 @@ def markdown(stats: PrepStats, report: dict[str, Any]) -> str:
 
 def chart(path: Path, report: dict[str, Any]) -> None:
     """Bar chart: bytes retained per stage (grouped by source) and dedup rate by source."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API with the Agg canvas: no pyplot global state, no GUI backend, cheaper to import.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     ret = report["retention"]
     stages = list(ret)
     sources = sorted({s for r in ret.values() for s in r})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig = Figure(figsize=(13, 4.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     width = 0.8 / max(1, len(sources))
     for k, src in enumerate(sources):
         ax1.bar([x + k * width for x in range(len(stages))], [100 * ret[s].get(src, 0) for s in stages], width, label=src)
@@ -107,7 +108,6 @@ def chart(path: Path, report: dict[str, Any]) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=80)
-    plt.close(fig)
     tmp.replace(path)
 
 
