@@ -28,7 +28,9 @@ Usage::
 from __future__ import annotations
 
 import os
+import resource
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,9 +55,16 @@ def run_task(cfg: PrepConfig, stage: str, index: int, num_tasks: int | None = No
     # Compiled MinHash and SentencePiece must not start their own thread pools inside a task:
     # parallelism comes from the tasks, and per-core figures stay honest.
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    c0, w0 = _cpu(), time.perf_counter()
     result = STAGE_FUNCS[stage](ctx, index)
+    result["cpu_s"], result["wall_s"] = round(_cpu() - c0, 4), round(time.perf_counter() - w0, 4)
     marker.complete(result)
     return result
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _task(cfg: PrepConfig, stage: str, index: int, num_tasks: int) -> dict[str, Any]:

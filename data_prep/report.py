@@ -35,7 +35,8 @@ def retention_by_stage(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any]:
+def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: dict[str, Any], tokenizer: dict[str, Any],
+                 stage_time: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``prep_report.json``, ``prep_report.md``, ``prep_report.png`` and ``prep_stats.json``."""
     sd = stats.to_dict()
     read_bytes = sum(c.get("bytes_out", 0) for s in sd["steps"] if s["step"] == "read" for c in s["per_source"].values())
@@ -47,6 +48,7 @@ def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: d
         "errors": sd["errors"],
         "error_counts": {s["step"]: s["drop_reasons"] for s in sd["steps"] if s["step"] == "read"},
         "timings": timings,
+        "stage_time": stage_time or {},
         "tokenizer": tokenizer,
         "mixture": {name: {"factors": sp.get("mixture_factors"), "proportions": sp["proportions"],
                            "per_shard": [e.get("proportions") for e in sp["shards"]]} for name, sp in manifest["splits"].items()},
@@ -75,6 +77,9 @@ def markdown(stats: PrepStats, report: dict[str, Any]) -> str:
     lines += ["", "## Time per step", "", "| step | seconds | MB/s of input |", "|---|---:|---:|"]
     for k, v in report["timings"].items():
         lines.append(f"| {k} | {v['seconds']:.3f} | {v['mb_s']} |")
+    lines += ["", "## CPU time per stage (all tasks)", "", "| stage | tasks | CPU s | wall s (sum) |", "|---|---:|---:|---:|"]
+    for k, v in report["stage_time"].items():
+        lines.append(f"| {k} | {v['tasks']} | {v['cpu_s']:.2f} | {v['wall_s']:.2f} |")
     lines += ["", f"## Bad input ({len(report['errors'])} records)", ""]
     for e in report["errors"][:200]:
         lines.append(f"- `{e['file']}`:{e['line']}: {e['reason']}")

@@ -528,7 +528,9 @@ def report(ctx: Context, i: int) -> dict[str, Any]:
         "verified_pairs": sum(r["verified_pairs"] for r in res["buckets"]),
         **res["clusters"][0],
     }
-    write_report(ctx.out, stats, manifest, dedup, tok.get("training", {}))
+    stage_time = {s: {"cpu_s": round(sum(r.get("cpu_s", 0) for r in rs), 3), "wall_s": round(sum(r.get("wall_s", 0) for r in rs), 3),
+                      "tasks": len(rs)} for s, rs in res.items()}
+    write_report(ctx.out, stats, manifest, dedup, tok.get("training", {}), stage_time)
     write_json_atomic(ctx.out / MANIFEST, manifest)  # last: its presence means the dataset is complete
     return {"manifest": MANIFEST}
 
