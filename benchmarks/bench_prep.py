@@ -111,7 +111,7 @@ def spm_encode(texts: list[str], model: Path, procs: int) -> dict[str, float]:
     if procs == 1:
         cpu = _encode_share(str(model), texts)
     else:
-        with ProcessPoolExecutor(procs, mp_context=mp.get_context("fork")) as pool:
+        with ProcessPoolExecutor(procs, mp_context=mp.get_context("forkserver")) as pool:  # no fork after threads
             cpu = sum(pool.map(_encode_share, [str(model)] * procs, shares))
     return {"mb": sum(len(t.encode("utf-8")) for t in texts) / 1e6, "cpu_s": cpu}
 

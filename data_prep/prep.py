@@ -72,7 +72,11 @@ def _task(cfg: PrepConfig, stage: str, index: int, num_tasks: int) -> dict[str, 
 
 
 def run_prep(cfg: PrepConfig) -> dict[str, Any]:
-    """Run every stage in order on a local process pool (finished tasks are skipped); return the manifest."""
+    """Run every stage in order on a local process pool (finished tasks are skipped); return the manifest.
+
+    With ``workers > 1`` the tasks run in ``forkserver`` processes: a script calling this needs the
+    usual ``if __name__ == "__main__":`` guard.
+    """
     from data_prep.shard_format import load_manifest
 
     out = Path(cfg.output_dir)

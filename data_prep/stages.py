@@ -505,7 +505,7 @@ def report(ctx: Context, i: int) -> dict[str, Any]:
         for stale in ctx.out.glob(f"{name}-*.tar"):
             if int(stale.stem.split("-")[1]) >= plan.shards:
                 stale.unlink()
-    tok_info = {k: v for k, v in tok.items() if k != "training"}
+    tok_info = {k: v for k, v in tok.items() if k not in ("training", "cpu_s", "wall_s")}
     manifest = {
         "format_version": FORMAT_VERSION,
         "tokenizer": tok_info,

@@ -65,8 +65,12 @@ def run_tasks(fn: Callable[[int, int], dict[str, Any]], num_tasks: int, workers:
         for i in range(num_tasks):
             fn(i, num_tasks)
         return
-    # fork: workers inherit the imported modules (no re-import per task); data_prep holds no threads.
-    with ProcessPoolExecutor(max_workers=min(workers, num_tasks), mp_context=mp.get_context("fork")) as pool:
+    # forkserver, not fork: a forked child of a process whose thread pools already ran (rensa's
+    # rayon pool, SentencePiece) can deadlock. The server preloads the stage modules once, so each
+    # worker still starts without re-importing them.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["data_prep.stages", "data_prep.minhash_dedup", "numpy", "sentencepiece", "rensa"])
+    with ProcessPoolExecutor(max_workers=min(workers, num_tasks), mp_context=ctx) as pool:
         futures = [pool.submit(fn, i, num_tasks) for i in range(num_tasks)]
         for f in futures:
             f.result()  # re-raises the task's exception here
