@@ -7,9 +7,11 @@
 2. ``buckets`` (task k of n): load bucket shard k from every part (1/n of all band records), sort,
    turn documents that share a band into candidate pairs, and verify each pair: the exact Jaccard of
    the shingle sets (default), the MinHash estimate, or nothing (SlimPajama's recipe).
-3. ``clusters`` (one task): connected components over the verified edges only (O(duplicates), not
-   O(corpus)); each component keeps its document that comes first in input order; ``removed.jsonl``.
-4. ``filter``: later stages skip the removed documents of their part (:func:`load_removed`).
+3. ``clusters`` (task i of n): connected components over the verified edges only (O(duplicates),
+   not O(corpus)); each component keeps its document that comes first in input order; task i
+   writes the removals of parts i, i+n, ... and their ``removed.jsonl`` records.
+4. ``filter``: later stages skip the removed documents of their part (:func:`load_removed`); the
+   ``tokenize`` tasks apply it while reading their part.
 
 Documents are identified by their input-order key (``file index << 32 | line``), so every choice
 (which document a cluster keeps, which pairs are checked) is independent of the number of tasks.
@@ -569,19 +571,22 @@ def bucket_task(bucket: int, num_parts: int, cfg: DedupConfig, paths: DedupPaths
     return {"candidate_pairs": int(len(pairs)), "verified_pairs": int(keep.sum())}
 
 
-def cluster_task(num_parts: int, num_buckets: int, paths: DedupPaths, removed_jsonl: Path) -> dict[str, Any]:
-    """Clusters stage (one task): connected components of the verified edges, one keeper each.
+def cluster_task(task: int, num_tasks: int, num_parts: int, num_buckets: int, paths: DedupPaths) -> dict[str, Any]:
+    """Clusters stage, task ``task`` of ``num_tasks``.
 
-    Writes per part the rows to remove (and whether each is an exact copy of its keeper) and
-    ``removed.jsonl``: id, kept id, MinHash-estimated Jaccard with the kept document (and the exact
-    one when it was computed).
+    Every task builds the connected components of the verified edges (they join duplicates only, so
+    they are small next to the corpus) and handles the removed documents of parts ``task, task+n, ...``:
+    it writes those parts' rows to remove (and whether each is an exact copy of an earlier member of
+    its cluster) and their ``removed.jsonl`` records (id, kept id, MinHash-estimated Jaccard with the
+    kept document, and the exact one when it was computed); :func:`merge_removed` joins them.
     """
     edges = np.concatenate([np.load(paths.edges(b)) for b in range(num_buckets)]) if num_buckets else np.zeros(0, EDGE_DTYPE)
     keeper = clusters(edges["a"], edges["b"]) if len(edges) else {}
     exact_by_pair = {(int(e["a"]), int(e["b"])): float(e["exact"]) for e in edges}
     index = PartIndex(paths, num_parts)
+    mine = set(range(task, num_parts, num_tasks))
     per_part: dict[int, list[tuple[int, bool]]] = {}
-    lines: list[str] = []
+    lines: list[tuple[int, str]] = []
     seen_texts: set[tuple[int, int]] = set()  # (keeper, content digest) of earlier members
     for key in sorted(keeper):
         kept = keeper[key]
@@ -590,7 +595,7 @@ def cluster_task(num_parts: int, num_buckets: int, paths: DedupPaths, removed_js
         # necessarily the keeper's): the report counts those as exact_dedup.
         same = (kept, digest) in seen_texts
         seen_texts.add((kept, digest))
-        if kept == key:
+        if kept == key or PartIndex.part_of(key, num_parts) not in mine:
             continue
         part, row = index.locate(key)
         kpart, krow = index.locate(kept)
@@ -607,14 +612,27 @@ def cluster_task(num_parts: int, num_buckets: int, paths: DedupPaths, removed_js
         ex = exact_by_pair.get((min(key, kept), max(key, kept)))
         if ex is not None and not math.isnan(ex):
             rec["jaccard_exact"] = round(ex, 4)
-        lines.append(json.dumps(rec, ensure_ascii=False))
-    for part in range(num_parts):
+        lines.append((key, json.dumps(rec, ensure_ascii=False)))
+    for part in sorted(mine):
         rows = per_part.get(part, [])
         save_npz(paths.removed(part), row=np.array([r for r, _ in rows], np.int64), exact=np.array([s for _, s in rows], bool))
-    tmp = removed_jsonl.with_name(removed_jsonl.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(removed_jsonl)
+    out = paths.root / "removed" / f"task-{task:05d}.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(lines))
+    tmp.replace(out)
     return {"removed": len(lines), "clusters": len(set(keeper.values())), "edges": int(len(edges))}
+
+
+def merge_removed(paths: DedupPaths, num_tasks: int, removed_jsonl: Path) -> int:
+    """Join the clusters tasks' records into ``removed.jsonl``, in input order (same file for any n)."""
+    lines: list[tuple[int, str]] = []
+    for t in range(num_tasks):
+        lines.extend((int(k), line) for k, line in json.loads((paths.root / "removed" / f"task-{t:05d}.json").read_text()))
+    lines.sort()
+    tmp = removed_jsonl.with_name(removed_jsonl.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for _, line in lines))
+    tmp.replace(removed_jsonl)
+    return len(lines)
 
 
 def load_removed(paths: DedupPaths, part: int) -> dict[int, bool]:
@@ -637,7 +655,9 @@ def dedup_in_memory(texts: list[str], cfg: DedupConfig, work: Path, num_tasks: i
         signature_task(docs, part, num_tasks, cfg, paths)
     for b in range(num_tasks):
         bucket_task(b, num_tasks, cfg, paths)
-    cluster_task(num_tasks, num_tasks, paths, work / "removed.jsonl")
+    for t in range(num_tasks):
+        cluster_task(t, num_tasks, num_tasks, num_tasks, paths)
+    merge_removed(paths, num_tasks, work / "removed.jsonl")
     removed: set[int] = set()
     for part in range(num_tasks):
         keys = np.load(paths.docs(part))["key"]

@@ -8,8 +8,8 @@ stage           tasks  what
 clean           n      read files i, i+n, ...; NFC (or ftfy); short-document + quality filters
 signatures      n      MinHash signatures; band records spilled to n bucket shards
 buckets         n      candidate pairs of bucket shard i; exact-Jaccard verification
-clusters        1      connected components; keeper = first in input order; removed.jsonl
-split           1      holdout (ratio or count); hash + n-gram decontamination
+clusters        n      connected components; keeper = first in input order; removals of parts i, i+n..
+split           1      removed.jsonl; holdout (ratio or count); hash + n-gram decontamination
 tokenizer       1      SentencePiece on a mixture-weighted reservoir sample (or copy a .model)
 tokenize        n      encode part i (one process per task)
 shards          n      mixture repeats; fixed-size shards i, i+n, ...; sha256 each

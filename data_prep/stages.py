@@ -1,7 +1,7 @@
 """The prep stages. Each is ``fn(ctx, task_index) -> result`` and runs as one task of a stage.
 
-Parallel stages (``num_tasks`` tasks): clean, signatures, buckets, tokenize, shards.
-Single-task stages (metadata only, or inherently global): clusters, split, tokenizer, report.
+Parallel stages (``num_tasks`` tasks): clean, signatures, buckets, clusters, tokenize, shards.
+Single-task stages (metadata only, or inherently global): split, tokenizer, report.
 
 Work directory (``<output_dir>/work``)::
 
@@ -36,6 +36,7 @@ from data_prep.minhash_dedup import (
     cluster_task,
     iter_with_keys,
     load_removed,
+    merge_removed,
     save_npy,
     save_npz,
     signature_task,
@@ -48,7 +49,7 @@ from data_prep.split import hash_fraction
 from data_prep.stats import PrepStats
 
 STAGES = ("clean", "signatures", "buckets", "clusters", "split", "tokenizer", "tokenize", "shards", "report")
-SINGLE_TASK = {"clusters", "split", "tokenizer", "report"}
+SINGLE_TASK = {"split", "tokenizer", "report"}
 SPLITS = ("train", "val")
 # split codes per clean row
 TRAIN, VAL, DUP, DECONTAM_HASH, DECONTAM_NGRAM = 0, 1, -1, -2, -3
@@ -179,7 +180,7 @@ def buckets(ctx: Context, i: int) -> dict[str, Any]:
 
 
 def clusters(ctx: Context, i: int) -> dict[str, Any]:
-    return cluster_task(ctx.n, ctx.n, ctx.dedup, ctx.out / "removed.jsonl")
+    return cluster_task(i, ctx.n, ctx.n, ctx.n, ctx.dedup)
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -188,6 +189,7 @@ def clusters(ctx: Context, i: int) -> dict[str, Any]:
 def split(ctx: Context, i: int) -> dict[str, Any]:
     """Holdout (ratio or count, by a hash of the document id), hash and n-gram decontamination."""
     cfg = ctx.cfg
+    merge_removed(ctx.dedup, ctx.n, ctx.out / "removed.jsonl")
     tables = [dict(np.load(ctx.dedup.docs(p))) for p in range(ctx.n)]
     removed = [load_removed(ctx.dedup, p) for p in range(ctx.n)]
     codes = [np.zeros(len(t["key"]), np.int8) for t in tables]
@@ -526,7 +528,9 @@ def report(ctx: Context, i: int) -> dict[str, Any]:
         "bands_rows": [res["signatures"][0]["bands"], res["signatures"][0]["rows"]] if res["signatures"] else None,
         "candidate_pairs": sum(r["candidate_pairs"] for r in res["buckets"]),
         "verified_pairs": sum(r["verified_pairs"] for r in res["buckets"]),
-        **res["clusters"][0],
+        "removed": sum(r["removed"] for r in res["clusters"]),
+        "clusters": res["clusters"][0]["clusters"],
+        "edges": res["clusters"][0]["edges"],
     }
     stage_time = {s: {"cpu_s": round(sum(r.get("cpu_s", 0) for r in rs), 3), "wall_s": round(sum(r.get("wall_s", 0) for r in rs), 3),
                       "tasks": len(rs)} for s, rs in res.items()}

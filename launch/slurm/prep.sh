@@ -13,7 +13,7 @@ N=$1
 shift
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SBATCH=${SBATCH:-sbatch}
-PARALLEL=" clean signatures buckets tokenize shards "
+PARALLEL=" clean signatures buckets clusters tokenize shards "
 prev=""
 for stage in clean signatures buckets clusters split tokenizer tokenize shards report; do
   if [[ $PARALLEL == *" $stage "* ]]; then last=$((N - 1)); else last=0; fi

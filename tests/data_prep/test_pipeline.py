@@ -104,7 +104,8 @@ echo $((n + 1))
     calls = log.read_text().splitlines()
     assert len(calls) == len(STAGES)
     assert "--array=0-1" in calls[0] and "--dependency" not in calls[0] and " clean num_tasks=2" in calls[0]
-    assert "--array=0-0" in calls[3] and "--dependency=afterok:103" in calls[3] and " clusters " in calls[3]
+    assert "--array=0-1" in calls[3] and "--dependency=afterok:103" in calls[3] and " clusters " in calls[3]
+    assert "--array=0-0" in calls[4] and " split " in calls[4]
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["train"]["samples"] > 0
     # the same config run locally as one pool gives the same shards
