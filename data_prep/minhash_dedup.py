@@ -361,16 +361,16 @@ class DedupPaths:
         return self.root / "docs" / f"{part:05d}.npz"
 
     def sigs(self, part: int) -> Path:
-        return self.root / "sigs" / f"{part:05d}.npy"
+        return self.root / "sigs" / f"{part:05d}.u32"  # raw (docs, num_perm) uint32, streamed
 
     def shingles(self, part: int) -> Path:
-        return self.root / "shingles" / f"{part:05d}.npy"
+        return self.root / "shingles" / f"{part:05d}.u32"  # raw sorted shingle sets, back to back
 
     def shingle_offsets(self, part: int) -> Path:
-        return self.root / "shingles" / f"{part:05d}.offsets.npy"
+        return self.root / "shingles" / f"{part:05d}.offsets.npy"  # written last, after the data
 
     def bands(self, bucket: int, part: int) -> Path:
-        return self.root / "bands" / f"{bucket:05d}" / f"from-{part:05d}.npy"
+        return self.root / "bands" / f"{bucket:05d}" / f"from-{part:05d}.bin"  # raw BAND_DTYPE records
 
     def edges(self, bucket: int) -> Path:
         return self.root / "edges" / f"{bucket:05d}.npy"
@@ -428,10 +428,13 @@ def signature_task(
     sources: list[str] = []
     ids: list[str] = []
     contaminated: list[bool] = []
-    sig_parts: list[np.ndarray] = []
-    sh_parts: list[np.ndarray] = []
     sh_counts: list[np.ndarray] = []
-    spill: list[list[np.ndarray]] = [[] for _ in range(num_buckets)]
+    # Signatures, shingle sets and band records are appended to files as each batch is done, so a
+    # task's memory is one batch plus a few numbers per document, whatever the size of its part.
+    out = _RawFiles()
+    sig_fh = out.open(paths.sigs(part))
+    sh_fh = out.open(paths.shingles(part)) if cfg.verify == "exact" else None
+    band_fhs = [out.open(paths.bands(b, part)) for b in range(num_buckets)]
     batch: list[tuple[int, Document]] = []
     size = 0
 
@@ -439,7 +442,7 @@ def signature_task(
         texts = [d.text for _, d in batch]
         hashes, offsets, norm = shingle_hashes(texts, cfg)
         sig = signatures(hashes, offsets, cfg)
-        sig_parts.append(sig)
+        sig_fh.write(np.ascontiguousarray(sig, np.uint32).tobytes())
         bk = band_keys(sig, bands, rows)
         doc_keys = np.repeat(np.array([k for k, _ in batch], np.uint64), bands)
         flat = bk.reshape(-1)
@@ -447,7 +450,7 @@ def signature_task(
         rec = np.empty(len(flat), BAND_DTYPE)
         rec["key"], rec["doc"] = flat, doc_keys
         for b in range(num_buckets):
-            spill[b].append(rec[target == b])
+            band_fhs[b].write(rec[target == b].tobytes())
         doc_of = np.repeat(np.arange(len(batch), dtype=np.uint64), np.diff(offsets))
         if eval_ngrams is not None:
             hit = np.isin(hashes, eval_ngrams)
@@ -457,7 +460,8 @@ def signature_task(
             # halve the disk; with 2^32 values the Jaccard error is far below the threshold margin.
             u = _sorted_unique((doc_of << np.uint64(32)) | (hashes >> np.uint64(32)))
             bounds = np.searchsorted(u, np.arange(len(batch) + 1, dtype=np.uint64) << np.uint64(32))
-            sh_parts.append((u & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+            assert sh_fh is not None
+            sh_fh.write((u & np.uint64(0xFFFFFFFF)).astype(np.uint32).tobytes())
             sh_counts.append(np.diff(bounds).astype(np.int64))
         norm_digests.extend(norm.tolist())
         for k, d in batch:
@@ -476,16 +480,11 @@ def signature_task(
             size = 0
     if batch:
         flush()
-    for b in range(num_buckets):
-        arr = np.concatenate(spill[b]) if spill[b] else np.zeros(0, BAND_DTYPE)
-        save_npy(paths.bands(b, part), arr)
-    sig_all = np.concatenate(sig_parts) if sig_parts else np.zeros((0, cfg.num_perm), np.uint32)
-    save_npy(paths.sigs(part), sig_all)
+    out.commit()
     if cfg.verify == "exact":
         counts = np.concatenate(sh_counts) if sh_counts else np.zeros(0, np.int64)
         offs = np.zeros(len(counts) + 1, np.int64)
         np.cumsum(counts, out=offs[1:])
-        save_npy(paths.shingles(part), np.concatenate(sh_parts) if sh_parts else np.zeros(0, np.uint32))
         save_npy(paths.shingle_offsets(part), offs)
     save_npz(
         paths.docs(part),
@@ -496,8 +495,35 @@ def signature_task(
         source=np.array(sources, dtype=str),
         id=np.array(ids, dtype=str),
         contaminated=np.array(contaminated if eval_ngrams is not None else [False] * len(keys), bool),
+        num_perm=np.array(cfg.num_perm),
     )
     return {"docs": len(keys), "bytes": int(sum(nbytes)), "bands": bands, "rows": rows}
+
+
+class _RawFiles:
+    """Files written under temporary names and renamed together by :meth:`commit`."""
+
+    def __init__(self) -> None:
+        self._files: list[tuple[Any, Path, Path]] = []
+
+    def open(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fh = open(tmp, "wb")
+        self._files.append((fh, tmp, path))
+        return fh
+
+    def commit(self) -> None:
+        for fh, tmp, path in self._files:
+            fh.close()
+            tmp.replace(path)
+
+
+def _raw(path: Path, dtype: Any) -> np.ndarray:
+    """Memory-map a raw file (an empty file gives an empty array; mmap cannot map 0 bytes)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 class PartIndex:
@@ -530,13 +556,14 @@ class PartIndex:
     def signature(self, key: int) -> np.ndarray:
         part, row = self.locate(key)
         if part not in self._sigs:
-            self._sigs[part] = np.load(self.paths.sigs(part), mmap_mode="r")
+            num_perm = int(self.docs(part)["num_perm"])
+            self._sigs[part] = _raw(self.paths.sigs(part), np.uint32).reshape(-1, num_perm)
         return self._sigs[part][row]
 
     def shingles(self, key: int) -> np.ndarray:
         part, row = self.locate(key)
         if part not in self._sh:
-            self._sh[part] = (np.load(self.paths.shingles(part), mmap_mode="r"), np.load(self.paths.shingle_offsets(part)))
+            self._sh[part] = (_raw(self.paths.shingles(part), np.uint32), np.load(self.paths.shingle_offsets(part)))
         data, offs = self._sh[part]
         return np.asarray(data[offs[row] : offs[row + 1]])
 
@@ -547,7 +574,7 @@ class PartIndex:
 
 def bucket_task(bucket: int, num_parts: int, cfg: DedupConfig, paths: DedupPaths) -> dict[str, Any]:
     """Buckets stage for bucket shard ``bucket``: candidate pairs from shared band keys, verified."""
-    recs = [np.load(paths.bands(bucket, p)) for p in range(num_parts)]
+    recs = [np.fromfile(paths.bands(bucket, p), dtype=BAND_DTYPE) for p in range(num_parts)]
     rec = np.concatenate(recs) if recs else np.zeros(0, BAND_DTYPE)
     pairs = candidate_pairs(rec["key"], rec["doc"], cfg.max_bucket_all_pairs)
     del rec, recs
