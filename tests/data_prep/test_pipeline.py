@@ -60,6 +60,17 @@ def test_byte_identical_shards_for_1_and_3_tasks(demo_corpus, demo_shards, tmp_p
     assert markers == [f"{i:05d}-of-00003.json" for i in range(3)]
 
 
+def test_plain_webdataset_and_tar_read_the_shards(demo_shards):
+    import webdataset as wds
+
+    m = json.loads((demo_shards / "manifest.json").read_text())
+    sh = m["splits"]["train"]["shards"][0]
+    samples = list(wds.WebDataset(str(demo_shards / sh["name"]), shardshuffle=False).decode())
+    assert len(samples) == sh["samples"] and samples[0]["tokens.npy"].shape == (m["block_size"],)
+    names = subprocess.run(["tar", "tf", str(demo_shards / sh["name"])], capture_output=True, text=True, check=True).stdout.split()
+    assert len(names) == sh["samples"]
+
+
 def test_manifest_sha256_and_report(demo_shards):
     m = json.loads((demo_shards / "manifest.json").read_text())
     for split in m["splits"].values():
@@ -213,37 +224,38 @@ def test_presets_compose():
             "RedPajamaCommonCrawl": 1.0}
 
 
-def test_holdout_count_and_decontamination(tmp_path):
+def test_holdout_count(tmp_path):
     corpus = synthetic_corpus(tmp_path / "corpus", docs_per_source=20, files=2)
-    # A train document that repeats a (future) holdout document up to case and punctuation, and an
-    # evaluation file quoting 13+ words of another document.
-    from data_prep.stages import read_clean  # noqa: F401  (documents the format the checks below read)
-
-    cfg = _cfg(corpus, tmp_path / "a", holdout_count=7, dedup=DedupConfig(enabled=False))
-    run_prep(cfg)
-    codes = np.concatenate([np.load(tmp_path / f"a/work/split/{i:05d}.npy") for i in range(1)])
+    run_prep(_cfg(corpus, tmp_path / "a", holdout_count=7, num_tasks=2))
+    codes = np.concatenate([np.load(tmp_path / f"a/work/split/{i:05d}.npy") for i in range(2)])
     assert (codes == 1).sum() == 7
-    val_ids = [i for i, c in enumerate(codes) if c == 1]
-    # Copy a val document into a new file, shouted and with punctuation: same normalized hash.
-    recs = [json.loads(line) for line in _zst_lines(corpus / "train/chunk1/example_train_0.jsonl.zst")]
-    recs += [json.loads(line) for line in _zst_lines(corpus / "train/chunk1/example_train_1.jsonl.zst")]
-    from data_prep.stages import read_clean as rc
+    m = json.loads((tmp_path / "a/manifest.json").read_text())
+    assert m["splits"]["val"]["samples"] > 0
 
-    clean = list(rc(tmp_path / "a/work/clean/part-00000.jsonl.zst"))
-    val_text = clean[val_ids[0]][1].text
-    quoted = clean[0 if codes[0] == 0 else 1][1].text
-    write_jsonl_zst(corpus / "train/chunk1/example_train_9.jsonl.zst", [{"text": val_text.upper() + "!!", "meta": {"redpajama_set_name": "RedPajamaC4"}}])
+
+def test_hash_and_ngram_decontamination(tmp_path):
+    from data_prep.split import hash_fraction
+    from data_prep.stages import read_clean
+
+    corpus = synthetic_corpus(tmp_path / "corpus", docs_per_source=20, files=2)
+    base = _cfg(corpus, tmp_path / "a", holdout_ratio=0.1, dedup=DedupConfig(enabled=False))
+    run_prep(base)
+    docs = [d for _, d in read_clean(tmp_path / "a/work/clean/part-00000.jsonl.zst")]
+    val = [d for d in docs if hash_fraction(d.id) < 0.1]
+    train = [d for d in docs if hash_fraction(d.id) >= 0.1]
+    assert val and train
+    # A copy of a holdout document, shouted and punctuated (same normalized text), in a file whose
+    # line lands in train; and an evaluation set quoting 20 words of a training document.
+    name = next(f"train/chunk1/copy_{k}.jsonl" for k in range(100) if hash_fraction(f"train/chunk1/copy_{k}.jsonl:1") >= 0.1)
+    (corpus / name).write_text(json.dumps({"text": val[0].text.upper() + " !!!", "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n")
     eval_file = tmp_path / "eval.jsonl"
-    eval_file.write_text(json.dumps({"text": "Question: " + " ".join(quoted.split()[20:40]) + " ?"}) + "\n")
-    cfg2 = _cfg(corpus, tmp_path / "b", holdout_count=7, dedup=DedupConfig(enabled=False), eval_files=[str(eval_file)])
-    run_prep(cfg2)
+    eval_file.write_text(json.dumps({"text": "Question: " + " ".join(train[3].text.split()[20:40]) + " ?"}) + "\n")
+    run_prep(_cfg(corpus, tmp_path / "b", holdout_ratio=0.1, dedup=DedupConfig(enabled=False), eval_files=[str(eval_file)]))
     report = json.loads((tmp_path / "b/prep_report.json").read_text())
-    dec = {s["step"]: s for s in report["steps"]}["decontam"]["drop_reasons"]
-    assert dec.get("eval_ngram_match", 0) >= 1
-    # The shouted copy lands in train or val by its own id hash; when in train it is removed.
-    codes2 = np.load(tmp_path / "b/work/split/00000.npy")
-    assert (codes2 == 1).sum() == 7 and (codes2 == -3).sum() >= 1
-    assert (codes2 == -2).sum() + (codes2 == 1).sum() >= 7
+    assert {s["step"]: s for s in report["steps"]}["decontam"]["drop_reasons"] == {"holdout_hash_match": 1, "eval_ngram_match": 1}
+    clean = [d.id for _, d in read_clean(tmp_path / "b/work/clean/part-00000.jsonl.zst")]
+    codes = np.load(tmp_path / "b/work/split/00000.npy")
+    assert codes[clean.index(name + ":1")] == -2 and codes[clean.index(train[3].id)] == -3
 
 
 def _zst_lines(path):
