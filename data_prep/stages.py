@@ -277,19 +277,16 @@ def tokenizer(ctx: Context, i: int) -> dict[str, Any]:
               f"{info['estimated_trainer_memory_mb']} MB", file=sys.stderr)
         res = WeightedReservoir(cap)
         for p in range(ctx.n):
-            for _, _, d in progress(_kept_docs(ctx, p, (TRAIN,)), f"tokenizer sample {p}/{ctx.n}"):
-                res.offer(hash_fraction("tok:" + d.id), factors.get(d.source, 1.0), _order_key(d), d.text)
+            codes = np.load(ctx.split_codes(p))
+            for row, (key, d) in enumerate(progress(read_clean(ctx.clean_part(p)), f"tokenizer sample {p}/{ctx.n}")):
+                if codes[row] == TRAIN:
+                    res.offer(hash_fraction("tok:" + d.id), factors.get(d.source, 1.0), key, d.text)
         info["sample_bytes"] = res.bytes
         sample = res.texts()
     else:
         sample = []
     obtain_tokenizer(cfg.tokenizer, sample, out, cfg.seed)
     return {**tokenizer_info(out), "training": info}
-
-
-def _order_key(d: Document) -> int:
-    # Only used to order the sample; the id's hash is as stable as the key and needs no lookup.
-    return int(hash_fraction("order:" + d.id) * 2**62)
 
 
 # ---------------------------------------------------------------------------------------------- tokenize
