@@ -18,6 +18,7 @@ Documents are identified by their input-order key (``file index << 32 | line``),
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -92,20 +93,18 @@ class DedupConfig:
         return optimal_bands(self.threshold, self.num_perm, 1.0 - fn_weight, fn_weight)
 
 
+@functools.lru_cache(maxsize=64)
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
     """Bands and rows minimizing the weighted false-positive and false-negative areas under the
-    LSH S-curve ``1 - (1 - s^r)^b`` (the rule datasketch uses)."""
+    LSH S-curve ``1 - (1 - s^r)^b`` (the rule datasketch uses), all (b, r) pairs at once."""
     x = np.linspace(0.0, 1.0, 1001)
     lo, hi = x < threshold, x >= threshold
-    best: tuple[float, int, int] | None = None
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            p = 1.0 - (1.0 - x**r) ** b
-            err = fp_weight * np.trapezoid(p[lo], x[lo]) + fn_weight * np.trapezoid(1.0 - p[hi], x[hi])
-            if best is None or err < best[0] - 1e-12:
-                best = (err, b, r)
-    assert best is not None
-    return best[1], best[2]
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)])
+    b, r = pairs[:, :1].astype(float), pairs[:, 1:].astype(float)
+    p = 1.0 - (1.0 - x[None, :] ** r) ** b  # (pairs, points)
+    err = fp_weight * np.trapezoid(p[:, lo], x[lo], axis=1) + fn_weight * np.trapezoid(1.0 - p[:, hi], x[hi], axis=1)
+    best = int(np.argmin(np.round(err, 12)))  # first minimum in (b, r) order, as the loop it replaces
+    return int(pairs[best, 0]), int(pairs[best, 1])
 
 
 def normalized_words(text: str) -> list[bytes]:
@@ -161,7 +160,6 @@ def _window_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.
 
 _IS_SPACE = np.zeros(256, bool)
 _IS_SPACE[list(b" \t\n\r\x0b\x0c")] = True
-_Q = np.uint64(pow(int(_POLY), -1, 2**64))  # inverse of the odd multiplier modulo 2^64
 
 
 _POWER_CACHE: dict[int, np.ndarray] = {}
@@ -171,7 +169,7 @@ def _powers(base: np.uint64, n: int) -> np.ndarray:
     """``base**t mod 2^64`` for t < n, cached (batches reuse them)."""
     cached = _POWER_CACHE.get(int(base))
     if cached is None or len(cached) < n:
-        size = max(n, 1 << 20, 2 * len(cached) if cached is not None else 0)
+        size = max(n, 1 << 12, 2 * len(cached) if cached is not None else 0)
         cached = np.empty(size, np.uint64)
         cached[0] = 1
         filled = 1
@@ -188,36 +186,36 @@ def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hash every word of the normalized texts without creating a Python object per word.
 
     Returns (word hashes back to back, words per document, 64-bit digest of each document's normalized
-    word sequence). A word's hash is ``sum_t T[byte_t] * P^(end-1-t) mod 2^64`` over its bytes, with a
-    random table ``T``; it is computed for all words at once from one prefix sum, using the inverse
-    of ``P`` modulo 2^64 (this replaces ``bytes.split`` + per-word hashing, the former bottleneck).
+    word sequence). A word's hash is ``sum_t T[byte_t] * P^t mod 2^64`` over its bytes (t counted
+    from the word's start), with a random table ``T``, computed for all words of the batch at once
+    with one ``reduceat`` (this replaces ``bytes.split`` + per-word hashing, the former bottleneck).
+    Powers are needed only up to the longest word, so no table grows with the batch.
     """
     norm = [t.lower().encode("utf-8").translate(_PUNCT_TO_SPACE) for t in texts]
     doc_len = np.fromiter((len(b) + 1 for b in norm), dtype=np.int64, count=len(norm))
     arr = np.frombuffer(b" ".join(norm) + b" ", dtype=np.uint8)
     word = ~_IS_SPACE[arr]
-    edges = np.diff(word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.nonzero(edges == 1)[0]
-    ends = np.nonzero(edges == -1)[0]
+    edges = np.diff(word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
     doc_start = np.zeros(len(norm) + 1, np.int64)
     np.cumsum(doc_len, out=doc_start[1:])
     counts = np.diff(np.searchsorted(starts, doc_start))
     if len(starts) == 0:
         return np.zeros(0, np.uint64), counts, np.zeros(len(norm), np.uint64)
+    lengths = ends - starts
+    first_byte = np.zeros(len(lengths), np.int64)  # where each word starts among the word bytes
+    np.cumsum(lengths[:-1], out=first_byte[1:])
+    offset = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(first_byte, lengths)
     with np.errstate(over="ignore"):
-        L = len(arr)
-        qpow = _powers(_Q, L + 1)
-        c = np.zeros(L + 1, np.uint64)
-        np.cumsum(_BYTE_TABLE[arr] * qpow[:L], out=c[1:])
-        del qpow
-        ppow = _powers(_POLY, L + 1)
-        h = (c[ends] - c[starts]) * ppow[ends - 1]
+        vals = _BYTE_TABLE[arr[word]] * _powers(_POLY, int(lengths.max()))[offset]
+        h = np.add.reduceat(vals, first_byte)
         h ^= h >> np.uint64(31)  # spread the high bits into the low ones rensa's permutations read
         # Order-sensitive digest of each document's word sequence (decontamination by hash).
         first = np.zeros(len(counts), np.int64)
         np.cumsum(counts[:-1], out=first[1:])
         pos = np.arange(len(h)) - np.repeat(first, counts)
-        weighted = h * ppow[pos]
+        weighted = h * _powers(_POLY, int(counts.max()))[pos]
         digest = np.zeros(len(counts), np.uint64)
         nz = counts > 0
         digest[nz] = np.add.reduceat(weighted, first[nz])
@@ -411,7 +409,7 @@ def signature_task(
     num_buckets: int,
     cfg: DedupConfig,
     paths: DedupPaths,
-    batch_bytes: int = 4 << 20,
+    batch_bytes: int = 2 << 20,
     eval_ngrams: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Signatures stage for one part: ``docs`` yields (order key, document) in key order.
