@@ -52,7 +52,7 @@ def test_exact_dedup_keeps_first_across_sources():
     assert per_source["b"]["docs_in"] == 1 and per_source["b"].get("docs_out", 0) == 0
 
 
-def test_split_is_a_function_of_content_and_near_ratio():
+def test_split_is_a_function_of_the_id_and_near_ratio():
     docs = [doc(f"document {i}", i=i) for i in range(5000)]
     first = [d.split for d in HashSplit(0.1).run([Document(d.id, d.text, d.source) for d in docs])]
     reordered = [d.split for d in HashSplit(0.1).run([Document(d.id, d.text, d.source) for d in reversed(docs)])]
