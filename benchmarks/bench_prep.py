@@ -171,7 +171,6 @@ def main() -> None:
     work = Path(tmp.name)
     raw_mb = sum(f.stat().st_size for f in expand_inputs([str(corpus / "train")]))  # compressed, for the table only
     texts = load_texts(corpus)
-    text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
 
     # 1. our dedup, in a fresh process (peak RSS of dedup alone)
     proc = subprocess.run([sys.executable, __file__, "--corpus", str(corpus), "--work", str(work / "dedup"), "--repeat", str(args.repeat), "--_dedup-child"],

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 import time
 from functools import partial
 from pathlib import Path

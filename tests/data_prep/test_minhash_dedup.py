@@ -14,7 +14,6 @@ from data_prep.minhash_dedup import (
     optimal_bands,
     shingle_hashes,
 )
-from data_prep.stages import read_clean
 
 N_WORDS = 1000
 
