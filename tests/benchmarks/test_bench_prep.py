@@ -18,4 +18,4 @@ def test_bench_prep_smoke(demo_corpus, tmp_path):
     out = json.loads(lines[-1])
     assert KEYS <= set(out) and all(out[k] > 0 for k in KEYS)
     assert any("fuzzy dedup" in line for line in lines[:-1])  # the table comes first
-    assert out["e2e_over_spm"] == round(out["e2e_mb_s_per_core"] / out["spm_encode_mb_s_per_core"], 3)
+    assert abs(out["e2e_over_spm"] - out["e2e_mb_s_per_core"] / out["spm_encode_mb_s_per_core"]) < 0.01
