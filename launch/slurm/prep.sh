@@ -13,6 +13,7 @@ N=$1
 shift
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SBATCH=${SBATCH:-sbatch}
+mkdir -p logs  # prep.sbatch writes logs/%x-%A_%a.out; SLURM opens it before the script runs
 PARALLEL=" clean signatures buckets clusters tokenize shards "
 prev=""
 for stage in clean signatures buckets clusters split tokenizer tokenize shards report; do
