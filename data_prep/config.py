@@ -8,6 +8,9 @@ from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from data_prep.filters import QualityConfig
+from data_prep.minhash_dedup import DedupConfig
+from data_prep.mixture import MixtureConfig
 from data_prep.tokenizer import TokenizerConfig
 
 
@@ -16,18 +19,35 @@ class PrepConfig:
     """Everything ``slimpajama-prep`` needs.
 
     Attributes:
-        inputs: globs or directories of jsonl / jsonl.zst / jsonl.gz files.
+        inputs: globs or directories of jsonl / jsonl.zst / jsonl.gz / parquet / txt files, e.g.
+            ``train/chunk*/example_train_*.jsonl.zst`` relative to ``input_root``.
         input_root: document ids are ``<path relative to this>:<line>``; default: the current directory.
         output_dir: where shards, manifest, tokenizer and report go.
         text_key / source_key: dotted field names of the text and the source (domain).
         normalize_form: Unicode normalization form.
+        ftfy: repair text with ``ftfy.fix_text`` (SlimPajama did; ~2.5 MB/s, so off by default).
+        quality: optional Gopher/C4-style quality filter.
+        dedup: global fuzzy dedup (MinHash LSH).
+        mixture: per-source weights or target proportions (``prep_mixture=`` presets).
         min_doc_chars: SlimPajama's short-document threshold (after lowercasing, punctuation and
             whitespace cleanup).
-        holdout_ratio: fraction of documents (by content hash) that go to the validation split.
+        holdout_ratio: fraction of documents (by a hash of their id) that go to the validation split.
+        holdout_count: an absolute number of holdout documents instead (overrides the ratio).
+        eval_files: evaluation sets; training documents sharing a word n-gram with them are dropped.
+        decontam_ngram: n of that n-gram match.
         seq_len: training sequence length; each sample holds ``seq_len + 1`` tokens.
         samples_per_shard: fixed number of samples (blocks) per shard.
+        shard_divisor: when > 1, the train shard count is a multiple of it (e.g. ranks x loader
+            workers): the blocks beyond the last full group of shards are dropped and reported.
+        long_doc_chars: documents longer than this are encoded in pieces cut at line breaks, so a
+            megabyte-long document costs what its bytes cost.
         seed: seeds tokenizer training.
-        threads: tokenizer encode/train threads.
+        threads: tokenizer training threads.
+        num_tasks: every parallel stage runs as this many tasks (files are split among them).
+        workers: local processes running those tasks (default: num_tasks, at most the CPU count).
+        stage: ``all`` runs every stage locally; a stage name runs only task ``task_index`` of it
+            (what a SLURM array task does).
+        task_index: the task to run with ``stage=<name>``; default ``$SLURM_ARRAY_TASK_ID``.
         force: redo stages even when their completion marker matches.
     """
 
@@ -37,13 +57,26 @@ class PrepConfig:
     text_key: str = "text"
     source_key: str = "meta.redpajama_set_name"
     normalize_form: str = "NFC"
+    ftfy: bool = False
     min_doc_chars: int = 200
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
     holdout_ratio: float = 0.02
+    holdout_count: int | None = None
+    eval_files: list[str] = field(default_factory=list)
+    decontam_ngram: int = 13
     seq_len: int = 256
     samples_per_shard: int = 1024
+    shard_divisor: int = 1
+    long_doc_chars: int = 65536
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seed: int = 0
     threads: int = 2
+    num_tasks: int = 1
+    workers: int | None = None
+    stage: str = "all"
+    task_index: int | None = None
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +88,14 @@ class PrepConfig:
             raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
         if not 0.0 <= self.holdout_ratio < 1.0:
             raise ValueError(f"holdout_ratio={self.holdout_ratio}: must be in [0, 1)")
+        if self.holdout_count is not None and self.holdout_count < 0:
+            raise ValueError(f"holdout_count={self.holdout_count}: must be >= 0")
+        if self.num_tasks < 1:
+            raise ValueError(f"num_tasks={self.num_tasks}: must be >= 1")
+        if self.shard_divisor < 1:
+            raise ValueError(f"shard_divisor={self.shard_divisor}: must be >= 1")
+        if self.long_doc_chars < 1024:
+            raise ValueError(f"long_doc_chars={self.long_doc_chars}: must be >= 1024")
 
     @property
     def block_size(self) -> int:

@@ -61,34 +61,67 @@ class RecordLayout:
 class ShardWriter:
     """Write fixed-size samples into one tar shard, deterministically (fixed mtime, owner, mode).
 
-    The file is written under a temporary name and renamed on :meth:`close`.
+    The bytes are what ``tarfile`` (USTAR) writes, produced faster: every member has the same size
+    and a name of the same length, so one header is built with ``tarfile`` and only its name and
+    checksum are patched per member. The file is written under a temporary name and renamed on
+    :meth:`close`.
     """
 
     def __init__(self, path: Path, shard_index: int, dtype: np.dtype) -> None:
         self.path = path
         self.shard_index = shard_index
-        self.dtype = dtype
+        self.dtype = np.dtype(dtype)
         self.samples = 0
         self.tokens_per_source: dict[str, int] = {}
         self._tmp = path.with_name(path.name + ".tmp")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._fh = open(self._tmp, "wb")
+        self._template: bytearray | None = None
+        self._npy_header = b""
+        self._pad = b""
+        self._size = 0
 
-    def add(self, block: np.ndarray, tokens_per_source: dict[str, int]) -> None:
-        data = npy_bytes(np.ascontiguousarray(block, dtype=self.dtype))
-        info = tarfile.TarInfo(member_name(self.shard_index, self.samples))
-        info.size = len(data)
+    def _prepare(self, block: np.ndarray) -> None:
+        payload = npy_bytes(block)
+        self._npy_header = payload[: len(payload) - block.nbytes]
+        self._size = len(payload)
+        self._pad = b"\0" * (-self._size % TAR_BLOCK)
+        info = tarfile.TarInfo(member_name(self.shard_index, 0))
+        info.size = self._size
         info.mtime = 0
         info.mode = 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        self._template = bytearray(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+
+    def _header(self, name: str) -> bytes:
+        buf = self._template
+        assert buf is not None
+        raw = name.encode("ascii")
+        buf[: len(raw)] = raw
+        buf[148:156] = b"        "  # checksum is computed with its own field as spaces (POSIX)
+        buf[148:155] = b"%06o\0" % sum(buf)
+        return bytes(buf)
+
+    def add(self, block: np.ndarray, tokens_per_source: dict[str, int]) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if self._template is None:
+            self._prepare(block)
+        self._fh.write(self._header(member_name(self.shard_index, self.samples)))
+        self._fh.write(self._npy_header)
+        self._fh.write(block.tobytes())
+        self._fh.write(self._pad)
         self.samples += 1
         for src, n in tokens_per_source.items():
             self.tokens_per_source[src] = self.tokens_per_source.get(src, 0) + n
 
     def close(self, block_size: int) -> dict[str, Any]:
         """Finish the shard and return its manifest entry."""
-        self._tar.close()
+        # End of archive as tarfile writes it: two zero blocks, then zeros up to a 10240-byte record.
+        written = self.samples * (TAR_BLOCK + self._size + len(self._pad))
+        end = written + 2 * TAR_BLOCK
+        end += -end % tarfile.RECORDSIZE
+        self._fh.write(b"\0" * (end - written))
+        self._fh.close()
         os.replace(self._tmp, self.path)
         h = hashlib.sha256()
         with open(self.path, "rb") as fh:

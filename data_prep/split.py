@@ -1,4 +1,9 @@
-"""Train/holdout split by document hash: stable under reordering, re-sharding and re-runs."""
+"""Train/holdout split by a hash of the document id: stable under reordering, re-sharding and re-runs.
+
+The id (``<relative file>:<line>``), not the text, decides, so two copies of one text can land on
+different sides; the ``split`` stage then removes training documents whose normalized text hashes
+like a holdout document (SlimPajama's decontamination of train against holdout).
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -14,7 +19,10 @@ def hash_fraction(text: str) -> float:
 
 
 class HashSplit(PipelineStep):
-    """Mark documents ``val`` when their hash falls below ``holdout_ratio``; the rest stay ``train``."""
+    """Mark documents ``val`` when their id's hash falls below ``holdout_ratio``; the rest stay ``train``.
+
+    The ``split`` stage of the pipeline applies the same rule (plus ``holdout_count``) globally.
+    """
 
     name = "split"
 
@@ -26,7 +34,7 @@ class HashSplit(PipelineStep):
 
     def process(self, docs: Iterable[Document], rank: int, world_size: int) -> Iterator[Document]:
         for doc in docs:
-            doc.split = "val" if hash_fraction(doc.text) < self.holdout_ratio else "train"
+            doc.split = "val" if hash_fraction(doc.id) < self.holdout_ratio else "train"
             if doc.split == "val":
                 # Reported as its own row so the retention table shows how much went to holdout.
                 self.stats.add("holdout_val", doc.source, "out", 1, doc.nbytes)

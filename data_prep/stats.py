@@ -17,6 +17,7 @@ class PrepStats:
         self._counts: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
         self.reasons: dict[str, Counter] = defaultdict(Counter)
         self.errors: list[dict[str, Any]] = []
+        self.timings: Counter = Counter()
         self._order: list[str] = []
 
     def _touch(self, step: str) -> None:
@@ -32,6 +33,20 @@ class PrepStats:
     def drop(self, step: str, reason: str) -> None:
         self._touch(step)
         self.reasons[step][reason] += 1
+
+    def add_time(self, step: str, seconds: float) -> None:
+        """Seconds spent inside ``step`` (the report turns them into MB/s)."""
+        self.timings[step] += seconds
+
+    def merge(self, other: "PrepStats") -> None:
+        """Add ``other``'s counters to these (tasks of one stage are merged in task order)."""
+        for step in other._order:
+            self._touch(step)
+            for src, c in other._counts[step].items():
+                self._counts[step][src].update(c)
+            self.reasons[step].update(other.reasons.get(step, {}))
+        self.errors.extend(other.errors)
+        self.timings.update(other.timings)
 
     def error(self, file: str, line: int | None, reason: str) -> None:
         self.errors.append({"file": file, "line": line, "reason": reason})
@@ -57,7 +72,7 @@ class PrepStats:
                     "drop_reasons": dict(self.reasons.get(step, {})),
                 }
             )
-        return {"steps": steps, "errors": self.errors}
+        return {"steps": steps, "errors": self.errors, "timings": {k: round(v, 4) for k, v in self.timings.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrepStats":
@@ -69,6 +84,7 @@ class PrepStats:
                 stats._counts[entry["step"]][src].update(c)
             stats.reasons[entry["step"]].update(entry.get("drop_reasons", {}))
         stats.errors = list(data.get("errors", []))
+        stats.timings.update(data.get("timings", {}))
         return stats
 
     def write(self, path: Path) -> None:

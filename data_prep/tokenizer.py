@@ -23,6 +23,7 @@ class TokenizerConfig:
         character_coverage: fraction of characters covered by pieces; the rest use byte fallback.
         max_sentence_length: longest line (bytes) used for training; longer lines are split.
         threads: trainer threads.
+        max_memory_mb: when set, the sample is shrunk so the trainer's estimated memory fits.
     """
 
     model_path: str | None = None
@@ -31,10 +32,70 @@ class TokenizerConfig:
     character_coverage: float = 0.9999
     max_sentence_length: int = 16384
     threads: int = 2
+    max_memory_mb: int | None = None
 
     def __post_init__(self) -> None:
         if self.model_path is None and self.vocab_size < 300:
             raise ValueError(f"prep.tokenizer.vocab_size={self.vocab_size}: must be >= 300 (256 byte pieces + specials)")
+
+
+# SentencePiece's BPE trainer holds the sentences, their pieces and pair statistics: measured at
+# roughly 10 bytes of memory per byte of sample, plus a fixed ~100 MB.
+TRAINER_BYTES_PER_SAMPLE_BYTE = 10
+TRAINER_BASE_MB = 100
+
+
+def trainer_memory_mb(sample_bytes: int) -> int:
+    """Estimated peak memory of training on ``sample_bytes`` of text."""
+    return TRAINER_BASE_MB + sample_bytes * TRAINER_BYTES_PER_SAMPLE_BYTE // 1_000_000
+
+
+def sample_cap(cfg: TokenizerConfig) -> int:
+    """Bytes of sample to draw: ``max_sample_bytes``, lowered to fit ``max_memory_mb``."""
+    cap = cfg.max_sample_bytes
+    if cfg.max_memory_mb is not None:
+        fit = (cfg.max_memory_mb - TRAINER_BASE_MB) * 1_000_000 // TRAINER_BYTES_PER_SAMPLE_BYTE
+        if fit <= 0:
+            raise ValueError(f"prep.tokenizer.max_memory_mb={cfg.max_memory_mb}: below the trainer's base of {TRAINER_BASE_MB} MB")
+        cap = min(cap, fit)
+    return cap
+
+
+class WeightedReservoir:
+    """A byte-budgeted weighted reservoir sample (Efraimidis-Spirakis A-Res).
+
+    Each item gets priority ``u ** (1 / w)`` from a uniform ``u`` (here a hash of its id, so the sample
+    does not depend on reading order or task count) and its source weight ``w``; the items with the
+    highest priorities that fit in ``cap_bytes`` are kept. Memory: the sample itself.
+    """
+
+    def __init__(self, cap_bytes: int) -> None:
+        import heapq
+
+        self._heapq = heapq
+        self.cap = cap_bytes
+        self.bytes = 0
+        self.seen = 0
+        self._heap: list[tuple[float, int, str]] = []
+
+    def offer(self, u: float, weight: float, key: int, text: str) -> None:
+        self.seen += 1
+        if weight <= 0 or not text:
+            return
+        text = text[: self.cap]  # one huge document cannot take more than the budget
+        prio = u ** (1.0 / weight)
+        n = len(text.encode("utf-8"))
+        if self.bytes + n > self.cap and self._heap and prio <= self._heap[0][0]:
+            return
+        self._heapq.heappush(self._heap, (prio, key, text))
+        self.bytes += n
+        while self.bytes > self.cap and len(self._heap) > 1:
+            _, _, dropped = self._heapq.heappop(self._heap)
+            self.bytes -= len(dropped.encode("utf-8"))
+
+    def texts(self) -> list[str]:
+        """The sample in input order (by key), so training is deterministic."""
+        return [t for _, _, t in sorted(self._heap, key=lambda item: item[1])]
 
 
 def file_sha256(path: Path) -> str:

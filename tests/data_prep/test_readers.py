@@ -54,9 +54,101 @@ def test_truncated_zst_keeps_what_was_read(tmp_path):
     stats = PrepStats()
     docs = list(JsonlReader([path], tmp_path, stats=stats).run())
     assert 0 < len(docs) < 2000
-    assert stats.to_dict()["steps"][0]["drop_reasons"] == {"unreadable_file": 1}
+    assert stats.to_dict()["steps"][0]["drop_reasons"] == {"truncated_file": 1}
 
 
 def test_missing_pattern_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         expand_inputs([str(tmp_path / "nothing_here/*.jsonl")])
+
+
+def test_parquet_and_plain_text_folders(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"content": ["alpha doc", None, "gamma doc"], "domain": ["web", "web", "code"]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books/b1.txt").write_text("a whole book\nin two lines\n")
+    stats = PrepStats()
+    files = expand_inputs([str(tmp_path / "*.parquet"), str(tmp_path / "books")])
+    docs = list(JsonlReader(files, tmp_path, text_key="content", source_key="domain", stats=stats).run())
+    assert [(d.id, d.text, d.source) for d in docs] == [
+        ("books/b1.txt:1", "a whole book\nin two lines\n", "books"),
+        ("p.parquet:1", "alpha doc", "web"),
+        ("p.parquet:3", "gamma doc", "code"),
+    ]
+    assert [(e["file"], e["line"]) for e in stats.errors] == [("p.parquet", 2)]
+
+
+def test_slimpajama_layout_glob(tmp_path):
+    for c in (1, 2):
+        for k in (0, 1):
+            write_jsonl_zst(tmp_path / f"train/chunk{c}/example_train_{k}.jsonl.zst", [_rec(f"c{c}k{k}")])
+    write_jsonl_zst(tmp_path / "validation/chunk1/example_holdout_0.jsonl.zst", [_rec("held out")])
+    files = expand_inputs(["train/chunk*/example_train_*.jsonl.zst"], root=tmp_path)
+    docs = list(JsonlReader(files, tmp_path).run())
+    assert [d.text for d in docs] == ["c1k0", "c1k1", "c2k0", "c2k1"]
+    assert docs[2].id == "train/chunk2/example_train_0.jsonl.zst:1"
+
+
+# One test per kind of bad input: counted with file and line, and the valid documents around it kept.
+
+
+def _read(tmp_path, *paths):
+    stats = PrepStats()
+    docs = list(JsonlReader(list(paths), tmp_path, stats=stats).run())
+    return docs, stats.to_dict()["steps"][0]["drop_reasons"], [(e["file"], e["line"]) for e in stats.errors]
+
+
+def test_bad_input_invalid_json(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text(json.dumps(_rec("ok 1")) + "\n{broken\n" + json.dumps(_rec("ok 2")) + "\n")
+    docs, reasons, where = _read(tmp_path, p)
+    assert [d.text for d in docs] == ["ok 1", "ok 2"] and reasons == {"invalid_json": 1} and where == [("a.jsonl", 2)]
+
+
+def test_bad_input_invalid_utf8(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"text": "bad \xc3\x28"}\n' + json.dumps(_rec("ok")).encode() + b"\n")
+    docs, reasons, where = _read(tmp_path, p)
+    assert [d.text for d in docs] == ["ok"] and reasons == {"invalid_utf8": 1} and where == [("a.jsonl", 1)]
+
+
+def test_bad_input_missing_or_non_string_text(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text("\n".join([json.dumps({"meta": {}}), json.dumps({"text": ["x"]}), json.dumps(_rec("ok")), "[1, 2]"]) + "\n")
+    docs, reasons, where = _read(tmp_path, p)
+    assert [d.text for d in docs] == ["ok"] and reasons == {"missing_text": 3}
+    assert where == [("a.jsonl", 1), ("a.jsonl", 2), ("a.jsonl", 4)]
+
+
+def test_bad_input_empty_files(tmp_path):
+    (tmp_path / "e.jsonl").write_bytes(b"")
+    write_jsonl_zst(tmp_path / "e.jsonl.zst", [])
+    good = write_jsonl_zst(tmp_path / "g.jsonl.zst", [_rec("ok")])
+    docs, reasons, where = _read(tmp_path, tmp_path / "e.jsonl", tmp_path / "e.jsonl.zst", good)
+    assert [d.text for d in docs] == ["ok"] and reasons == {"empty_file": 2}
+    assert where == [("e.jsonl", None), ("e.jsonl.zst", None)]
+
+
+def test_bad_input_truncated_zst_reports_the_line(tmp_path):
+    path = write_jsonl_zst(tmp_path / "t.jsonl.zst", [_rec(f"document number {i} " * 20) for i in range(2000)])
+    path.write_bytes(path.read_bytes()[:-100])
+    good = write_jsonl_zst(tmp_path / "u.jsonl.zst", [_rec("after")])
+    docs, reasons, where = _read(tmp_path, path, good)
+    texts = [d.text for d in docs]
+    assert texts[-1] == "after" and 1500 < len(texts) - 1 < 2000 and reasons == {"truncated_file": 1}
+    assert where == [("t.jsonl.zst", len(texts))]  # the first line not read in full
+    assert texts[:-1] == [f"document number {i} " * 20 for i in range(len(texts) - 1)]  # no partial document
+
+
+def test_bad_input_unreadable_file(tmp_path):
+    missing = tmp_path / "gone.jsonl"
+    missing.symlink_to(tmp_path / "nowhere.jsonl")  # listed, but opening fails
+    (tmp_path / "dir.jsonl.gz").write_bytes(b"this is not gzip")
+    good = tmp_path / "ok.jsonl"
+    good.write_text(json.dumps(_rec("ok")) + "\n")
+    docs, reasons, where = _read(tmp_path, missing, tmp_path / "dir.jsonl.gz", good)
+    assert [d.text for d in docs] == ["ok"] and reasons == {"unreadable_file": 2}
+    assert [w[0] for w in where] == ["gone.jsonl", "dir.jsonl.gz"]

@@ -52,7 +52,7 @@ def test_exact_dedup_keeps_first_across_sources():
     assert per_source["b"]["docs_in"] == 1 and per_source["b"].get("docs_out", 0) == 0
 
 
-def test_split_is_a_function_of_content_and_near_ratio():
+def test_split_is_a_function_of_the_id_and_near_ratio():
     docs = [doc(f"document {i}", i=i) for i in range(5000)]
     first = [d.split for d in HashSplit(0.1).run([Document(d.id, d.text, d.source) for d in docs])]
     reordered = [d.split for d in HashSplit(0.1).run([Document(d.id, d.text, d.source) for d in reversed(docs)])]
@@ -61,3 +61,43 @@ def test_split_is_a_function_of_content_and_near_ratio():
     assert 0.08 < frac < 0.12
     with pytest.raises(ValueError, match="holdout_ratio"):
         HashSplit(1.5)
+
+
+def test_ftfy_option_repairs_mojibake_and_is_timed():
+    pytest.importorskip("ftfy")
+    stats = PrepStats()
+    out = list(Normalize("NFC", stats=stats, ftfy=True).run([doc("The Mona Lisa doesnâ€™t have eyebrows.")]))
+    assert out[0].text == "The Mona Lisa doesn't have eyebrows."
+    d = stats.to_dict()
+    assert d["steps"][0]["drop_reasons"] == {"ftfy_changed": 1} and d["timings"]["normalize"] > 0
+
+
+def test_quality_filter_reasons():
+    from data_prep.filters import QualityConfig, QualityFilter
+
+    stats = PrepStats()
+    good = "the cat sat on the mat and looked at the birds outside the window today " * 5
+    docs = [
+        doc(good),
+        doc("too short here"),
+        doc(good + "wow... " * 12),
+        doc("\n".join(["same line repeated here again"] * 20)),
+        doc(" ".join(["supercalifragilisticexpialidocious"] * 60)),
+    ]
+    kept = list(QualityFilter(QualityConfig(enabled=True), stats=stats).run(docs))
+    assert [d.text for d in kept] == [good]
+    assert stats.to_dict()["steps"][0]["drop_reasons"] == {
+        "too_few_words": 1, "symbol_ratio": 1, "duplicate_lines": 1, "mean_word_length": 1}
+    with pytest.raises(ValueError, match="min_words"):
+        QualityConfig(min_words=10, max_words=5)
+
+
+def test_short_filter_prefix_shortcut_agrees_with_full_cleaning():
+    import random
+
+    rnd = random.Random(0)
+    alphabet = "ab ,.!?\n\t-" + "é"
+    f = ShortDocumentFilter(200)
+    for _ in range(400):
+        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(150, 2500)))
+        assert (f.drop_reason(doc(text)) is None) == (slimpajama_clean_length(text) >= 200)

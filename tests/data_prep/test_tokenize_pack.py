@@ -63,3 +63,50 @@ def test_packer_joins_with_eos_and_counts_sources():
     assert [b.tolist() for b, _ in blocks] == [stream[0:5], stream[5:10]]
     assert blocks[0][1] == {"a": 4, "b": 1} and blocks[1][1] == {"b": 5}
     assert packer.tail_tokens == 3
+
+
+def test_weighted_reservoir_respects_cap_and_weights():
+    from data_prep.split import hash_fraction
+    from data_prep.tokenizer import WeightedReservoir
+
+    res = WeightedReservoir(cap_bytes=20_000)
+    for i in range(2000):
+        src = ("a", "b", "c")[i % 3]
+        w = {"a": 4.0, "b": 1.0, "c": 0.0}[src]
+        res.offer(hash_fraction(f"{i}"), w, i, f"{src}{i:05d} " + "x" * 94)
+    texts = res.texts()
+    assert res.bytes <= 20_000 and len(texts) == 20_000 // 101
+    n = {s: sum(t.startswith(s) for t in texts) for s in "abc"}
+    assert n["c"] == 0 and n["a"] > 2 * n["b"] > 0  # weight 4 is drawn far more often than weight 1
+    assert texts == sorted(texts, key=lambda t: int(t[1:6]))  # input order, whatever the arrival order
+
+
+def test_memory_estimate_lowers_the_sample_cap():
+    from data_prep.tokenizer import sample_cap, trainer_memory_mb
+
+    assert sample_cap(TokenizerConfig(max_sample_bytes=64_000_000)) == 64_000_000
+    capped = sample_cap(TokenizerConfig(max_sample_bytes=64_000_000, max_memory_mb=300))
+    assert capped < 64_000_000 and trainer_memory_mb(capped) <= 300
+    with pytest.raises(ValueError, match="max_memory_mb"):
+        sample_cap(TokenizerConfig(max_memory_mb=50))
+
+
+def test_megabyte_documents_are_not_pathological(model_file):
+    import time
+
+    from data_prep.pack import encode_texts, split_long
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    line = "def f(x):  return x * 2  # some code and prose mixed in, naïve café\n"
+    small = [line * 40 for _ in range(400)]  # ~1 MB in 400 documents
+    huge = [line * 16000]  # ~1 MB in one document
+    t0 = time.perf_counter()
+    encode_texts(sp, small, 65536)
+    t_small = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = encode_texts(sp, huge, 65536)[0]
+    t_huge = time.perf_counter() - t0
+    assert t_huge < 3 * t_small + 0.2, (t_huge, t_small)
+    assert ids == sp.encode(huge[0])  # cut at line breaks, the ids are those of the whole text
+    pieces = split_long(huge[0], 65536)
+    assert "".join(pieces) == huge[0] and all(len(p) <= 65536 for p in pieces) and all(p.endswith("\n") for p in pieces)
