@@ -1,9 +1,8 @@
-"""normalize, short-document filter, exact dedup and split."""
+"""normalize, short-document filter and split."""
 import unicodedata
 
 import pytest
 
-from data_prep.dedup_exact import ExactDedup
 from data_prep.document import Document
 from data_prep.filters import ShortDocumentFilter, slimpajama_clean_length
 from data_prep.normalize import Normalize
@@ -41,15 +40,6 @@ def test_short_filter_threshold_and_reasons():
     assert step["drop_reasons"] == {"shorter_than_200_chars": 2}
     assert step["total"]["docs_in"] == 3 and step["total"]["docs_out"] == 1
     assert list(ShortDocumentFilter(10).run([doc("short text here")]))  # configurable threshold
-
-
-def test_exact_dedup_keeps_first_across_sources():
-    stats = PrepStats()
-    docs = [doc("same", "a", 0), doc("other", "a", 1), doc("same", "b", 2)]
-    out = list(ExactDedup(stats=stats).run(docs))
-    assert [d.id for d in out] == ["f:0", "f:1"]
-    per_source = stats.to_dict()["steps"][0]["per_source"]
-    assert per_source["b"]["docs_in"] == 1 and per_source["b"].get("docs_out", 0) == 0
 
 
 def test_split_is_a_function_of_the_id_and_near_ratio():
