@@ -9,13 +9,14 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first and pinned (a CPU wheel here; no CUDA packages pulled), then DeepSpeed without build
-# isolation (its build imports torch), then this project with its test extra.
-$(STAMP): pyproject.toml
+# isolation (its build imports torch), then this project with its test and bench extras (the bench
+# smoke tests run datasketch).
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-build-isolation deepspeed
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
 demo: setup
