@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -105,7 +104,7 @@ def main() -> None:
     destroy_distributed()
 
     ratio = trainer_tps / bare_tps
-    print(f"\n| loop | tokens/s | model | batch x seq | precision | threads |\n|---|---:|---|---|---|---:|")
+    print("\n| loop | tokens/s | model | batch x seq | precision | threads |\n|---|---:|---|---|---|---:|")
     shape = f"{trainer.n_params / 1e6:.1f}M ({a.layers}x{a.dim})"
     for name, tps in (("slimpajama trainer (FSDP2, shard loader)", trainer_tps), ("bare PyTorch loop (in-memory batches)", bare_tps)):
         print(f"| {name} | {tps:,.0f} | {shape} | {a.micro_batch} x {seq} | {a.precision} | {torch.get_num_threads()} |")

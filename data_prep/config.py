@@ -42,7 +42,6 @@ class PrepConfig:
         long_doc_chars: documents longer than this are encoded in pieces cut at line breaks, so a
             megabyte-long document costs what its bytes cost.
         seed: seeds tokenizer training.
-        threads: tokenizer training threads.
         num_tasks: every parallel stage runs as this many tasks (files are split among them).
         workers: local processes running those tasks (default: num_tasks, at most the CPU count).
         stage: ``all`` runs every stage locally; a stage name runs only task ``task_index`` of it
@@ -72,7 +71,6 @@ class PrepConfig:
     long_doc_chars: int = 65536
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seed: int = 0
-    threads: int = 2
     num_tasks: int = 1
     workers: int | None = None
     stage: str = "all"

@@ -451,7 +451,9 @@ def signature_task(
             band_fhs[b].write(rec[target == b].tobytes())
         doc_of = np.repeat(np.arange(len(batch), dtype=np.uint64), np.diff(offsets))
         if eval_ngrams is not None:
-            hit = np.isin(hashes, eval_ngrams)
+            # eval_ngrams is sorted and unique: a binary search, not np.isin's sort per batch
+            j = np.minimum(np.searchsorted(eval_ngrams, hashes), max(len(eval_ngrams) - 1, 0))
+            hit = eval_ngrams[j] == hashes if len(eval_ngrams) else np.zeros(len(hashes), bool)
             contaminated.extend(np.bincount(doc_of[hit].astype(np.int64), minlength=len(batch)).astype(bool).tolist())
         if cfg.verify == "exact":
             # One sort for the whole batch: (doc, 32-bit shingle hash) pairs, unique. 32-bit hashes
@@ -527,7 +529,7 @@ def _raw(path: Path, dtype: Any) -> np.ndarray:
 class PartIndex:
     """Find a document's part and row from its order key (parts hold files ``i, i + n, ...``)."""
 
-    def __init__(self, paths: DedupPaths, num_parts: int, mmap: bool = True) -> None:
+    def __init__(self, paths: DedupPaths, num_parts: int) -> None:
         self.paths = paths
         self.num_parts = num_parts
         self._keys: dict[int, np.ndarray] = {}

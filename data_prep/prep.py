@@ -39,7 +39,7 @@ from data_prep.stages import SINGLE_TASK, STAGE_FUNCS, STAGES, Context, clear_ou
 from data_prep.tasks import Marker, run_tasks
 
 
-def run_task(cfg: PrepConfig, stage: str, index: int, num_tasks: int | None = None) -> dict[str, Any]:
+def run_task(cfg: PrepConfig, stage: str, index: int) -> dict[str, Any]:
     """Run task ``index`` of ``stage`` unless its completion marker says it already ran with this config."""
     if stage not in STAGE_FUNCS:
         raise ValueError(f"prep.stage={stage!r}: expected 'all' or one of {', '.join(STAGES)}")
@@ -48,7 +48,7 @@ def run_task(cfg: PrepConfig, stage: str, index: int, num_tasks: int | None = No
         raise ValueError(f"prep.task_index={index}: stage {stage!r} has {n} task(s) (num_tasks={cfg.num_tasks})")
     ctx = Context(cfg)
     marker = Marker(ctx.work, stage, index, n, stage_hashes(cfg)[stage])
-    done = marker.result()
+    done = None if cfg.force else marker.result()
     if done is not None:
         return done
     # Compiled MinHash and SentencePiece must not start their own thread pools inside a task:

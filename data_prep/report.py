@@ -1,7 +1,6 @@
 """The prep report: SlimPajama's retention table per stage and per source, as JSON, Markdown and PNG."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +114,3 @@ def chart(path: Path, report: dict[str, Any]) -> None:
     fig.savefig(tmp, dpi=80)
     tmp.replace(path)
 
-
-def load(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

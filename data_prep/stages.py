@@ -402,10 +402,10 @@ def plan_split(ctx: Context, split_code: int) -> SplitPlan:
     return SplitPlan(part, offset, count, src, sources, blocks, shards, factors, available)
 
 
-def _shard_tokens(ctx: Context, plan: SplitPlan, start: int, stop: int, dtype: np.dtype, eos: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens [start, stop) of the stream and the source index of each."""
-    lengths = plan.count + 1
-    cum = np.concatenate(([0], np.cumsum(lengths)))
+def _shard_tokens(ctx: Context, plan: SplitPlan, cum: np.ndarray, start: int, stop: int, dtype: np.dtype,
+                  eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [start, stop) of the stream and the source index of each; ``cum`` holds the stream
+    offset of every document (its tokens plus EOS)."""
     first = int(np.searchsorted(cum, start, side="right")) - 1
     toks, srcs = [], []
     mm: dict[int, np.memmap] = {}
@@ -415,7 +415,7 @@ def _shard_tokens(ctx: Context, plan: SplitPlan, start: int, stop: int, dtype: n
         p = int(plan.part[d])
         if p not in mm:
             mm[p] = np.memmap(ctx.tokens(p)[0], dtype=dtype, mode="r") if os.path.getsize(ctx.tokens(p)[0]) else np.zeros(0, dtype)
-        t = np.empty(int(lengths[d]), dtype)
+        t = np.empty(int(plan.count[d]) + 1, dtype)
         t[:-1] = mm[p][plan.offset[d] : plan.offset[d] + plan.count[d]]
         t[-1] = eos
         toks.append(t)
@@ -439,9 +439,10 @@ def shards(ctx: Context, i: int) -> dict[str, Any]:
     written = 0
     for code, split_name in enumerate(SPLITS):
         plan = plan_split(ctx, code)
+        cum = np.concatenate(([0], np.cumsum(plan.count + 1)))
         for s in range(i, plan.shards, ctx.n):
             start, stop = s * sps, min((s + 1) * sps, plan.blocks)
-            toks, srcs = _shard_tokens(ctx, plan, start * B, stop * B, dtype, tok["eos_id"])
+            toks, srcs = _shard_tokens(ctx, plan, cum, start * B, stop * B, dtype, tok["eos_id"])
             writer = ShardWriter(ctx.out / shard_name(split_name, s), s, dtype)
             for b in range(stop - start):
                 sl = slice(b * B, (b + 1) * B)

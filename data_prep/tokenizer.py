@@ -75,11 +75,9 @@ class WeightedReservoir:
         self._heapq = heapq
         self.cap = cap_bytes
         self.bytes = 0
-        self.seen = 0
         self._heap: list[tuple[float, int, str]] = []
 
     def offer(self, u: float, weight: float, key: int, text: str) -> None:
-        self.seen += 1
         if weight <= 0 or not text:
             return
         text = text[: self.cap]  # one huge document cannot take more than the budget

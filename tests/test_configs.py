@@ -1,5 +1,4 @@
 """Every shipped config composes into its typed dataclass."""
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -4,7 +4,6 @@ import json
 import os
 import sys
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 

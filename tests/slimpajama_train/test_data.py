@@ -1,5 +1,4 @@
 """The global sample order: a function of (manifest, seed, epoch), not of ranks or workers."""
-import numpy as np
 import pytest
 import torch
 

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,9 +20,6 @@ BACKENDS = ["fsdp2", "zero1", "zero2", "zero3"]
 
 def _overrides(shards: Path, run_dir: Path, backend: str, *extra: str) -> list[str]:
     return tiny_train_overrides(shards, run_dir, *extra, backend=backend, steps=STEPS)
-
-
-_losses = losses_by_step
 
 
 def _env(**extra) -> dict:
@@ -68,7 +64,7 @@ def test_exact_resume_after_clean_stop(straight, demo_shards, tmp_path, backend)
     run_torchrun(2, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4"), cwd=REPO)
     proc = run_torchrun(2, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
     assert "resumed from" in proc.stderr
-    assert _losses(tmp_path) == _losses(straight[backend])  # bitwise: fp32 on CPU
+    assert losses_by_step(tmp_path) == losses_by_step(straight[backend])  # bitwise: fp32 on CPU
 
 
 def _crash(demo_shards: Path, run_dir: Path, backend: str, at: str, step: int, rank: int, *extra: str) -> None:
@@ -85,7 +81,7 @@ def test_exact_resume_after_kill_9_of_a_rank(straight, demo_shards, tmp_path, ba
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000004"
     resumed = run_torchrun(2, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
     assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
-    assert _losses(tmp_path) == _losses(straight[backend])
+    assert losses_by_step(tmp_path) == losses_by_step(straight[backend])
 
 
 def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_shards, tmp_path):
@@ -95,7 +91,7 @@ def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_sha
     assert (ckpts / ".tmp_step_00000008/state").is_dir() and not (ckpts / "step_00000008").exists()
     resumed = run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2"), cwd=REPO)
     assert "step_00000004" in resumed.stderr
-    assert _losses(tmp_path) == _losses(straight["fsdp2"])
+    assert losses_by_step(tmp_path) == losses_by_step(straight["fsdp2"])
     assert (ckpts / "latest").read_text().strip() == "step_00000008"
 
 
@@ -110,7 +106,7 @@ def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, dem
     assert marker["step"] in (3, 4) and marker["checkpoint"].endswith(f"step_0000000{marker['step']}")
     run_id = read_meta(Path(marker["checkpoint"]))["wandb_run_id"]
     run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true", "logger.wandb.mode=offline"), cwd=REPO)
-    assert _losses(tmp_path) == _losses(straight["fsdp2"])
+    assert losses_by_step(tmp_path) == losses_by_step(straight["fsdp2"])
     assert not (tmp_path / "preempted.json").exists()
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # same W&B run continued
 
@@ -131,7 +127,7 @@ def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second)
     run_torchrun(first, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4"), cwd=REPO)
     proc = run_torchrun(second, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
     assert "resumed from" in proc.stderr
-    got, ref = _losses(tmp_path), _losses(straight[backend])
+    got, ref = losses_by_step(tmp_path), losses_by_step(straight[backend])
     assert sorted(got) == sorted(ref)
     for step in ref:
         for a, b in zip(got[step], ref[step]):
@@ -142,13 +138,13 @@ def test_resume_from_a_chosen_checkpoint(straight, demo_shards, tmp_path):
     chosen = straight["fsdp2"] / "checkpoints/step_00000004"
     proc = run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", f"resume_from={chosen}"), cwd=REPO)
     assert f"resumed from {chosen}" in proc.stderr
-    ref = _losses(straight["fsdp2"])
-    assert {s: v for s, v in _losses(tmp_path).items() if s > 4} == {s: v for s, v in ref.items() if s > 4}
+    ref = losses_by_step(straight["fsdp2"])
+    assert {s: v for s, v in losses_by_step(tmp_path).items() if s > 4} == {s: v for s, v in ref.items() if s > 4}
 
 
 def test_async_save_gives_the_same_run_and_blocks_less(straight, demo_shards, tmp_path):
     run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "checkpoint.async_save=true"), cwd=REPO)
-    assert _losses(tmp_path) == _losses(straight["fsdp2"])
+    assert losses_by_step(tmp_path) == losses_by_step(straight["fsdp2"])
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000008"
     read_meta(tmp_path / "checkpoints/step_00000004")
     blocked = [m["checkpoint_blocking_s"] for m in read_metrics(tmp_path) if "checkpoint_blocking_s" in m]
