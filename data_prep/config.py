@@ -35,6 +35,8 @@ class PrepConfig:
         holdout_count: an absolute number of holdout documents instead (overrides the ratio).
         eval_files: evaluation sets; training documents sharing a word n-gram with them are dropped.
         decontam_ngram: n of that n-gram match.
+        decontam_min_words: an evaluation example shorter than ``decontam_ngram`` words is matched
+            whole when it has at least this many words (GPT-3: 8); shorter ones are not checked.
         seq_len: training sequence length; each sample holds ``seq_len + 1`` tokens.
         samples_per_shard: fixed number of samples (blocks) per shard.
         shard_divisor: when > 1, the train shard count is a multiple of it (e.g. ranks x loader
@@ -65,6 +67,7 @@ class PrepConfig:
     holdout_count: int | None = None
     eval_files: list[str] = field(default_factory=list)
     decontam_ngram: int = 13
+    decontam_min_words: int = 8
     seq_len: int = 256
     samples_per_shard: int = 1024
     shard_divisor: int = 1
@@ -92,6 +95,8 @@ class PrepConfig:
             raise ValueError(f"num_tasks={self.num_tasks}: must be >= 1")
         if self.shard_divisor < 1:
             raise ValueError(f"shard_divisor={self.shard_divisor}: must be >= 1")
+        if not 1 <= self.decontam_min_words <= self.decontam_ngram:
+            raise ValueError(f"decontam_min_words={self.decontam_min_words}: must be in [1, decontam_ngram={self.decontam_ngram}]")
         if self.long_doc_chars < 1024:
             raise ValueError(f"long_doc_chars={self.long_doc_chars}: must be >= 1024")
 

@@ -26,9 +26,24 @@ class Document:
 
     @property
     def nbytes(self) -> int:
-        return len(self.text.encode("utf-8"))
+        """UTF-8 size of ``text``. Every step counts it in and out, so it must be cheap:
+        ``str.isascii`` is O(1) in CPython (a flag of the string object), and a non-ASCII size is
+        kept until ``text`` is replaced."""
+        text = self.text
+        if text.isascii():
+            return len(text)
+        cached = self.__dict__.get("_nbytes")
+        if cached is None or cached[0] is not text:
+            cached = (text, len(text.encode("utf-8")))
+            self.__dict__["_nbytes"] = cached
+        return cached[1]
 
 
 def text_hash(text: str) -> bytes:
     """A 16-byte content digest; blake2b is ~3x faster than sha256 here and collision-safe at corpus scale."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def hash_fraction(text: str) -> float:
+    """Map a string to a uniform number in [0, 1) through its content hash (seeded subsamples, splits)."""
+    return int.from_bytes(text_hash(text)[:8], "big") / 2**64

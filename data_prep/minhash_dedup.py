@@ -26,11 +26,14 @@ import string
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from data_prep.document import Document
+
+if TYPE_CHECKING:
+    from data_prep.decontam import EvalNgrams
 
 # SlimPajama's normalization for dedup: lowercase, ASCII punctuation removed, whitespace collapsed.
 _PUNCT_TO_SPACE = bytes(32 if chr(i) in string.punctuation else i for i in range(256))
@@ -112,7 +115,7 @@ def normalized_words(text: str) -> list[bytes]:
     return text.lower().encode("utf-8").translate(_PUNCT_TO_SPACE).split()
 
 
-def _window_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def window_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of every window of ``n`` consecutive tokens inside each document of a batch.
 
     ``tokens`` holds the documents' token hashes back to back, ``lengths`` their counts. A document
@@ -222,16 +225,18 @@ def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return h, counts, digest
 
 
-def shingle_hashes(texts: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """64-bit shingle hashes of a batch: (flat hashes, offsets of each document, normalized digests)."""
-    words, counts, digest = word_hashes(texts)
+def shingle_hashes(texts: list[str], cfg: DedupConfig,
+                   words: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """64-bit shingle hashes of a batch: (flat hashes, offsets of each document, normalized digests).
+    ``words`` is :func:`word_hashes` of ``texts`` when the caller has it already."""
+    words, counts, digest = words if words is not None else word_hashes(texts)
     if cfg.shingle == "word":
         tokens, lengths = words, counts
     else:
         joined = [b" ".join(normalized_words(t)) for t in texts]
         lengths = np.fromiter((len(j) for j in joined), dtype=np.int64, count=len(texts))
         tokens = _BYTE_TABLE[np.frombuffer(b"".join(joined), dtype=np.uint8)]
-    hashes, n_sh = _window_hashes(tokens, lengths, cfg.ngram)
+    hashes, n_sh = window_hashes(tokens, lengths, cfg.ngram)
     offsets = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(n_sh, out=offsets[1:])
     return hashes, offsets, digest
@@ -410,7 +415,7 @@ def signature_task(
     cfg: DedupConfig,
     paths: DedupPaths,
     batch_bytes: int = 2 << 20,
-    eval_ngrams: np.ndarray | None = None,
+    eval_ngrams: "EvalNgrams | None" = None,
 ) -> dict[str, Any]:
     """Signatures stage for one part: ``docs`` yields (order key, document) in key order.
 
@@ -429,33 +434,33 @@ def signature_task(
     sh_counts: list[np.ndarray] = []
     # Signatures, shingle sets and band records are appended to files as each batch is done, so a
     # task's memory is one batch plus a few numbers per document, whatever the size of its part.
+    # With dedup off only the document table is written (the split stage's hash decontamination
+    # and the eval n-gram flags need it); no MinHash is computed.
+    minhash = cfg.enabled
+    exact = minhash and cfg.verify == "exact"
+    if minhash:
+        ensure_open_files(num_buckets + 64)
     out = _RawFiles()
-    sig_fh = out.open(paths.sigs(part))
-    sh_fh = out.open(paths.shingles(part)) if cfg.verify == "exact" else None
-    band_fhs = [out.open(paths.bands(b, part)) for b in range(num_buckets)]
+    sig_fh = out.open(paths.sigs(part)) if minhash else None
+    sh_fh = out.open(paths.shingles(part)) if exact else None
+    band_fhs = [out.open(paths.bands(b, part)) for b in range(num_buckets)] if minhash else []
     batch: list[tuple[int, Document]] = []
     size = 0
 
     def flush() -> None:
         texts = [d.text for _, d in batch]
-        hashes, offsets, norm = shingle_hashes(texts, cfg)
-        sig = signatures(hashes, offsets, cfg)
-        sig_fh.write(np.ascontiguousarray(sig, np.uint32).tobytes())
-        bk = band_keys(sig, bands, rows)
-        doc_keys = np.repeat(np.array([k for k, _ in batch], np.uint64), bands)
-        flat = bk.reshape(-1)
-        target = (flat % np.uint64(num_buckets)).astype(np.int64)
-        rec = np.empty(len(flat), BAND_DTYPE)
-        rec["key"], rec["doc"] = flat, doc_keys
-        for b in range(num_buckets):
-            band_fhs[b].write(rec[target == b].tobytes())
-        doc_of = np.repeat(np.arange(len(batch), dtype=np.uint64), np.diff(offsets))
+        words = word_hashes(texts)
+        norm = words[2]
         if eval_ngrams is not None:
-            # eval_ngrams is sorted and unique: a binary search, not np.isin's sort per batch
-            j = np.minimum(np.searchsorted(eval_ngrams, hashes), max(len(eval_ngrams) - 1, 0))
-            hit = eval_ngrams[j] == hashes if len(eval_ngrams) else np.zeros(len(hashes), bool)
-            contaminated.extend(np.bincount(doc_of[hit].astype(np.int64), minlength=len(batch)).astype(bool).tolist())
-        if cfg.verify == "exact":
+            contaminated.extend(eval_ngrams.contaminated(words[0], words[1]).tolist())
+        if minhash:
+            hashes, offsets, norm = shingle_hashes(texts, cfg, words)
+            sig = signatures(hashes, offsets, cfg)
+            assert sig_fh is not None
+            sig_fh.write(np.ascontiguousarray(sig, np.uint32).tobytes())
+            _spill_bands(band_keys(sig, bands, rows), np.array([k for k, _ in batch], np.uint64), band_fhs)
+        if exact:
+            doc_of = np.repeat(np.arange(len(batch), dtype=np.uint64), np.diff(offsets))
             # One sort for the whole batch: (doc, 32-bit shingle hash) pairs, unique. 32-bit hashes
             # halve the disk; with 2^32 values the Jaccard error is far below the threshold margin.
             u = _sorted_unique((doc_of << np.uint64(32)) | (hashes >> np.uint64(32)))
@@ -481,7 +486,7 @@ def signature_task(
     if batch:
         flush()
     out.commit()
-    if cfg.verify == "exact":
+    if exact:
         counts = np.concatenate(sh_counts) if sh_counts else np.zeros(0, np.int64)
         offs = np.zeros(len(counts) + 1, np.int64)
         np.cumsum(counts, out=offs[1:])
@@ -498,6 +503,37 @@ def signature_task(
         num_perm=np.array(cfg.num_perm),
     )
     return {"docs": len(keys), "bytes": int(sum(nbytes)), "bands": bands, "rows": rows}
+
+
+def ensure_open_files(needed: int) -> None:
+    """Raise this process's open-file limit to ``needed`` (a signatures task keeps one bucket file
+    per task open); the soft limit is often 1024 while the hard limit allows far more."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise OSError(f"prep.num_tasks needs {needed} open files per signatures task but the hard limit "
+                      f"(ulimit -Hn) is {hard}: use fewer tasks or raise the limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _spill_bands(keys: np.ndarray, doc_keys: np.ndarray, band_fhs: list) -> None:
+    """Append the (band key, document) records of a batch to their bucket files (bucket = key mod n).
+
+    One stable argsort by bucket and one write per non-empty bucket: O(records log records), where a
+    mask per bucket would be O(records x buckets) for thousands of tasks.
+    """
+    bands = keys.shape[1]
+    flat = keys.reshape(-1)
+    target = flat % np.uint64(len(band_fhs))
+    order = np.argsort(target, kind="stable")
+    rec = np.empty(len(flat), BAND_DTYPE)
+    rec["key"], rec["doc"] = flat[order], np.repeat(doc_keys, bands)[order]
+    bounds = np.searchsorted(target[order], np.arange(len(band_fhs) + 1, dtype=np.uint64))
+    for b in np.nonzero(np.diff(bounds))[0]:
+        band_fhs[b].write(rec[bounds[b] : bounds[b + 1]].tobytes())
 
 
 class _RawFiles:
@@ -548,6 +584,39 @@ class PartIndex:
         row = int(np.searchsorted(self._keys[part], np.uint64(key)))
         return part, row
 
+    def locate_many(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part, row) of every key, one binary search per part."""
+        parts = ((keys >> np.uint64(32)) % np.uint64(self.num_parts)).astype(np.int64)
+        rows = np.empty(len(keys), np.int64)
+        for p in np.unique(parts).tolist():
+            sel = parts == p
+            self.locate(int(keys[sel][0]))  # loads the part's keys
+            rows[sel] = np.searchsorted(self._keys[p], keys[sel])
+        return parts, rows
+
+    def _sig_table(self, part: int) -> np.ndarray:
+        if part not in self._sigs:
+            num_perm = int(self.docs(part)["num_perm"])
+            self._sigs[part] = _raw(self.paths.sigs(part), np.uint32).reshape(-1, num_perm)
+        return self._sigs[part]
+
+    def gather(self, parts: np.ndarray, rows: np.ndarray, what: str) -> np.ndarray:
+        """Signatures (``what="sig"``) or content digests (``"digest"``) at (part, row) pairs."""
+        first = self._sig_table(int(parts[0])) if what == "sig" and len(parts) else None
+        shape = (len(rows), first.shape[1]) if first is not None else (len(rows),)
+        out = np.empty(shape, np.uint32 if what == "sig" else np.uint64)
+        for p in np.unique(parts).tolist():
+            sel = parts == p
+            table = self._sig_table(p) if what == "sig" else self.docs(p)["digest"]
+            out[sel] = table[rows[sel]]
+        return out
+
+    def shingles_at(self, part: int, row: int) -> np.ndarray:
+        if part not in self._sh:
+            self._sh[part] = (_raw(self.paths.shingles(part), np.uint32), np.load(self.paths.shingle_offsets(part)))
+        data, offs = self._sh[part]
+        return np.asarray(data[offs[row] : offs[row + 1]])
+
     def docs(self, part: int) -> Any:
         if part not in self._docs:
             self._docs[part] = dict(np.load(self.paths.docs(part)))
@@ -555,17 +624,7 @@ class PartIndex:
 
     def signature(self, key: int) -> np.ndarray:
         part, row = self.locate(key)
-        if part not in self._sigs:
-            num_perm = int(self.docs(part)["num_perm"])
-            self._sigs[part] = _raw(self.paths.sigs(part), np.uint32).reshape(-1, num_perm)
-        return self._sigs[part][row]
-
-    def shingles(self, key: int) -> np.ndarray:
-        part, row = self.locate(key)
-        if part not in self._sh:
-            self._sh[part] = (_raw(self.paths.shingles(part), np.uint32), np.load(self.paths.shingle_offsets(part)))
-        data, offs = self._sh[part]
-        return np.asarray(data[offs[row] : offs[row + 1]])
+        return self._sig_table(part)[row]
 
     def digest(self, key: int) -> int:
         part, row = self.locate(key)
@@ -580,20 +639,26 @@ def bucket_task(bucket: int, num_parts: int, cfg: DedupConfig, paths: DedupPaths
     del rec, recs
     index = PartIndex(paths, num_parts)
     out = np.zeros(len(pairs), EDGE_DTYPE)
+    out["a"], out["b"] = pairs[:, 0], pairs[:, 1]
     keep = np.zeros(len(pairs), bool)
-    for i, (a, b) in enumerate(pairs.tolist()):
-        est = float(np.mean(index.signature(a) == index.signature(b)))
-        same = index.digest(a) == index.digest(b)
-        exact = float("nan")
+    chunk = 1 << 16  # pairs per step: bounds the gathered signatures to ~64 MB
+    for lo in range(0, len(pairs), chunk):
+        sl = slice(lo, lo + chunk)
+        pa, ra = index.locate_many(pairs[sl, 0])
+        pb, rb = index.locate_many(pairs[sl, 1])
+        est = (index.gather(pa, ra, "sig") == index.gather(pb, rb, "sig")).mean(axis=1)
+        same = index.gather(pa, ra, "digest") == index.gather(pb, rb, "digest")
+        exact = np.full(len(same), np.nan)
         if cfg.verify == "exact":
-            exact = 1.0 if same else jaccard_sorted(index.shingles(a), index.shingles(b))
-            ok = exact >= cfg.threshold
+            exact[same] = 1.0
+            for k in np.nonzero(~same)[0].tolist():
+                exact[k] = jaccard_sorted(index.shingles_at(int(pa[k]), int(ra[k])), index.shingles_at(int(pb[k]), int(rb[k])))
+            keep[sl] = exact >= cfg.threshold  # compared in float64, before the edge file's float32
         elif cfg.verify == "estimate":
-            ok = est >= cfg.threshold
+            keep[sl] = est >= cfg.threshold
         else:
-            ok = True
-        out[i] = (a, b, est, exact, same)
-        keep[i] = ok
+            keep[sl] = True
+        out["estimate"][sl], out["exact"][sl], out["same_text"][sl] = est, exact, same
     save_npy(paths.edges(bucket), out[keep])
     return {"candidate_pairs": int(len(pairs)), "verified_pairs": int(keep.sum())}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.document import text_hash
+from data_prep.document import hash_fraction
 
 
 @dataclass
@@ -68,7 +68,7 @@ def copies(doc_ids: list[str], factor: float, seed: int) -> np.ndarray:
     frac = factor - whole
     out = np.full(len(doc_ids), whole, np.int64)
     if frac > 0:
-        u = np.fromiter((int.from_bytes(text_hash(f"{seed}:{i}")[:8], "big") / 2**64 for i in doc_ids), float, len(doc_ids))
+        u = np.fromiter((hash_fraction(f"{seed}:{i}") for i in doc_ids), float, len(doc_ids))
         out += (u < frac).astype(np.int64)
     return out
 

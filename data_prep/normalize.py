@@ -40,7 +40,7 @@ class Normalize(PipelineStep):
             if fix is not None:
                 fixed = fix(doc.text, normalization=self.form)
                 if fixed != doc.text:
-                    self.stats.drop(self.name, "ftfy_changed")  # counted, not dropped: how many texts it touched
+                    self.stats.note(self.name, "ftfy_changed")  # how many texts it touched (none are dropped)
                 doc.text = fixed
             elif not unicodedata.is_normalized(self.form, doc.text):
                 # is_normalized is a fast check; most text is already NFC and needs no copy.

@@ -35,7 +35,7 @@ def retention_by_stage(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: dict[str, Any], tokenizer: dict[str, Any],
-                 stage_time: dict[str, Any] | None = None) -> dict[str, Any]:
+                 stage_time: dict[str, Any] | None = None, decontam: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``prep_report.json``, ``prep_report.md``, ``prep_report.png`` and ``prep_stats.json``."""
     sd = stats.to_dict()
     read_bytes = sum(c.get("bytes_out", 0) for s in sd["steps"] if s["step"] == "read" for c in s["per_source"].values())
@@ -44,6 +44,7 @@ def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: d
         "steps": sd["steps"],
         "retention": retention_by_stage(sd),
         "dedup": {**dedup, "rate_by_source": dedup_rate_by_source(sd)},
+        "decontam": decontam or {},
         "errors": sd["errors"],
         "error_counts": {s["step"]: s["drop_reasons"] for s in sd["steps"] if s["step"] == "read"},
         "timings": timings,
@@ -66,10 +67,19 @@ def markdown(stats: PrepStats, report: dict[str, Any]) -> str:
                  f"{d.get('verified_pairs')}, removed {d.get('removed')}")
     lines += ["", "| source | dedup rate (bytes) |", "|---|---:|"]
     lines += [f"| {s} | {100 * r:.2f}% |" for s, r in d["rate_by_source"].items()]
+    dc = report["decontam"]
+    if dc:
+        lines += ["", "## Decontamination", "",
+                  f"evaluation examples {dc['eval_examples']}: matched by {dc['ngram']}-grams, or whole from "
+                  f"{dc['min_words']} words; {dc['eval_examples_too_short']} shorter ones not checked"]
     lines += ["", "## Drop reasons", "", "| step | reason | documents |", "|---|---|---:|"]
     for s in report["steps"]:
         for reason, n in s["drop_reasons"].items():
             lines.append(f"| {s['step']} | {reason} | {n} |")
+    notes = [(s["step"], k, n) for s in report["steps"] for k, n in s.get("notes", {}).items()]
+    if notes:
+        lines += ["", "## Notes (counted, nothing dropped)", "", "| step | what | count |", "|---|---|---:|"]
+        lines += [f"| {step} | {k} | {n} |" for step, k, n in notes]
     lines += ["", "## Mixture (realized token proportions)", ""]
     for split, m in report["mixture"].items():
         lines.append(f"- {split}: factors {m['factors']}; realized {m['proportions']}")

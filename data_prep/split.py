@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from data_prep.document import Document, text_hash
+from data_prep.document import Document, hash_fraction
 from data_prep.stats import PrepStats
 from data_prep.step import PipelineStep
-
-
-def hash_fraction(text: str) -> float:
-    """Map a string to a uniform number in [0, 1) through its content hash."""
-    return int.from_bytes(text_hash(text)[:8], "big") / 2**64
 
 
 class HashSplit(PipelineStep):

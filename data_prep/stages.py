@@ -28,7 +28,7 @@ import zstandard
 from tqdm import tqdm
 
 from data_prep.config import PrepConfig, config_hash
-from data_prep.document import Document
+from data_prep.document import Document, hash_fraction
 from data_prep.filters import QualityFilter, ShortDocumentFilter
 from data_prep.minhash_dedup import (
     DedupPaths,
@@ -45,7 +45,6 @@ from data_prep.mixture import copies, realized, source_factors
 from data_prep.normalize import Normalize
 from data_prep.readers import DocumentReader, expand_inputs
 from data_prep.shard_format import ShardWriter, shard_name, token_dtype
-from data_prep.split import hash_fraction
 from data_prep.stats import PrepStats
 
 STAGES = ("clean", "signatures", "buckets", "clusters", "split", "tokenizer", "tokenize", "shards", "report")
@@ -66,7 +65,7 @@ def stage_hashes(cfg: PrepConfig) -> dict[str, str]:
     h: dict[str, str] = {}
     h["clean"] = config_hash([f[k] for k in ("inputs", "input_root", "text_key", "source_key", "normalize_form", "ftfy",
                                               "min_doc_chars", "quality", "num_tasks")])
-    h["signatures"] = config_hash([h["clean"], f["dedup"], f["eval_files"], f["decontam_ngram"]])
+    h["signatures"] = config_hash([h["clean"], f["dedup"], f["eval_files"], f["decontam_ngram"], f["decontam_min_words"]])
     h["buckets"] = config_hash([h["signatures"]])
     h["clusters"] = config_hash([h["buckets"]])
     h["split"] = config_hash([h["clusters"], f["holdout_ratio"], f["holdout_count"]])
@@ -161,13 +160,13 @@ def signatures(ctx: Context, i: int) -> dict[str, Any]:
     if cfg.eval_files:
         from data_prep.decontam import eval_ngrams, eval_texts
 
-        ngrams = eval_ngrams(eval_texts(cfg.eval_files, cfg.text_key), cfg.decontam_ngram)
-    dcfg = cfg.dedup
-    if cfg.eval_files and (dcfg.shingle != "word" or dcfg.ngram != cfg.decontam_ngram):
-        raise ValueError("prep.eval_files needs prep.dedup.shingle=word and prep.dedup.ngram == prep.decontam_ngram "
-                         "(the decontamination reuses the dedup shingles)")
+        ngrams = eval_ngrams(eval_texts(cfg.eval_files, cfg.text_key), cfg.decontam_ngram, cfg.decontam_min_words)
     docs = progress(read_clean(ctx.clean_part(i)), f"signatures {i}/{ctx.n}")
-    return signature_task(docs, i, ctx.n, dcfg, ctx.dedup, eval_ngrams=ngrams)
+    res = signature_task(docs, i, ctx.n, cfg.dedup, ctx.dedup, eval_ngrams=ngrams)
+    if ngrams is not None:
+        res["eval_examples"] = ngrams.examples
+        res["eval_examples_too_short"] = ngrams.too_short
+    return res
 
 
 def buckets(ctx: Context, i: int) -> dict[str, Any]:
@@ -215,37 +214,50 @@ def split(ctx: Context, i: int) -> dict[str, Any]:
         save_npy(ctx.split_codes(p), codes[p])
 
     stats = PrepStats()
-    for t, c, rem in zip(tables, codes, removed):
-        rows = list(zip(t["source"].tolist(), t["nbytes"].tolist()))
-        exact = {r for r, same in rem.items() if same}
-        for r, (src, nb) in enumerate(rows):
-            stats.add("exact_dedup", src, "in", 1, nb)
-            if r in exact:
-                stats.drop("exact_dedup", "exact_duplicate")
-                continue
-            stats.add("exact_dedup", src, "out", 1, nb)
-            stats.add("fuzzy_dedup", src, "in", 1, nb)
-            if c[r] == DUP:
-                stats.drop("fuzzy_dedup", "near_duplicate")
-                continue
-            stats.add("fuzzy_dedup", src, "out", 1, nb)
-            stats.add("decontam", src, "in", 1, nb)
-            if c[r] == DECONTAM_HASH:
-                stats.drop("decontam", "holdout_hash_match")
-                continue
-            if c[r] == DECONTAM_NGRAM:
-                stats.drop("decontam", "eval_ngram_match")
-                continue
-            stats.add("decontam", src, "out", 1, nb)
-            stats.add("split", src, "in", 1, nb)
-            stats.add("split", src, "out", 1, nb)
-            if c[r] == VAL:
-                stats.add("holdout_val", src, "out", 1, nb)
     train_bytes: dict[str, int] = {}
-    for t, c in zip(tables, codes):
-        for src, nb in zip(t["source"][c == TRAIN].tolist(), t["nbytes"][c == TRAIN].tolist()):
-            train_bytes[src] = train_bytes.get(src, 0) + nb
+    for t, c, rem in zip(tables, codes, removed):
+        _split_stats(stats, t, c, rem)
+        names, inv = np.unique(t["source"], return_inverse=True)
+        per_src = np.bincount(inv[c == TRAIN], weights=t["nbytes"][c == TRAIN], minlength=len(names))
+        for k in np.nonzero(per_src)[0]:
+            train_bytes[str(names[k])] = train_bytes.get(str(names[k]), 0) + int(per_src[k])
     return {"stats": stats.to_dict(), "train_bytes": dict(sorted(train_bytes.items()))}
+
+
+def _split_stats(stats: PrepStats, table: dict[str, np.ndarray], codes: np.ndarray, removed: dict[int, bool]) -> None:
+    """Per-source documents and bytes in/out of exact dedup, fuzzy dedup, decontamination, split
+    and holdout for one part, from its split codes (array sums per source, not a loop per document)."""
+    if not len(codes):
+        return
+    names, inv = np.unique(table["source"], return_inverse=True)
+    nbytes = table["nbytes"]
+
+    def add(step: str, key: str, mask: np.ndarray) -> None:
+        docs = np.bincount(inv[mask], minlength=len(names))
+        size = np.bincount(inv[mask], weights=nbytes[mask], minlength=len(names))
+        for k in np.nonzero(docs)[0]:
+            stats.add(step, str(names[k]), key, int(docs[k]), int(size[k]))
+
+    exact = np.zeros(len(codes), bool)
+    exact[[r for r, same in removed.items() if same]] = True
+    near = (codes == DUP) & ~exact
+    after_dedup = codes != DUP
+    kept = codes >= 0
+    for step, into, out, drops in (
+        ("exact_dedup", np.ones(len(codes), bool), ~exact, {"exact_duplicate": exact}),
+        ("fuzzy_dedup", ~exact, after_dedup, {"near_duplicate": near}),
+        ("decontam", after_dedup, kept, {"holdout_hash_match": codes == DECONTAM_HASH, "eval_ngram_match": codes == DECONTAM_NGRAM}),
+        ("split", kept, kept, {}),
+    ):
+        if not into.any():
+            continue
+        add(step, "in", into)
+        for reason, mask in drops.items():
+            if mask.any():
+                stats.drop(step, reason, int(mask.sum()))
+        add(step, "out", out)
+    if (codes == VAL).any():
+        add("holdout_val", "out", codes == VAL)
 
 
 def _kept_docs(ctx: Context, i: int, wanted: tuple[int, ...]) -> Iterator[tuple[int, int, Document]]:
@@ -532,7 +544,10 @@ def report(ctx: Context, i: int) -> dict[str, Any]:
     }
     stage_time = {s: {"cpu_s": round(sum(r.get("cpu_s", 0) for r in rs), 3), "wall_s": round(sum(r.get("wall_s", 0) for r in rs), 3),
                       "tasks": len(rs)} for s, rs in res.items()}
-    write_report(ctx.out, stats, manifest, dedup, tok.get("training", {}), stage_time)
+    sig0 = res["signatures"][0] if res["signatures"] else {}
+    decontam = ({"eval_examples": sig0["eval_examples"], "eval_examples_too_short": sig0["eval_examples_too_short"],
+                 "ngram": cfg.decontam_ngram, "min_words": cfg.decontam_min_words} if "eval_examples" in sig0 else None)
+    write_report(ctx.out, stats, manifest, dedup, tok.get("training", {}), stage_time, decontam)
     write_json_atomic(ctx.out / MANIFEST, manifest)  # last: its presence means the dataset is complete
     return {"manifest": MANIFEST}
 

@@ -16,6 +16,7 @@ class PrepStats:
     def __init__(self) -> None:
         self._counts: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
         self.reasons: dict[str, Counter] = defaultdict(Counter)
+        self.notes: dict[str, Counter] = defaultdict(Counter)
         self.errors: list[dict[str, Any]] = []
         self.timings: Counter = Counter()
         self._order: list[str] = []
@@ -30,9 +31,14 @@ class PrepStats:
         c[f"docs_{key}"] += docs
         c[f"bytes_{key}"] += nbytes
 
-    def drop(self, step: str, reason: str) -> None:
+    def drop(self, step: str, reason: str, n: int = 1) -> None:
         self._touch(step)
-        self.reasons[step][reason] += 1
+        self.reasons[step][reason] += n
+
+    def note(self, step: str, what: str, n: int = 1) -> None:
+        """Count something ``step`` did that is not a drop (e.g. texts ftfy changed)."""
+        self._touch(step)
+        self.notes[step][what] += n
 
     def add_time(self, step: str, seconds: float) -> None:
         """Seconds spent inside ``step`` (the report turns them into MB/s)."""
@@ -45,6 +51,7 @@ class PrepStats:
             for src, c in other._counts[step].items():
                 self._counts[step][src].update(c)
             self.reasons[step].update(other.reasons.get(step, {}))
+            self.notes[step].update(other.notes.get(step, {}))
         self.errors.extend(other.errors)
         self.timings.update(other.timings)
 
@@ -70,6 +77,7 @@ class PrepStats:
                     "total": dict(total),
                     "per_source": per_source,
                     "drop_reasons": dict(self.reasons.get(step, {})),
+                    "notes": dict(self.notes.get(step, {})),
                 }
             )
         return {"steps": steps, "errors": self.errors, "timings": {k: round(v, 4) for k, v in self.timings.items()}}
@@ -83,6 +91,7 @@ class PrepStats:
             for src, c in entry["per_source"].items():
                 stats._counts[entry["step"]][src].update(c)
             stats.reasons[entry["step"]].update(entry.get("drop_reasons", {}))
+            stats.notes[entry["step"]].update(entry.get("notes", {}))
         stats.errors = list(data.get("errors", []))
         stats.timings.update(data.get("timings", {}))
         return stats

@@ -168,3 +168,61 @@ def test_signature_memory_does_not_grow_with_the_part(tmp_path):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 1.3 * peaks[0], peaks
+
+
+def _random_docs(n, seed=0, words=300):
+    from data_prep.document import Document
+
+    rng = np.random.default_rng(seed)
+    vocab = np.array(["w%d" % i for i in range(5000)])
+    return [(i << 32, Document(id=f"f:{i}", text=" ".join(rng.choice(vocab, words)), source="s")) for i in range(n)]
+
+
+def test_band_records_go_to_the_bucket_of_their_key_in_input_order(tmp_path):
+    from data_prep.minhash_dedup import BAND_DTYPE, band_keys, signature_task, signatures
+
+    cfg = DedupConfig()
+    docs = _random_docs(30)
+    signature_task(iter(docs), 0, 7, cfg, DedupPaths(tmp_path), batch_bytes=8 << 10)  # several batches
+    h, off, _ = shingle_hashes([d.text for _, d in docs], cfg)
+    keys = band_keys(signatures(h, off, cfg), *cfg.band_layout())
+    doc_keys = np.repeat(np.array([k for k, _ in docs], np.uint64), keys.shape[1])
+    for b in range(7):
+        rec = np.fromfile(DedupPaths(tmp_path).bands(b, 0), dtype=BAND_DTYPE)
+        mask = keys.reshape(-1) % np.uint64(7) == b
+        assert np.array_equal(rec["key"], keys.reshape(-1)[mask]) and np.array_equal(rec["doc"], doc_keys[mask])
+
+
+def test_disabled_dedup_writes_only_the_document_table(tmp_path):
+    from data_prep.minhash_dedup import signature_task
+
+    paths = DedupPaths(tmp_path)
+    res = signature_task(iter(_random_docs(5)), 0, 3, DedupConfig(enabled=False), paths)
+    table = np.load(paths.docs(0))
+    assert res["docs"] == 5 and len(table["norm_digest"]) == 5 and not table["contaminated"].any()
+    assert not paths.sigs(0).exists() and not paths.shingles(0).exists() and not (tmp_path / "bands").exists()
+
+
+def test_open_file_limit_is_raised_for_many_buckets_or_reported(tmp_path):
+    """A signatures task keeps one file per bucket open: 1100 buckets under a soft limit of 1024."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, sys
+import numpy as np
+from tests.data_prep.test_minhash_dedup import _random_docs
+from data_prep.minhash_dedup import DedupConfig, DedupPaths, signature_task, ensure_open_files
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))
+signature_task(iter(_random_docs(3)), 0, 1100, DedupConfig(), DedupPaths(__import__('pathlib').Path({str(tmp_path)!r})))
+assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1164
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+try:
+    ensure_open_files(2000)
+except OSError as e:
+    print("ERR", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR prep.num_tasks needs 2000 open files" in out.stdout and "ulimit -Hn) is 512" in out.stdout
+    assert len(list((tmp_path / "bands").iterdir())) == 1100

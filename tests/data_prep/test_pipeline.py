@@ -234,7 +234,7 @@ def test_holdout_count(tmp_path):
 
 
 def test_hash_and_ngram_decontamination(tmp_path):
-    from data_prep.split import hash_fraction
+    from data_prep.document import hash_fraction
     from data_prep.stages import read_clean
 
     corpus = synthetic_corpus(tmp_path / "corpus", docs_per_source=20, files=2)
@@ -253,6 +253,8 @@ def test_hash_and_ngram_decontamination(tmp_path):
     run_prep(_cfg(corpus, tmp_path / "b", holdout_ratio=0.1, dedup=DedupConfig(enabled=False), eval_files=[str(eval_file)]))
     report = json.loads((tmp_path / "b/prep_report.json").read_text())
     assert {s["step"]: s for s in report["steps"]}["decontam"]["drop_reasons"] == {"holdout_hash_match": 1, "eval_ngram_match": 1}
+    assert report["decontam"] == {"eval_examples": 1, "eval_examples_too_short": 0, "ngram": 13, "min_words": 8}
+    assert "## Decontamination" in (tmp_path / "b/prep_report.md").read_text()
     clean = [d.id for _, d in read_clean(tmp_path / "b/work/clean/part-00000.jsonl.zst")]
     codes = np.load(tmp_path / "b/work/split/00000.npy")
     assert codes[clean.index(name + ":1")] == -2 and codes[clean.index(train[3].id)] == -3

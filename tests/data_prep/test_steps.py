@@ -59,7 +59,11 @@ def test_ftfy_option_repairs_mojibake_and_is_timed():
     out = list(Normalize("NFC", stats=stats, ftfy=True).run([doc("The Mona Lisa doesnâ€™t have eyebrows.")]))
     assert out[0].text == "The Mona Lisa doesn't have eyebrows."
     d = stats.to_dict()
-    assert d["steps"][0]["drop_reasons"] == {"ftfy_changed": 1} and d["timings"]["normalize"] > 0
+    # A repaired text is counted as a note, not as a drop: docs in == docs out.
+    step = d["steps"][0]
+    assert step["notes"] == {"ftfy_changed": 1} and step["drop_reasons"] == {}
+    assert step["total"]["docs_in"] == step["total"]["docs_out"] == 1 and d["timings"]["normalize"] > 0
+    assert PrepStats.from_dict(d).to_dict()["steps"][0]["notes"] == {"ftfy_changed": 1}
 
 
 def test_quality_filter_reasons():

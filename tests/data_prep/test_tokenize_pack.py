@@ -66,7 +66,7 @@ def test_packer_joins_with_eos_and_counts_sources():
 
 
 def test_weighted_reservoir_respects_cap_and_weights():
-    from data_prep.split import hash_fraction
+    from data_prep.document import hash_fraction
     from data_prep.tokenizer import WeightedReservoir
 
     res = WeightedReservoir(cap_bytes=20_000)
