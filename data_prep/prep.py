@@ -12,7 +12,8 @@ clusters        n      connected components; keeper = first in input order; remo
 split           1      removed.jsonl; holdout (ratio or count); hash + n-gram decontamination
 tokenizer       1      SentencePiece on a mixture-weighted reservoir sample (or copy a .model)
 tokenize        n      encode part i (one process per task)
-shards          n      mixture repeats; fixed-size shards i, i+n, ...; sha256 each
+plan            1      the token stream of each split: documents in input order, mixture repeats
+shards          n      fixed-size shards i, i+n, ... of the planned streams; sha256 each
 report          1      manifest.json, prep_report.{json,md,png}
 ==============  =====  =====================================================================
 

@@ -1,7 +1,7 @@
 """The prep stages. Each is ``fn(ctx, task_index) -> result`` and runs as one task of a stage.
 
 Parallel stages (``num_tasks`` tasks): clean, signatures, buckets, clusters, tokenize, shards.
-Single-task stages (metadata only, or inherently global): split, tokenizer, report.
+Single-task stages (metadata only, or inherently global): split, tokenizer, plan, report.
 
 Work directory (``<output_dir>/work``)::
 
@@ -9,6 +9,7 @@ Work directory (``<output_dir>/work``)::
     dedup/                     signatures, band buckets, edges, removed rows (minhash_dedup.py)
     split/<i>.npy              per clean row: 0 train, 1 val, <0 dropped (dedup / decontam)
     tokens/<i>.bin, <i>.npz    token ids of the kept rows of part i
+    plan/<split>.npz, .json    the token stream of a split (documents in order, with repeats)
     shard_entries/*.json       one manifest entry per written shard
 """
 from __future__ import annotations
@@ -47,8 +48,8 @@ from data_prep.readers import DocumentReader, expand_inputs
 from data_prep.shard_format import ShardWriter, shard_name, token_dtype
 from data_prep.stats import PrepStats
 
-STAGES = ("clean", "signatures", "buckets", "clusters", "split", "tokenizer", "tokenize", "shards", "report")
-SINGLE_TASK = {"split", "tokenizer", "report"}
+STAGES = ("clean", "signatures", "buckets", "clusters", "split", "tokenizer", "tokenize", "plan", "shards", "report")
+SINGLE_TASK = {"split", "tokenizer", "plan", "report"}
 SPLITS = ("train", "val")
 # split codes per clean row
 TRAIN, VAL, DUP, DECONTAM_HASH, DECONTAM_NGRAM = 0, 1, -1, -2, -3
@@ -71,7 +72,8 @@ def stage_hashes(cfg: PrepConfig) -> dict[str, str]:
     h["split"] = config_hash([h["clusters"], f["holdout_ratio"], f["holdout_count"]])
     h["tokenizer"] = config_hash([h["split"], f["tokenizer"], f["mixture"], cfg.seed])
     h["tokenize"] = config_hash([h["tokenizer"], f["long_doc_chars"]])
-    h["shards"] = config_hash([h["tokenize"], f["mixture"], cfg.seq_len, cfg.samples_per_shard, cfg.shard_divisor])
+    h["plan"] = config_hash([h["tokenize"], f["mixture"], cfg.seq_len, cfg.samples_per_shard, cfg.shard_divisor])
+    h["shards"] = config_hash([h["plan"]])
     h["report"] = h["shards"]
     return h
 
@@ -414,6 +416,34 @@ def plan_split(ctx: Context, split_code: int) -> SplitPlan:
     return SplitPlan(part, offset, count, src, sources, blocks, shards, factors, available)
 
 
+_PLAN_ARRAYS = {"part": np.int32, "offset": np.int64, "count": np.int32, "source": np.int32}
+
+
+def plan(ctx: Context, i: int) -> dict[str, Any]:
+    """Plan the token stream of each split once (every shards task and the report load it)."""
+    from data_prep.tasks import write_json_atomic
+
+    out: dict[str, Any] = {}
+    for code, name in enumerate(SPLITS):
+        p = plan_split(ctx, code)
+        npz, meta = ctx.work / "plan" / f"{name}.npz", ctx.work / "plan" / f"{name}.json"
+        save_npz(npz, **{k: getattr(p, k).astype(t) for k, t in _PLAN_ARRAYS.items()})
+        summary = {"sources": p.sources, "blocks": p.blocks, "shards": p.shards, "factors": p.factors,
+                   "tokens_available": p.tokens_available}
+        write_json_atomic(meta, summary)
+        out[name] = {k: summary[k] for k in ("blocks", "shards")}
+    return out
+
+
+def load_plan(ctx: Context, split_code: int) -> SplitPlan:
+    """The plan the ``plan`` stage wrote for a split."""
+    name = SPLITS[split_code]
+    _marker_result(ctx, "plan", 0)  # fails clearly if the plan stage has not run with this config
+    z = np.load(ctx.work / "plan" / f"{name}.npz")
+    meta = json.loads((ctx.work / "plan" / f"{name}.json").read_text())
+    return SplitPlan(**{k: z[k].astype(np.int64) for k in _PLAN_ARRAYS}, **meta)
+
+
 def _shard_tokens(ctx: Context, plan: SplitPlan, cum: np.ndarray, start: int, stop: int, dtype: np.dtype,
                   eos: int) -> tuple[np.ndarray, np.ndarray]:
     """Tokens [start, stop) of the stream and the source index of each; ``cum`` holds the stream
@@ -450,7 +480,7 @@ def shards(ctx: Context, i: int) -> dict[str, Any]:
     entries_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     for code, split_name in enumerate(SPLITS):
-        plan = plan_split(ctx, code)
+        plan = load_plan(ctx, code)
         cum = np.concatenate(([0], np.cumsum(plan.count + 1)))
         for s in range(i, plan.shards, ctx.n):
             start, stop = s * sps, min((s + 1) * sps, plan.blocks)
@@ -495,7 +525,7 @@ def report(ctx: Context, i: int) -> dict[str, Any]:
     dtype = token_dtype(tok["vocab_size"])
     splits: dict[str, Any] = {}
     for code, name in enumerate(SPLITS):
-        plan = plan_split(ctx, code)
+        plan = load_plan(ctx, code)
         entries = [json.loads((ctx.work / "shard_entries" / f"{name}-{s:06d}.json").read_text()) for s in range(plan.shards)]
         per_source: dict[str, int] = {}
         for e in entries:
@@ -560,6 +590,7 @@ STAGE_FUNCS = {
     "split": split,
     "tokenizer": tokenizer,
     "tokenize": tokenize,
+    "plan": plan,
     "shards": shards,
     "report": report,
 }

@@ -16,7 +16,7 @@ SBATCH=${SBATCH:-sbatch}
 mkdir -p logs  # prep.sbatch writes logs/%x-%A_%a.out; SLURM opens it before the script runs
 PARALLEL=" clean signatures buckets clusters tokenize shards "
 prev=""
-for stage in clean signatures buckets clusters split tokenizer tokenize shards report; do
+for stage in clean signatures buckets clusters split tokenizer tokenize plan shards report; do
   if [[ $PARALLEL == *" $stage "* ]]; then last=$((N - 1)); else last=0; fi
   dep=()
   if [[ -n $prev ]]; then dep=(--dependency="afterok:$prev"); fi

@@ -277,3 +277,23 @@ def test_shard_divisor_and_quality_filter(tmp_path):
     assert steps["quality_filter"]["drop_reasons"].get("too_few_words", 0) > 0
     with pytest.raises(ValueError, match="shard_divisor"):
         run_prep(_cfg(corpus, tmp_path / "out2", shard_divisor=1000, samples_per_shard=20))
+
+
+def test_stream_is_planned_once_and_shards_need_the_plan(tmp_path, monkeypatch):
+    """The plan stage computes each split's stream once; shards tasks and the report only load it."""
+    import data_prep.stages as stages
+
+    corpus = synthetic_corpus(tmp_path / "corpus", docs_per_source=10, files=3)
+    cfg = _cfg(corpus, tmp_path / "out", num_tasks=3, workers=1)
+    calls = []
+    real = stages.plan_split
+    monkeypatch.setattr(stages, "plan_split", lambda ctx, code: calls.append(code) or real(ctx, code))
+    for stage in STAGES[: STAGES.index("plan")]:
+        for i in range(1 if stage in stages.SINGLE_TASK else 3):
+            run_task(cfg, stage, i)
+    with pytest.raises(RuntimeError, match="stage 'plan' task 0 of 1 has not finished"):
+        run_task(cfg, "shards", 0)
+    run_prep(cfg)
+    assert calls == [0, 1]  # train and val, once each, for 3 shards tasks and the report
+    plan = stages.load_plan(stages.Context(cfg), 0)
+    assert plan.shards == len(list((tmp_path / "out").glob("train-*.tar"))) and plan.count.dtype == np.int64
