@@ -76,6 +76,7 @@ def test_prep_sbatch_array_jobs_make_the_shards_of_a_local_run(slurm_env, tmp_pa
     """launch/slurm/prep.sh submits every stage as an array job (2 tasks) depending on the one before;
     the shards equal those of the same config run locally in one process pool."""
     from data_prep.prep import run_prep
+    from data_prep.stages import STAGES
     from tests.data_prep.test_pipeline import _cfg, _tars, synthetic_corpus
 
     corpus = synthetic_corpus(tmp_path / "corpus")
@@ -89,7 +90,7 @@ def test_prep_sbatch_array_jobs_make_the_shards_of_a_local_run(slurm_env, tmp_pa
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = dict(line.split(": job ")[0:2] for line in proc.stdout.splitlines() if ": job " in line)
-    assert list(jobs) == ["clean", "signatures", "buckets", "clusters", "split", "tokenizer", "tokenize", "shards", "report"]
+    assert tuple(jobs) == STAGES  # every stage, in order
     last = int(jobs["report"].split()[0])
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("prep-*.out")))
     fields = wait_for_state(slurm_env, last, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
