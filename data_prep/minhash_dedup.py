@@ -577,12 +577,14 @@ class PartIndex:
     def part_of(key: int, num_parts: int) -> int:
         return (key >> 32) % num_parts
 
-    def locate(self, key: int) -> tuple[int, int]:
-        part = self.part_of(key, self.num_parts)
+    def _part_keys(self, part: int) -> np.ndarray:
         if part not in self._keys:
             self._keys[part] = np.load(self.paths.docs(part))["key"]
-        row = int(np.searchsorted(self._keys[part], np.uint64(key)))
-        return part, row
+        return self._keys[part]
+
+    def locate(self, key: int) -> tuple[int, int]:
+        part = self.part_of(key, self.num_parts)
+        return part, int(np.searchsorted(self._part_keys(part), np.uint64(key)))
 
     def locate_many(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(part, row) of every key, one binary search per part."""
@@ -590,8 +592,7 @@ class PartIndex:
         rows = np.empty(len(keys), np.int64)
         for p in np.unique(parts).tolist():
             sel = parts == p
-            self.locate(int(keys[sel][0]))  # loads the part's keys
-            rows[sel] = np.searchsorted(self._keys[p], keys[sel])
+            rows[sel] = np.searchsorted(self._part_keys(p), keys[sel])
         return parts, rows
 
     def _sig_table(self, part: int) -> np.ndarray:
