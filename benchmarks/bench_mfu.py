@@ -20,8 +20,8 @@ from data_prep.config import conf_dir
 from slimpajama_train.backends import build_backend
 from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.distributed import destroy_distributed, init_distributed
-from slimpajama_train.metrics import detect_peak_tflops, peak_memory_gb
-from slimpajama_train.model import ModelConfig, Transformer, count_parameters, flops_per_token
+from slimpajama_train.metrics import detect_peak_tflops, flops_per_token, mfu_off_reason, peak_memory_gb
+from slimpajama_train.model import ModelConfig, Transformer, count_parameters
 from slimpajama_train.optim import OptimConfig
 
 
@@ -33,12 +33,16 @@ def model_config(name: str, vocab: int, seq_len: int) -> ModelConfig:
 def measure(name: str, a: argparse.Namespace, dist_info) -> dict:
     cfg = model_config(name, a.vocab, a.seq_len)
     torch.manual_seed(0)
-    with torch.device(dist_info.device):
-        model = Transformer(cfg)
-    model.set_activation_checkpointing(a.ac, 2)
-    n_params = count_parameters(model)
+
+    def make_model() -> Transformer:  # built uninitialized; the backend shards and initializes it
+        model = Transformer(cfg, seed=None)
+        model.set_activation_checkpointing(a.ac, 2)
+        return model
+
     backend = build_backend(BackendConfig(name="fsdp2", precision=a.precision, activation_checkpointing=a.ac), dist_info)
-    backend.setup(model, OptimConfig(lr=1e-4, warmup_steps=0), a.micro_batch, 1)
+    backend.setup(make_model, 0, OptimConfig(lr=1e-4, warmup_steps=0), a.micro_batch, 1)
+    model = backend.model
+    n_params = count_parameters(model)
     x = torch.randint(0, a.vocab, (a.micro_batch, a.seq_len + 1), device=dist_info.device)
     sync = torch.cuda.synchronize if dist_info.device.type == "cuda" else (lambda: None)
     if dist_info.device.type == "cuda":
@@ -74,7 +78,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak; default: detected (H100 989, A100 312)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device dense bf16 peak; default: detected from the GPU name (slimpajama_train.metrics.PEAK_TFLOPS_BF16)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -83,6 +87,8 @@ def main() -> None:
         return
     dist_info = init_distributed()
     device_name = torch.cuda.get_device_name() if dist_info.device.type == "cuda" else "cpu"
+    if a.peak_tflops is None and (reason := mfu_off_reason(dist_info.device)):
+        print(f"bench_mfu: {reason.replace('trainer.peak_tflops=', '--peak-tflops ')}")
     rows = [measure(m, a, dist_info) for m in a.models]
     destroy_distributed()
     print(f"\nMFU on {device_name} (seq {a.seq_len}, micro-batch {a.micro_batch}, {a.precision}, AC {a.ac})")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from slimpajama_train.callbacks import Callback, LoggerConfig, WandbConfig
+from slimpajama_train.callbacks.base import Callback
+from slimpajama_train.callbacks.config import LoggerConfig, WandbConfig
 from slimpajama_train.checkpoint import CheckpointConfig
 from slimpajama_train.config import LoopConfig, TrainConfig
 from slimpajama_train.data import DataConfig
@@ -83,8 +84,7 @@ def main() -> None:
     it = iter(train_loader(DataConfig(path=a.data, micro_batch_size=a.micro_batch, num_workers=0), manifest, data_dir,
                            0, a.micro_batch, 0, 1))
     batches = [next(it) for _ in range(a.steps)]
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model)
+    model = Transformer(trainer.cfg.model, seed=cfg.seed)  # the resolved model config, the same initial weights
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     t_start = 0.0

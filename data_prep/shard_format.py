@@ -138,27 +138,66 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Random access to samples of one shard by index (a seek and one read; no scan from the start)."""
+    """Random access to samples of one shard by index (one positioned read; no scan from the start).
 
-    def __init__(self, path: Path, shard_index: int, block_size: int, dtype: np.dtype, layout: RecordLayout) -> None:
-        self.path = path
+    The file is opened on :meth:`open` (or the first :meth:`read`) and stays open until :meth:`close`;
+    a caller reading many shards keeps only a few readers alive (``TokenBlocks`` holds a small LRU).
+    With ``expected_bytes`` (the manifest's ``bytes``), opening checks the file's size with one
+    ``fstat``, so a missing or truncated shard fails on first use with a message naming
+    ``manifest_path`` and the shard, instead of every rank stat-ing every shard at start-up.
+    """
+
+    def __init__(self, path: Path, shard_index: int, block_size: int, dtype: np.dtype, layout: RecordLayout,
+                 expected_bytes: int | None = None, manifest_path: Path | str | None = None) -> None:
+        self.path = Path(path)
         self.shard_index = shard_index
         self.block_size = block_size
-        self.dtype = dtype
+        self.dtype = np.dtype(dtype)
         self.layout = layout
+        self.expected_bytes = expected_bytes
+        self.manifest_path = manifest_path
         self._fh: BinaryIO | None = None
+
+    def open(self) -> "ShardReader":
+        if self._fh is not None:
+            return self
+        listed = f"{self.manifest_path} lists {self.path.name}, which" if self.manifest_path is not None else f"shard {self.path.name}"
+        try:
+            fh = open(self.path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{listed} is missing (no file {self.path})") from None
+        if self.expected_bytes is not None:
+            size = os.fstat(fh.fileno()).st_size
+            if size != self.expected_bytes:
+                fh.close()
+                what = "truncated" if size < self.expected_bytes else "not the file prep wrote"
+                raise ValueError(f"{listed} should have {self.expected_bytes} bytes, but {self.path} has {size}: "
+                                 f"shard {what} (re-copy it or re-run prep)")
+        self._fh = fh
+        return self
 
     def read(self, index: int) -> np.ndarray:
         if self._fh is None:
-            self._fh = open(self.path, "rb")
-        self._fh.seek(index * self.layout.record_bytes)
-        raw = self._fh.read(TAR_BLOCK + self.layout.npy_header_bytes + self.block_size * self.dtype.itemsize)
+            self.open()
+        assert self._fh is not None
+        n = TAR_BLOCK + self.layout.npy_header_bytes + self.block_size * self.dtype.itemsize
+        offset = index * self.layout.record_bytes
+        # A positioned read: one syscall, and no shared file offset to race on (a forked process
+        # holding a copy of this descriptor cannot move it under us).
+        raw = os.pread(self._fh.fileno(), n, offset) if hasattr(os, "pread") else self._seek_read(offset, n)
+        if len(raw) < n:
+            raise ValueError(f"{self.path}: sample {index} ends at byte {offset + n}, past the end of the file; shard truncated")
         name = raw[:100].rstrip(b"\0").decode("ascii", "replace")
         expected = member_name(self.shard_index, index)
         if name != expected:
             raise ValueError(f"{self.path}: sample {index} has member {name!r}, expected {expected!r}; shard corrupt or not of this manifest")
         start = TAR_BLOCK + self.layout.npy_header_bytes
         return np.frombuffer(raw, dtype=self.dtype, count=self.block_size, offset=start)
+
+    def _seek_read(self, offset: int, n: int) -> bytes:
+        assert self._fh is not None
+        self._fh.seek(offset)
+        return self._fh.read(n)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
 
 from slimpajama_train.backends.base import Backend
+from slimpajama_train.distributed import all_ranks_true, barrier, world
 
 LATEST = "latest"
 META = "meta.json"
@@ -91,25 +92,6 @@ def set_rng_state(state: dict[str, str]) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _all_true(flag: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32)
-    dist.all_reduce(t)  # gloo-safe CPU tensor; counts ranks that are not done
-    return int(t.item()) == 0
 
 
 def state_files(state_dir: Path) -> dict[str, int]:
@@ -186,7 +168,7 @@ class CheckpointManager:
         """
         t0 = time.perf_counter()
         self.wait()  # at most one checkpoint in flight
-        rank, world = _world()
+        rank, world_size = world()
         tmp = self.root / f".tmp_{step_dirname(step)}"
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -194,13 +176,13 @@ class CheckpointManager:
             tmp.mkdir()
             for f in extra_files:
                 shutil.copyfile(f, tmp / Path(f).name)
-        _barrier()
-        rngs: list[Any] = [None] * world
-        if world > 1:
+        barrier()
+        rngs: list[Any] = [None] * world_size
+        if world_size > 1:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        full_meta = {**meta, "step": step, "world_size": world, "rng": rngs}
+        full_meta = {**meta, "step": step, "world_size": world_size, "rng": rngs}
         if self.cfg.async_save:
             self.pending = _Pending(backend.save_async(tmp / STATE), step, tmp, full_meta)
         else:
@@ -210,7 +192,7 @@ class CheckpointManager:
 
     def poll(self) -> Path | None:
         """Finalize the in-flight async checkpoint if every rank has finished writing it."""
-        if self.pending is None or not _all_true(self.pending.future.done()):
+        if self.pending is None or not all_ranks_true(self.pending.future.done()):
             return None
         return self.wait()
 
@@ -223,9 +205,9 @@ class CheckpointManager:
         return self._finalize(p.step, p.tmp, p.meta)
 
     def _finalize(self, step: int, tmp: Path, meta: dict[str, Any]) -> Path:
-        rank, _ = _world()
+        rank, _ = world()
         final = self.root / step_dirname(step)
-        _barrier()  # every rank's shards are on disk
+        barrier()  # every rank's shards are on disk
         if rank == 0:
             meta = {**meta, "state_files": state_files(tmp / STATE)}
             meta_tmp = tmp / f".{META}.tmp"
@@ -238,14 +220,14 @@ class CheckpointManager:
             pointer_tmp.write_text(final.name + "\n")
             os.replace(pointer_tmp, self.root / LATEST)
             self._prune()
-        _barrier()
+        barrier()
         return final
 
     def load(self, path: Path, backend: Backend) -> dict[str, Any]:
         meta = read_meta(path)
         backend.load(Path(path) / STATE)
-        rank, world = _world()
-        if meta.get("world_size") == world and meta.get("rng"):
+        rank, world_size = world()
+        if meta.get("world_size") == world_size and meta.get("rng"):
             set_rng_state(meta["rng"][rank])
         return meta
 
@@ -258,3 +240,69 @@ class CheckpointManager:
             if self.cfg.keep_every and step % self.cfg.keep_every == 0:
                 continue
             shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointState(Protocol):
+    """What the checkpointer pulls from the trainer: small JSON-able run state, and its restore."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, meta: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """Owns *when* to checkpoint and pulls *what* from the trainer (torchtitan's pattern): the loop
+    calls :meth:`step_end` after every step and :meth:`finish` once; nothing else saves."""
+
+    def __init__(self, cfg: CheckpointConfig, root: Path, backend: Backend, state: CheckpointState,
+                 extra_files: list[Path] = (), log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.manager = CheckpointManager(cfg, root)
+        self.backend = backend
+        self.state = state
+        self.extra_files = list(extra_files)
+        self.log = log
+        self.last_saved_step: int | None = None
+        self.last_checkpoint: Path | None = None
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load ``checkpoint.resume`` (``latest`` by default) into the backend and the trainer."""
+        path = self.manager.resume_path()
+        if path is None:
+            return None
+        meta = {**self.manager.load(path, self.backend), "path": str(path)}
+        self.state.load_state_dict(meta)
+        self.last_saved_step, self.last_checkpoint = meta["step"], Path(path)
+        return meta
+
+    def step_end(self, step: int) -> dict[str, float]:
+        """Finalize a finished background save; save when the interval says so. Returns the
+        blocking time of a save made now, as a metric."""
+        if (path := self.manager.poll()) is not None:
+            self._done(path)
+        interval = self.cfg.interval
+        if interval and step > 0 and step % interval == 0 and self.last_saved_step != step:
+            return {"checkpoint_blocking_s": self.save(step)}
+        return {}
+
+    def finish(self, step: int) -> None:
+        """At the end of a run (or a stop request): save this step unless it is saved (or nothing
+        was trained), then wait for any background write."""
+        if step > 0 and self.last_saved_step != step:
+            self.save(step)
+        if (path := self.manager.wait()) is not None:
+            self._done(path)
+
+    def save(self, step: int) -> float:
+        """Checkpoint ``step`` now (collective); returns the seconds training was blocked."""
+        blocked = self.manager.save(step, self.backend, self.state.state_dict(), extra_files=self.extra_files)
+        self.last_saved_step = step
+        if self.manager.pending is None:
+            self._done(self.manager.root / step_dirname(step), blocked)
+        else:
+            self.log(f"checkpoint: step {step} writing in the background (blocked {blocked:.2f} s)")
+        return blocked
+
+    def _done(self, path: Path, blocked: float | None = None) -> None:
+        self.last_checkpoint = path
+        self.log(f"checkpoint: {path}" + (f" (blocked {blocked:.2f} s)" if blocked is not None else ""))

@@ -1,12 +1,17 @@
 """The root training config: the typed dataclasses of each component, composed (``conf/train.yaml``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from slimpajama_train.backends.base import BackendConfig
-from slimpajama_train.callbacks import LoggerConfig
+from slimpajama_train.callbacks.config import LoggerConfig
 from slimpajama_train.checkpoint import CheckpointConfig
 from slimpajama_train.data import DataConfig
+from slimpajama_train.distributed import DistConfig
 from slimpajama_train.model import ModelConfig
 from slimpajama_train.optim import OptimConfig
 
@@ -71,16 +76,59 @@ class TrainConfig:
     trainer: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
-        if self.resume_from is not None:
-            self.checkpoint.resume = self.resume_from
         if self.checkpoint.async_save and self.backend.name != "fsdp2":
             raise ValueError("checkpoint.async_save=true needs backend=fsdp2 (DeepSpeed writes its own format synchronously)")
 
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or f"{self.run_dir}/checkpoints"
+
+
+def batch_suggestions(global_batch: int, micro_batch: int, world_size: int) -> str:
+    """What would divide: the nearest global batches, and micro-batch sizes that fit this world size."""
+    unit = micro_batch * world_size
+    lower, upper = (global_batch // unit) * unit, (global_batch // unit + 1) * unit
+    globals_ = [g for g in (lower, upper) if g > 0]
+    micros = [b for b in range(1, micro_batch + 1) if global_batch % (b * world_size) == 0][-3:]
+    worlds = [w for w in range(1, 4 * world_size + 1) if global_batch % (micro_batch * w) == 0 and w != world_size]
+    near = sorted(worlds, key=lambda w: abs(w - world_size))[:4]
+    parts = [f"trainer.global_batch_size in {globals_} (multiples of {micro_batch} x {world_size})"]
+    if micros:
+        parts.append(f"data.micro_batch_size in {micros}")
+    if near:
+        parts.append(f"a world size in {sorted(near)}")
+    return "; or ".join(parts)
+
+
+def resolve_config(cfg: TrainConfig, manifest: dict[str, Any], world_size: int) -> TrainConfig:
+    """The config the run actually uses, as a new object (the given one is never changed): model
+    vocab and sequence length from the data manifest, the global batch in samples, ``resume_from``
+    folded into ``checkpoint.resume``. Checks that the batch divides over the ranks."""
+    seq_len = manifest["seq_len"]
+    model = replace(cfg.model, vocab_size=cfg.model.vocab_size or manifest["tokenizer"]["vocab_size"],
+                    max_seq_len=cfg.model.max_seq_len or seq_len)
+    loop = cfg.trainer
+    if loop.global_batch_tokens is not None:
+        if loop.global_batch_tokens % seq_len:
+            raise ValueError(f"trainer.global_batch_tokens={loop.global_batch_tokens} is not a multiple of the data's seq_len {seq_len}")
+        loop = replace(loop, global_batch_size=loop.global_batch_tokens // seq_len)
+    G, B = loop.global_batch_size, cfg.data.micro_batch_size
+    if G % (B * world_size):
+        raise ValueError(
+            f"global batch of {G} samples (trainer.global_batch_size / global_batch_tokens) is not a multiple of "
+            f"data.micro_batch_size={B} x world size {world_size} = {B * world_size}; use "
+            + batch_suggestions(G, B, world_size)
+        )
+    checkpoint = cfg.checkpoint if cfg.resume_from is None else replace(cfg.checkpoint, resume=cfg.resume_from)
+    return replace(copy.deepcopy(cfg), model=model, trainer=loop, checkpoint=checkpoint)
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Short hash of a (resolved) config: what the checkpoint records and the log prints."""
+    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def register_configs() -> None:

@@ -7,10 +7,15 @@ state is one integer (samples consumed) and resuming, on any world size, is a se
 """
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_prep.shard_format import RecordLayout, ShardReader, load_manifest
+from data_prep.shard_format import MANIFEST, RecordLayout, ShardReader, load_manifest
 
 
 @dataclass
@@ -31,6 +36,8 @@ class DataConfig:
         micro_batch_size: samples per rank per forward/backward.
         num_workers: DataLoader worker processes per rank.
         tokenizer_sha256: when set, the manifest's tokenizer must have this checksum.
+        max_open_shards: shard files each loader process keeps open (an LRU); with a global random
+            order every read may hit another shard, so this bounds file descriptors per worker.
     """
 
     path: str = "data/demo_shards"
@@ -38,34 +45,108 @@ class DataConfig:
     micro_batch_size: int = 8
     num_workers: int = 1
     tokenizer_sha256: str | None = None
+    max_open_shards: int = 16
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
             raise ValueError(f"data.micro_batch_size={self.micro_batch_size}: must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers}: must be >= 0")
+        if self.max_open_shards < 1:
+            raise ValueError(f"data.max_open_shards={self.max_open_shards}: must be >= 1")
+
+
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(z):
+    """SplitMix64's finalizer: a bijective 64-bit mixer with full avalanche. Works on Python ints
+    and, element-wise, on numpy uint64 arrays (whose products wrap mod 2**64, as the masks do here)."""
+    z = z & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+@lru_cache(maxsize=64)
+def _round_keys(seed: int, epoch: int, rounds: int) -> tuple[int, ...]:
+    base = _mix64(_mix64(seed + _GOLDEN) ^ _mix64(epoch + 2 * _GOLDEN))
+    return tuple(_mix64(base + (r + 1) * _GOLDEN) for r in range(rounds))
 
 
 class GlobalSampleOrder:
-    """Maps a global position (across epochs) to a (shard, index) pair of one split."""
+    """Maps a global position (across epochs) to a (shard, index) pair of one split.
+
+    Epoch ``e`` visits the ``total`` samples in a seeded pseudo-random order that is a pure function
+    of (manifest, seed, epoch): the same on every rank and worker, for any world size.
+
+    Memory is O(1) in the number of samples. A materialized permutation is one int64 per sample per
+    epoch (2.4 GB for SlimPajama at seq 2048, ~300M samples), built again in every loader worker of
+    every rank. Instead, ``sample_id`` evaluates a keyed bijection of [0, total) on demand: a Feistel
+    network over the smallest power-of-two domain [0, 2**k) >= total, whose rounds alternate an
+    unbalanced split of the k bits (so any k works), with round functions from a 64-bit mixer keyed
+    by (seed, epoch, round). Values that land in [total, 2**k) are fed through again ("cycle
+    walking"): each is a bijection of [0, 2**k), so following the cycle to the first value inside
+    [0, total) is a bijection of [0, total). As 2**k < 2·total, that takes under 2 passes through
+    the network on average. The remaining state is ``cum``, one int64 per shard (0.6 MB at 75k shards).
+    """
+
+    # Luby–Rackoff needs 4 rounds with random round functions; 6 for margin with unbalanced halves.
+    # Halves of a few bits need more: with 6 rounds, the orders of 5 samples over many seeds are far
+    # from uniform (a round function of a 1-bit half has only 4 choices); 24 makes them uniform, at
+    # no cost that matters for a split of under 512 samples.
+    ROUNDS = 6
+    SMALL_DOMAIN_BITS, SMALL_DOMAIN_ROUNDS = 9, 24
 
     def __init__(self, shard_samples: list[int], seed: int, shuffle: bool = True) -> None:
-        self.cum = np.concatenate([[0], np.cumsum(shard_samples)]).astype(np.int64)
+        self.cum = np.concatenate([[0], np.cumsum(shard_samples, dtype=np.int64)]).astype(np.int64)
         self.total = int(self.cum[-1])
         if self.total == 0:
             raise ValueError("the split has no samples")
-        self.seed = seed
+        self.seed = int(seed)
         self.shuffle = shuffle
+        self._bits = (self.total - 1).bit_length()  # 2**bits >= total > 2**(bits-1)
+        self._rounds = self.ROUNDS if self._bits > self.SMALL_DOMAIN_BITS else self.SMALL_DOMAIN_ROUNDS
 
-    @lru_cache(maxsize=2)
-    def _permutation(self, epoch: int) -> np.ndarray:
-        # One int64 per sample per cached epoch: 2.4 GB for SlimPajama-627B at seq 2048, acceptable
-        # for a host that holds the loader; seeding by (seed, epoch) makes every epoch reproducible.
-        return np.random.default_rng([self.seed, epoch]).permutation(self.total)
+    def _feistel(self, x, keys: tuple[int, ...]):
+        """One pass of the network over [0, 2**bits); x: a Python int or a uint64 array."""
+        a = self._bits // 2  # bits of the half the round function changes
+        b = self._bits - a  # bits of the half it reads
+        for key in keys:
+            hi, lo = x >> b, x & ((1 << b) - 1)
+            hi = hi ^ (_mix64(lo ^ key) & ((1 << a) - 1))
+            x = (lo << a) | hi  # the halves swap, and so do their widths
+            a, b = b, a
+        return x
+
+    def _permute(self, offset, epoch: int):
+        keys = _round_keys(self.seed, epoch, self._rounds)
+        x = self._feistel(offset, keys)
+        while x >= self.total:  # cycle walking; expected < 2 passes (2**bits < 2·total)
+            x = self._feistel(x, keys)
+        return x
 
     def sample_id(self, position: int) -> int:
-        epoch, offset = divmod(position, self.total)
-        return int(self._permutation(epoch)[offset]) if self.shuffle else offset
+        epoch, offset = divmod(int(position), self.total)
+        return self._permute(offset, epoch) if self.shuffle else offset
+
+    def sample_ids(self, positions: np.ndarray) -> np.ndarray:
+        """Vectorized :meth:`sample_id` (int64 in, int64 out)."""
+        epoch, offset = np.divmod(np.asarray(positions, dtype=np.int64), self.total)
+        if not self.shuffle:
+            return offset
+        out = np.empty_like(offset)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            keys = _round_keys(self.seed, int(e), self._rounds)
+            x = self._feistel(offset[sel].astype(np.uint64), keys)
+            walk = np.flatnonzero(x >= self.total)
+            while walk.size:
+                x[walk] = self._feistel(x[walk], keys)
+                walk = walk[x[walk] >= self.total]
+            out[sel] = x.astype(np.int64)
+        return out
 
     def locate(self, sample_id: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.cum, sample_id, side="right")) - 1
@@ -73,29 +154,76 @@ class GlobalSampleOrder:
 
 
 class TokenBlocks(Dataset):
-    """Map-style dataset: item ``position`` is the sample at that position of the global order."""
+    """Map-style dataset: item ``position`` is the sample at that position of the global order.
 
-    def __init__(self, data_dir: Path, manifest: dict[str, Any], split: str, seed: int, shuffle: bool) -> None:
+    Per shard it keeps only metadata in arrays (name, size in bytes, sample offset: 32 bytes with
+    prep's ``train-000000.tar`` names, 2.4 MB at 75k shards) and opens shards lazily, keeping at
+    most ``max_open_shards`` open in an LRU per process (each DataLoader worker has its own). Nothing is opened or stat-ed at construction: a
+    missing or truncated shard fails when first read, naming ``manifest.json`` and the shard.
+    """
+
+    def __init__(self, data_dir: Path, manifest: dict[str, Any], split: str, seed: int, shuffle: bool,
+                 max_open_shards: int = 16) -> None:
         entry = manifest["splits"].get(split)
         if not entry or not entry["shards"]:
             raise ValueError(f"{data_dir}: manifest has no {split!r} shards")
-        dtype = np.dtype(manifest["dtype"])
-        layout = RecordLayout(**manifest["record"])
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards={max_open_shards}: must be >= 1")
+        shards = entry["shards"]
+        self.data_dir = Path(data_dir)
+        self.manifest_path = self.data_dir / MANIFEST
+        self.dtype = np.dtype(manifest["dtype"])
+        self.layout = RecordLayout(**manifest["record"])
         self.block_size = int(manifest["block_size"])
-        self.order = GlobalSampleOrder([s["samples"] for s in entry["shards"]], seed, shuffle)
-        self.readers = [
-            ShardReader(Path(data_dir) / s["name"], i, self.block_size, dtype, layout) for i, s in enumerate(entry["shards"])
-        ]
-        for r in self.readers:
-            if not r.path.is_file():
-                raise FileNotFoundError(f"{data_dir}/manifest.json lists {r.path.name}, which is missing")
+        self.max_open_shards = max_open_shards
+        self.order = GlobalSampleOrder([s["samples"] for s in shards], seed, shuffle)
+        # No manifest dicts, Path or reader objects per shard: fixed-width name bytes and sizes.
+        self.shard_names = np.array([s["name"].encode() for s in shards], dtype=np.bytes_)
+        self.shard_bytes = np.array([s["bytes"] for s in shards], dtype=np.int64)
+        self._open: OrderedDict[int, Any] = OrderedDict()  # shard -> open reader, least recent first
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return self.order.total
 
+    def open_shard(self, shard: int) -> ShardReader:
+        """An open reader of ``shard`` (anything with ``read(index)`` and ``close()``); raises if the
+        shard is missing or its size differs from the manifest's. Tests override it."""
+        name = self.shard_names[shard].decode()
+        return ShardReader(self.data_dir / name, shard, self.block_size, self.dtype, self.layout,
+                           expected_bytes=int(self.shard_bytes[shard]), manifest_path=self.manifest_path).open()
+
+    def _reader(self, shard: int) -> Any:
+        if self._pid != os.getpid():
+            # A forked worker inherited the parent's descriptors: close its copies (the parent's stay
+            # open) so that each process holds at most max_open_shards.
+            for r in self._open.values():
+                r.close()
+            self._open = OrderedDict()
+            self._pid = os.getpid()
+        r = self._open.get(shard)
+        if r is not None:
+            self._open.move_to_end(shard)
+            return r
+        while len(self._open) >= self.max_open_shards:
+            self._open.popitem(last=False)[1].close()
+        r = self._open[shard] = self.open_shard(shard)
+        return r
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
     def __getitem__(self, position: int) -> torch.Tensor:
         shard, index = self.order.locate(self.order.sample_id(position))
-        return torch.from_numpy(self.readers[shard].read(index).astype(np.int64))
+        return torch.from_numpy(self._reader(shard).read(index).astype(np.int64))
+
+    def __getstate__(self) -> dict:
+        # Open files do not cross process boundaries (spawned workers open their own).
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        state["_pid"] = None
+        return state
 
 
 class RankBatchSampler(Sampler[list[int]]):
@@ -142,11 +270,71 @@ def open_dataset(cfg: DataConfig) -> tuple[dict[str, Any], Path]:
     return manifest, data_dir
 
 
-def _ignore_preemption_signals(_: int) -> None:
-    # SIGUSR1 (SLURM's "time is nearly up", sent to every process of the job) must not kill the
-    # loader workers while the trainer finishes its step and checkpoints. SIGTERM keeps its default:
-    # multiprocessing stops workers with it at exit.
+def _ignore_preemption_signals(_: int, loader_pid: int | None = None) -> None:
+    """``worker_init_fn``: loader workers outlive the scheduler's preemption signals.
+
+    SLURM (SIGUSR1 ahead of the time limit, SIGTERM on preemption/cancel) and Kubernetes (SIGTERM)
+    signal every process of the job, loader workers included. The trainer rank catches them and
+    finishes its step and checkpoint; a worker that died of them would make its next ``next(it)``
+    raise "DataLoader worker exited unexpectedly". So both are ignored here.
+
+    Workers still exit when they should: when the DataLoader shuts them down (done event and
+    ``None`` sentinel on their index queue), and when their parent dies (the DataLoader's watchdog
+    notices the parent pid change). One SIGTERM still counts: the one the parent itself sends
+    (``Process.terminate``: a shutdown whose join timed out, and multiprocessing's exit handler,
+    which terminates and then joins, without timeout, the daemonic workers of a DataLoader iterator
+    still alive at interpreter exit: with a plain SIG_IGN that exit hangs). SIGTERM is therefore
+    blocked and taken by a thread with ``sigwaitinfo``, which sees the sender: from the
+    parent it exits at once (what torch's own worker SIGTERM handler does), from anyone else it is
+    dropped. ``loader_pid``, the process that owns the DataLoader, also counts as the parent (under
+    the forkserver start method, the worker's parent process is the fork server). Without
+    ``sigwaitinfo`` (not Linux), SIGTERM keeps torch's handler.
+    """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
+        return
+    parents = frozenset({os.getppid(), loader_pid or os.getppid()})
+    # Ignored and blocked: a blocked signal is never discarded but stays pending for sigwaitinfo.
+    # SIG_IGN covers threads started before this call, which do not block it (none with the fork
+    # start method; under spawn/forkserver, native threads of torch, see _LOADERS_WITH_WORKERS).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    threading.Thread(target=_sigterm_from_parent_only, args=(parents,), name="sigterm-filter", daemon=True).start()
+
+
+def _sigterm_from_parent_only(parents: frozenset[int]) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid in parents:
+            os._exit(0)
+
+
+# Loaders whose workers ignore SIGTERM. At interpreter exit multiprocessing SIGTERMs, then joins
+# without timeout, the daemonic workers still alive (a persistent-workers DataLoader keeps its
+# iterator, so its workers outlive every other reference). The thread above honours that SIGTERM
+# only where it is the one thread without the signal blocked: with the fork start method; under
+# spawn/forkserver, native threads started by importing torch may swallow it. So the workers of
+# these loaders are first shut down the ordinary way (done event, sentinel, join), by a hook that
+# runs before multiprocessing's and torch's own (atexit runs the last registered first).
+_LOADERS_WITH_WORKERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+def _shut_down_loader_workers() -> None:
+    for loader in list(_LOADERS_WITH_WORKERS):
+        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception:  # exiting anyway: multiprocessing's own handler is the fallback
+                pass
+
+
+# Registered after multiprocessing.util's and torch.utils.data's hooks (both imported above).
+atexit.register(_shut_down_loader_workers)
+
+
+def _track_loader_workers(loader: DataLoader) -> DataLoader:
+    _LOADERS_WITH_WORKERS.add(loader)
+    return loader
 
 
 def _collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,17 +344,19 @@ def _collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, start: int, global_batch: int, rank: int, world_size: int) -> DataLoader:
     """Infinite loader of (inputs, targets) micro-batches of this rank, from position ``start``."""
-    ds = TokenBlocks(data_dir, manifest, "train", cfg.seed, shuffle=True)
+    ds = TokenBlocks(data_dir, manifest, "train", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards)
     sampler = RankBatchSampler(start, global_batch, cfg.micro_batch_size, rank, world_size)
-    return DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
-                      persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None,
-                      worker_init_fn=_ignore_preemption_signals if cfg.num_workers else None)
+    if not cfg.num_workers:
+        return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=_collate)
+    return _track_loader_workers(DataLoader(
+        ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate, persistent_workers=True, prefetch_factor=4,
+        worker_init_fn=partial(_ignore_preemption_signals, loader_pid=os.getpid())))
 
 
 def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batches: int, global_batch: int, rank: int, world_size: int) -> DataLoader:
     """The first ``batches`` global batches of the holdout split, in file order: the same samples every
     evaluation and on any world size (each rank takes its slice of every global batch)."""
-    ds = TokenBlocks(data_dir, manifest, "val", cfg.seed, shuffle=False)
+    ds = TokenBlocks(data_dir, manifest, "val", cfg.seed, shuffle=False, max_open_shards=cfg.max_open_shards)
     n = min(batches * global_batch, (len(ds) // global_batch) * global_batch)
     if n == 0:
         raise ValueError(f"{data_dir}: the val split has {len(ds)} samples, fewer than one global batch of {global_batch}")

@@ -5,6 +5,7 @@ is a rename, not a permutation.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -86,18 +87,6 @@ class ModelConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), PaLM's convention:
-    6 · (matmul parameters, counted once per use) + 12 · layers · dim · seq_len for attention scores
-    and values. Embedding lookups are not matmuls and are left out."""
-    kv = cfg.kv_heads * cfg.head_dim
-    per_layer = cfg.dim * cfg.dim * 2 + cfg.dim * kv * 2 + 3 * cfg.dim * cfg.hidden_dim
-    head = cfg.dim * cfg.vocab_size if cfg.embedding_rank is None else cfg.embedding_rank * (cfg.dim + cfg.vocab_size)
-    if cfg.embedding_rank is not None:
-        head += cfg.embedding_rank * cfg.dim  # the input projection r -> dim
-    return 6.0 * (cfg.n_layers * per_layer + head) + 12.0 * cfg.n_layers * cfg.dim * seq_len
-
-
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     """Per-head ALiBi slopes (Press et al.): a geometric sequence, interleaved for non-powers of two."""
     def pow2(n: int) -> list[float]:
@@ -121,6 +110,56 @@ def alibi_bias(n_heads: int, seq_len: int) -> torch.Tensor:
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# Elements per independently seeded block of a parameter. A rank generates only the blocks that
+# overlap its shard, so initialization costs O(shard) time and memory, not O(model).
+INIT_BLOCK = 1 << 20
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{name}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _shard_offset(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(local tensor, flat offset of its first element in the full parameter)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return p, 0
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in p.placements):
+        raise NotImplementedError(f"initializing a DTensor with placements {p.placements}; only Shard(0)/Replicate are used here")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = math.prod(p.shape[1:]) if p.ndim > 1 else 1
+    return p.to_local(), (offset[0] if offset else 0) * row
+
+
+@torch.no_grad()
+def fill_param(p: torch.Tensor, name: str, seed: int, std: float | None) -> None:
+    """Fill ``p`` (a full tensor or this rank's dim-0 shard of one) with N(0, std), or ones when
+    ``std`` is None. Element ``i`` of the full parameter comes from block ``i // INIT_BLOCK``, drawn
+    on the CPU from a generator seeded by (seed, name, block): the same value on any device, for
+    any world size."""
+    local, start = _shard_offset(p)
+    if std is None:
+        local.fill_(1.0)
+        return
+    n = local.numel()
+    if n == 0:
+        return
+    flat = local.view(-1)
+    pos, end = start, start + n
+    while pos < end:
+        block = pos // INIT_BLOCK
+        lo, hi = pos - block * INIT_BLOCK, min(end - block * INIT_BLOCK, INIT_BLOCK)
+        g = torch.Generator().manual_seed(_block_seed(seed, name, block))
+        values = torch.randn(hi, generator=g, dtype=torch.float32)[lo:hi].mul_(std)
+        flat[pos - start: pos - start + (hi - lo)].copy_(values)
+        pos += hi - lo
 
 
 class RMSNorm(nn.Module):
@@ -213,7 +252,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM. ``forward(tokens (B, T)) -> logits (B, T, V)``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int | None = 0) -> None:
+        """Build the model; ``seed=None`` leaves the parameters uninitialized (for building on the
+        meta device and initializing each shard after sharding: :meth:`init_weights`)."""
         super().__init__()
         if cfg.vocab_size is None or cfg.max_seq_len is None:
             raise ValueError("model.vocab_size and model.max_seq_len must be resolved (from the data manifest) before building")
@@ -237,18 +278,47 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.register_buffer("alibi", alibi_bias(cfg.n_heads, cfg.max_seq_len), persistent=False)
-        self.reset_parameters()
+        if seed is not None:
+            self.init_weights(seed)
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def init_weights(self, seed: int) -> None:
+        """Initialize every parameter (and the derived buffers) deterministically from ``seed``.
+
+        Works on whatever each rank holds: full tensors, FSDP2's DTensor shards (after building on
+        the meta device, ``fully_shard`` and ``to_empty``), or a ZeRO-3 parameter gathered for the
+        call. A parameter's values depend only on (seed, its name), never on how it is sharded, so
+        a 2-rank run starts from exactly the weights of a 1-process build.
+        """
+        self._init_buffers()
+        for name, p in self.named_parameters():  # a tied weight appears once, under its first name
+            self.init_param(name, p, seed)
+
+    def init_param(self, name: str, p: torch.Tensor, seed: int) -> None:
+        """Initialize parameter ``name`` (or this rank's shard of it): norms 1, residual outputs
+        N(0, std/sqrt(2·layers)) (GPT-2), everything else N(0, std)."""
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")) and self.cfg.init_scaled_residual:
-                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                p.normal_(0.0, std)
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            fill_param(p, name, seed, std=None)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")) and self.cfg.init_scaled_residual:
+            fill_param(p, name, seed, std=std / math.sqrt(2 * self.cfg.n_layers))
+        else:
+            fill_param(p, name, seed, std=std)
+
+    def _init_buffers(self) -> None:
+        cfg = self.cfg
+        device = next(self.parameters()).device
+        if device.type == "meta":
+            device = None
+        if cfg.position_encoding == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        else:
+            self.alibi = alibi_bias(cfg.n_heads, cfg.max_seq_len).to(device)
+
+    def tie_weights(self) -> None:
+        """Share the input table with the output head (``to_empty`` gives each module its own copy)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         T = tokens.shape[1]

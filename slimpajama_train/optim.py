@@ -75,7 +75,9 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
         if not p.requires_grad:
             continue
         is_embedding = name.startswith("embed_tokens.")
-        (decay if p.ndim >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
+        # A ZeRO-3 parameter built under zero.Init is an empty placeholder; its real shape is ds_shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -16,28 +16,37 @@ Any config field is a Hydra override (``trainer.max_steps=2000 optim.lr=1e-3``);
 """
 from __future__ import annotations
 
-import json
-import sys
+from slimpajama_train.preemption import StopRequest
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+# Run as a module (torchrun -m), the handler goes in before the heavy imports below (torch, Hydra,
+# DeepSpeed: seconds): a scheduler's SIGTERM during start-up is recorded, not lost.
+_EARLY_STOP = StopRequest().install() if __name__ == "__main__" else None
 
-from data_prep.config import conf_dir
-from slimpajama_train.config import TrainConfig, register_configs
-from slimpajama_train.distributed import destroy_distributed, init_distributed
-from slimpajama_train.trainer import Trainer
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from data_prep.config import conf_dir  # noqa: E402
+from slimpajama_train.config import TrainConfig, register_configs  # noqa: E402
+from slimpajama_train.distributed import destroy_distributed, init_distributed  # noqa: E402
+from slimpajama_train.trainer import Trainer  # noqa: E402
 
 # Exit status of a run that stopped on SIGTERM/SIGUSR1 after saving: EX_TEMPFAIL ("try again"),
 # which launch/slurm/train.sbatch turns into a requeue.
 PREEMPTED_EXIT_CODE = 75
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
     """Train with ``cfg`` inside an initialized process group; returns the trainer's summary."""
-    dist_info = init_distributed()
+    # First, before anything slow (process group, model build, resume): a scheduler's SIGTERM or
+    # SIGUSR1 from now on is recorded and honoured at the first step boundary.
+    stop = stop or StopRequest().install()
+    dist_info = init_distributed(cfg.dist)
     trainer, clean = None, False
     try:
-        trainer = Trainer(cfg, dist_info)
+        trainer = Trainer(cfg, dist_info, stop=stop)
         summary = trainer.fit()
         if dist_info.is_main:
             print(json.dumps(summary), flush=True)
@@ -45,11 +54,12 @@ def run(cfg: TrainConfig) -> dict:
         return summary
     finally:
         if trainer is not None:
-            trainer.backend.close()
+            trainer.close()
         destroy_distributed(barrier=clean)
 
 
 def main() -> None:
+    stop = _EARLY_STOP or StopRequest().install()  # before Hydra composes the config and torch initializes
     register_configs()
 
     preempted = False
@@ -57,7 +67,7 @@ def main() -> None:
     @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
     def _app(dcfg: DictConfig) -> None:
         nonlocal preempted
-        preempted = run(OmegaConf.to_object(dcfg)).get("preempted", False)  # the raw DictConfig stops here
+        preempted = run(OmegaConf.to_object(dcfg), stop).get("preempted", False)  # the raw DictConfig stops here
 
     _app()
     if preempted:

@@ -1,16 +1,16 @@
-"""The training loop. It drives a :class:`Backend` and never asks which one."""
+"""The training loop. It drives a :class:`Backend` and never asks which one.
+
+Each piece owns one job: the backend shards, steps and saves state; the :class:`Checkpointer`
+decides when to save and pulls the run state from here; callbacks observe (console, metrics file,
+W&B, speed); :class:`StopRequest` records scheduler signals, which the ranks agree on here.
+"""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
-import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,88 +18,82 @@ import torch
 
 from slimpajama_train import __version__
 from slimpajama_train.backends import build_backend
-from slimpajama_train.callbacks import Callback, build_callbacks
-from slimpajama_train.checkpoint import CheckpointManager, step_dirname
-from slimpajama_train.config import TrainConfig
+from slimpajama_train.backends.hardware import compile_problem
+from slimpajama_train.callbacks.base import Callback, ordered
+from slimpajama_train.callbacks.build import build_callbacks
+from slimpajama_train.checkpoint import Checkpointer
+from slimpajama_train.config import TrainConfig, config_hash, resolve_config
 from slimpajama_train.data import check_manifest, open_dataset, train_loader, val_loader
-from slimpajama_train.distributed import DistInfo, all_reduce_sum
-from slimpajama_train.metrics import detect_peak_tflops, peak_memory_gb
-from slimpajama_train.model import ModelConfig, Transformer, count_parameters, flops_per_token
+from slimpajama_train.distributed import DistInfo, all_reduce_sum, set_collective_timeout
+from slimpajama_train.metrics import detect_peak_tflops, flops_per_token, host_peak_rss_bytes, mfu_off_reason
+from slimpajama_train.model import Transformer, count_parameters
 from slimpajama_train.optim import lr_at
-
+from slimpajama_train.preemption import StopRequest
 
 PREEMPTED_MARKER = "preempted.json"
-WANDB_ID_FILE = "wandb_run_id"
 
 
-def resolve_model_config(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
-    """Fill ``vocab_size`` and ``max_seq_len`` from the data manifest where the config leaves them unset."""
-    return replace(
-        model,
-        vocab_size=model.vocab_size or manifest["tokenizer"]["vocab_size"],
-        max_seq_len=model.max_seq_len or manifest["seq_len"],
-    )
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+def build_model(cfg: TrainConfig) -> Transformer:
+    """The model of ``cfg`` without initialized weights (the backend builds it on the meta device or
+    under ZeRO-3's partitioning and initializes each rank's part)."""
+    model = Transformer(cfg.model, seed=None)
+    model.set_activation_checkpointing(cfg.backend.activation_checkpointing, cfg.backend.ac_every)
+    if cfg.trainer.compile:
+        for block in model.layers:
+            block.compile()  # in place: parameter names (and checkpoints) are unchanged
+    return model
 
 
 class Trainer:
-    """Builds model, backend, data and callbacks from a :class:`TrainConfig`; :meth:`fit` runs the loop."""
+    """Builds model, backend, data, checkpointer and callbacks from a :class:`TrainConfig`;
+    :meth:`fit` runs the loop. ``cfg`` is not modified: ``self.cfg`` is the resolved copy."""
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, callbacks: list[Callback] | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, callbacks: list[Callback] | None = None,
+                 stop: StopRequest | None = None) -> None:
+        self.stop = stop or StopRequest().install()
         self.dist = dist_info
         self.manifest, self.data_dir = open_dataset(cfg.data)
-        cfg.model = resolve_model_config(cfg.model, self.manifest)
+        self.cfg = cfg = resolve_config(cfg, self.manifest, dist_info.world_size)
+        if cfg.trainer.compile and (problem := compile_problem(dist_info.device)):
+            raise RuntimeError(f"trainer.compile=true: {problem}; set trainer.compile=false")
+        self.config_hash = config_hash(cfg)
         check_manifest(self.manifest, self.data_dir, cfg.model.max_seq_len, cfg.model.vocab_size, cfg.data.tokenizer_sha256)
         seq_len = self.manifest["seq_len"]
-        if cfg.trainer.global_batch_tokens is not None:
-            if cfg.trainer.global_batch_tokens % seq_len:
-                raise ValueError(f"trainer.global_batch_tokens={cfg.trainer.global_batch_tokens} is not a multiple of the data's seq_len {seq_len}")
-            cfg.trainer.global_batch_size = cfg.trainer.global_batch_tokens // seq_len
         G, B, W = cfg.trainer.global_batch_size, cfg.data.micro_batch_size, dist_info.world_size
-        if G % (B * W):
-            raise ValueError(
-                f"global batch of {G} samples (trainer.global_batch_size / global_batch_tokens) must be a multiple "
-                f"of data.micro_batch_size={B} x world size {W}"
-            )
         self.grad_accum = G // (B * W)
         self.tokens_per_step = G * seq_len
         self.flops_per_token = flops_per_token(cfg.model, seq_len)
         peak = cfg.trainer.peak_tflops or detect_peak_tflops(dist_info.device)
         self.peak_flops = peak * 1e12 if peak else None
+        if not peak and (reason := mfu_off_reason(dist_info.device)):
+            self.log(reason)
+        self._write_resolved_config()
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and world size
-        model = Transformer(cfg.model)
-        model.set_activation_checkpointing(cfg.backend.activation_checkpointing, cfg.backend.ac_every)
-        if cfg.trainer.compile:
-            for block in model.layers:
-                block.compile()  # in place: parameter names (and checkpoints) are unchanged
-        self.n_params = count_parameters(model)
+        torch.manual_seed(cfg.seed)
+        self.backend = build_backend(cfg.backend, dist_info)
+        self.backend.build_model(lambda: build_model(cfg), cfg.seed, cfg.optim, B, self.grad_accum)
+        self.n_params = count_parameters(self.backend.model)
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOPs/token "
                  f"({cfg.model.n_layers} layers, dim {cfg.model.dim}, vocab {cfg.model.vocab_size}, seq {seq_len}); "
                  f"backend {cfg.backend.name}{'' if cfg.backend.name == 'fsdp2' else f' ZeRO-{cfg.backend.zero_stage}'} "
-                 f"{cfg.backend.precision}; world {W}; global batch {G} = {B} micro x {self.grad_accum} accum x {W} ranks")
-        self.backend = build_backend(cfg.backend, dist_info)
-        self.backend.setup(model, cfg.optim, B, self.grad_accum)
+                 f"{cfg.backend.precision}; world {W}; global batch {G} = {B} micro x {self.grad_accum} accum x {W} ranks; "
+                 f"host peak RSS after sharded init {host_peak_rss_bytes() / 2**30:.2f} GiB (rank 0)")
+        self.backend.build_optimizer()
 
-        self.ckpt = CheckpointManager(cfg.checkpoint, Path(cfg.checkpoint_dir))
         self.step = 0
         self.samples_consumed = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self._signal_received = False
+        self.data_wait_s = 0.0
         self.preempted = False
-        self.last_saved_step: int | None = None
-        self.last_checkpoint: Path | None = None
-        self.wandb_run_id = cfg.logger.wandb.id
-        resume = self.ckpt.resume_path()
-        if resume is not None:
-            self._resume(resume)
-        if self.wandb_run_id is None:
-            self.wandb_run_id = self._run_dir_wandb_id()
+        self.summary: dict[str, Any] = {}
+        self.callbacks = ordered(callbacks if callbacks is not None else build_callbacks(cfg.logger, dist_info.is_main))
+        tokenizer = self.data_dir / self.manifest["tokenizer"]["file"]
+        self.checkpointer = Checkpointer(cfg.checkpoint, Path(cfg.checkpoint_dir), self.backend, self,
+                                         extra_files=[tokenizer], log=self.log)
+        self.checkpointer.resume()
+        # Start-up and resume ran under the long init timeout; steps get the short one.
+        set_collective_timeout(cfg.dist.step_timeout_s)
 
         self.train_data = train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G, dist_info.rank, W)
         self.train_iter = iter(self.train_data)
@@ -107,22 +101,14 @@ class Trainer:
             val_loader(cfg.data, self.manifest, self.data_dir, cfg.trainer.eval_batches, G, dist_info.rank, W)
             if cfg.trainer.eval_interval else None
         )
-        self.callbacks = callbacks if callbacks is not None else build_callbacks(cfg.logger, dist_info.is_main)
-        self.summary: dict[str, Any] = {}
 
-    def _run_dir_wandb_id(self) -> str:
-        """The W&B run id kept in ``run_dir`` for runs without a checkpoint yet, so that a job
-        requeued before its first save still continues the same W&B run."""
-        path = Path(self.cfg.run_dir) / WANDB_ID_FILE
-        if path.is_file():
-            return path.read_text().strip()
-        run_id = uuid.uuid4().hex[:12]
-        if self.dist.is_main:  # only the main rank logs to W&B
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(run_id + "\n")
-            os.replace(tmp, path)
-        return run_id
+    def _write_resolved_config(self) -> None:
+        if not self.dist.is_main:
+            return
+        path = Path(self.cfg.run_dir) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"config_hash": self.config_hash, "config": asdict(self.cfg)}, indent=1, default=str))
+        self.log(f"config (resolved, hash {self.config_hash}): {path}")
 
     def log(self, msg: str) -> None:
         if self.dist.is_main:
@@ -130,50 +116,50 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to ``max_steps`` (or ``halt_at_step``, or a preemption signal); returns first/last
+        """Train to ``max_steps`` (or ``halt_at_step``, or a stop signal); returns first/last
         losses, the last checkpoint and whether the run was preempted."""
         loop = self.cfg.trainer
         end = min(loop.max_steps, loop.halt_at_step or loop.max_steps)
-        self._install_signal_handlers()
         for cb in self.callbacks:
             cb.on_train_start(self)
-        if self.step == 0 and self.val_data is not None:
+        # A signal during model build or resume: stop before training anything (one small collective).
+        self.preempted = self._agree_to_stop()
+        if self.step == 0 and self.val_data is not None and not self.preempted:
             self._emit({"step": 0, **self.evaluate()})
         while self.step < end and not self.preempted:
+            for cb in self.callbacks:
+                cb.on_step_start(self)
             metrics = self.train_step()
             if self.val_data is not None and (self.step % loop.eval_interval == 0 or self.step == loop.max_steps):
                 metrics.update(self.evaluate())
+            if not self.preempted:
+                metrics.update(self.checkpointer.step_end(self.step))
             self._emit(metrics)
         if self.preempted:
-            self.log(f"preemption signal received: saving at step {self.step} and exiting for requeue")
-        for cb in self.callbacks:
-            cb.on_train_end(self)  # the checkpoint callback saves here if this step is not saved yet
-        self.summary.update(checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                            step=self.step, preempted=self.preempted)
+            self.log(f"stop requested ({self.stop.describe()} on some rank): saving at step {self.step} and exiting for requeue")
+        t0 = time.perf_counter()
+        self.checkpointer.finish(self.step)
+        if self.preempted and self.stop.received_at is not None:
+            self.log(f"saved in {time.perf_counter() - t0:.1f} s, {time.monotonic() - self.stop.received_at:.1f} s after "
+                     f"the signal (SLURM sends SIGKILL after KillWait, 30 s by default)")
+        last = self.checkpointer.last_checkpoint
+        self.summary.update(checkpoint=str(last) if last else None, step=self.step, preempted=self.preempted)
         marker = Path(self.cfg.run_dir) / PREEMPTED_MARKER
         if self.dist.is_main:
             if self.preempted:  # tells a launcher (which may only see torchrun's exit code) to requeue
+                marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(json.dumps({"step": self.step, "checkpoint": self.summary["checkpoint"]}) + "\n")
             else:
                 marker.unlink(missing_ok=True)
+        for cb in self.callbacks:  # after the save and the marker: an observer cannot cost a checkpoint
+            cb.on_train_end(self)
         return self.summary
 
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (what SLURM sends ahead of a time limit or on preemption) ask for a stop;
-        the ranks agree on it at the end of the step (see :meth:`train_step`)."""
-        self._signal_received = False
-        self.preempted = False
-
-        def request_stop(signum, frame) -> None:
-            self._signal_received = True
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, request_stop)
+    def _agree_to_stop(self) -> bool:
+        return all_reduce_sum([float(self.stop.requested)], self.dist.device)[0] > 0
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; metrics on log steps."""
-        t0 = time.perf_counter()
+        """One optimizer step over ``grad_accum`` micro-batches; train metrics on log steps."""
         lr = lr_at(self.step, self.cfg.optim, self.cfg.trainer.max_steps)
         loss_sum = torch.zeros((), device=self.dist.device)
         data_wait = 0.0
@@ -186,12 +172,12 @@ class Trainer:
         batch_start = self.samples_consumed
         self.step += 1
         self.samples_consumed += self.cfg.trainer.global_batch_size
-        # The loss is reduced every step: the skip decision must be global, and the step already
-        # synchronized on the gradient norm, so this adds no stall.
+        # The skip decision must be global, and the step already synchronized on the gradient norm.
         # A pending stop signal rides on the same collective: every rank stops after the same step.
         loss_total, wait_total, stop_votes = all_reduce_sum(
-            [loss_sum.item(), data_wait, float(self._signal_received)], self.dist.device)
+            [loss_sum.item(), data_wait, float(self.stop.requested)], self.dist.device)
         self.preempted = stop_votes > 0
+        self.data_wait_s = wait_total / self.dist.world_size
         loss = loss_total / (self.grad_accum * self.dist.world_size)
         if result.skipped or not math.isfinite(loss):
             self._record_skip(batch_start, loss, result.grad_norm)
@@ -199,17 +185,8 @@ class Trainer:
             self.consecutive_skips = 0
         metrics: dict[str, Any] = {"step": self.step}
         if self.step % self.cfg.trainer.log_interval == 0 or self.step == 1 or self.step == self.cfg.trainer.max_steps:
-            dt = time.perf_counter() - t0
-            tps = self.tokens_per_step / dt
-            metrics.update(
-                loss=loss, lr=lr, grad_norm=result.grad_norm,
-                tokens_per_s=tps, tokens_per_s_per_device=tps / self.dist.world_size,
-                data_wait_s=wait_total / self.dist.world_size, step_time_s=dt,
-                tokens_seen=self.samples_consumed * self.manifest["seq_len"],
-                peak_mem_gb=peak_memory_gb(self.dist.device), skipped_steps=self.skipped_steps,
-            )
-            if self.peak_flops:
-                metrics["mfu"] = tps / self.dist.world_size * self.flops_per_token / self.peak_flops
+            metrics.update(loss=loss, lr=lr, grad_norm=result.grad_norm, skipped_steps=self.skipped_steps,
+                           tokens_seen=self.samples_consumed * self.manifest["seq_len"])
             if result.loss_scale is not None:
                 metrics["loss_scale"] = result.loss_scale
             if math.isfinite(loss):
@@ -245,12 +222,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss and perplexity over the fixed holdout batches."""
-        total, count = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        count = 0
         for inputs, targets in self.val_data:
-            total += self.backend.eval_loss(inputs, targets).item()
+            total += self.backend.eval_loss(inputs, targets).double()
             count += 1
-        total, count = all_reduce_sum([total, float(count)], self.dist.device)
-        val = total / count
+        total_sum, count_sum = all_reduce_sum([total.item(), float(count)], self.dist.device)
+        val = total_sum / count_sum
         self.summary.setdefault("first_val_loss", val)
         self.summary["last_val_loss"] = val
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
@@ -259,45 +237,34 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_step_end(self, metrics)
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self) -> float:
-        """Checkpoint this step (collective); returns the seconds training was blocked."""
-        meta = {
+    def close(self) -> None:
+        """Stop the loader workers and release the backend (before the process group goes away)."""
+        it, self.train_iter = self.train_iter, None
+        # Workers ignore the scheduler's SIGTERM, so stop them through the loader (done event and
+        # sentinel) now rather than leave them to the interpreter's exit handler.
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.backend.close()
+
+    # ---- the run state the checkpointer pulls ---------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
             "tokens_seen": self.samples_consumed * self.manifest["seq_len"],
             "samples_consumed": self.samples_consumed,
             "global_batch_size": self.cfg.trainer.global_batch_size,
-            "wandb_run_id": self.wandb_run_id,
             "config": asdict(self.cfg),
-            "config_hash": config_hash(self.cfg),
+            "config_hash": self.config_hash,
             "data_manifest_hash": self.manifest.get("prep_config_hash"),
             "tokenizer_sha256": self.manifest["tokenizer"]["sha256"],
             "code_version": __version__,
             "skipped_steps": self.skipped_steps,
             "backend_state": self.backend.extra_state(),
+            "callbacks": {cb.name: state for cb in self.callbacks if (state := cb.state_dict())},
         }
-        tokenizer = self.data_dir / self.manifest["tokenizer"]["file"]
-        blocked = self.ckpt.save(self.step, self.backend, meta, extra_files=[tokenizer])
-        self.last_saved_step = self.step
-        if self.ckpt.pending is None:
-            self.last_checkpoint = self.ckpt.root / step_dirname(self.step)
-            self.log(f"checkpoint: {self.last_checkpoint} (blocked {blocked:.2f} s)")
-        else:
-            self.log(f"checkpoint: step {self.step} writing in the background (blocked {blocked:.2f} s)")
-        return blocked
 
-    def poll_checkpoint(self) -> None:
-        """Finalize a background checkpoint once every rank has written it (collective)."""
-        if (path := self.ckpt.poll()) is not None:
-            self.last_checkpoint = path
-            self.log(f"checkpoint: {path}")
-
-    def wait_checkpoint(self) -> None:
-        if (path := self.ckpt.wait()) is not None:
-            self.last_checkpoint = path
-            self.log(f"checkpoint: {path}")
-
-    def _resume(self, path: Path) -> None:
-        meta = self.ckpt.load(path, self.backend)
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        path = meta.get("path", self.cfg.checkpoint.resume)
         if meta["tokenizer_sha256"] != self.manifest["tokenizer"]["sha256"]:
             raise ValueError(f"{path}: trained with tokenizer {meta['tokenizer_sha256'][:12]}…, but data.path uses "
                              f"{self.manifest['tokenizer']['sha256'][:12]}…")
@@ -308,6 +275,7 @@ class Trainer:
         self.samples_consumed = meta["samples_consumed"]
         self.skipped_steps = meta.get("skipped_steps", 0)
         self.backend.load_extra_state(meta.get("backend_state", {}))
-        self.last_saved_step, self.last_checkpoint = self.step, Path(path)
-        self.wandb_run_id = self.cfg.logger.wandb.id or meta.get("wandb_run_id")
+        for cb in self.callbacks:
+            if cb.name in meta.get("callbacks", {}):
+                cb.load_state_dict(meta["callbacks"][cb.name])
         self.log(f"resumed from {path}: step {self.step}, {self.samples_consumed} samples consumed")

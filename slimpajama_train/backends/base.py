@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -86,9 +87,23 @@ class Backend(ABC):
         self.model: torch.nn.Module | None = None
         self.optimizer: object | None = None
 
+    def setup(self, make_model: Callable[[], Transformer], seed: int, optim_cfg: OptimConfig, micro_batch: int,
+              grad_accum: int) -> None:
+        """Build the model sharded and initialized (:meth:`build_model`), then the optimizer."""
+        self.build_model(make_model, seed, optim_cfg, micro_batch, grad_accum)
+        self.build_optimizer()
+
     @abstractmethod
-    def setup(self, model: Transformer, optim_cfg: OptimConfig, micro_batch: int, grad_accum: int) -> None:
-        """Wrap ``model`` (full weights, already initialized identically on every rank) and build the optimizer."""
+    def build_model(self, make_model: Callable[[], Transformer], seed: int, optim_cfg: OptimConfig, micro_batch: int,
+                    grad_accum: int) -> None:
+        """Build the model so that no rank ever holds all of it (unless the strategy replicates it,
+        as ZeRO-1/2 do) and initialize it deterministically from ``seed``: ``make_model()`` is
+        called under a device context (meta, or DeepSpeed's ``zero.Init``) and builds without
+        initializing; ``Transformer.init_weights`` then fills each rank's part."""
+
+    @abstractmethod
+    def build_optimizer(self) -> None:
+        """Create the optimizer (and its state lazily) over the built model."""
 
     @abstractmethod
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, last_micro: bool) -> torch.Tensor:

@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,28 +29,78 @@ def _safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-# Keys whose values the trainer derives; a user JSON may repeat them only with the same value.
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+# Dotted keys (and the sections under them) whose values the trainer derives, with the setting each
+# follows. A user JSON (backend.deepspeed_config) may repeat them, at any depth, only with the
+# trainer's value or "auto"; it may not add them where the trainer sets none (except a disabled
+# section: {"enabled": false} or an offload {"device": "none"}).
+OWNED_KEYS: dict[str, str] = {
+    "train_batch_size": "trainer.global_batch_size",
+    "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.global_batch_size / (data.micro_batch_size x world size)",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "backend.zero_stage",
+    "zero_optimization.offload_optimizer": "backend.offload_optimizer",
+    "zero_optimization.offload_param": "backend.offload_params",
+    "bf16": "backend.precision",
+    "bfloat16": "backend.precision",  # DeepSpeed's older name of the bf16 section
+    "fp16": "backend.precision",
+    "fp16.initial_scale_power": "backend.initial_loss_scale",
+    "fp16.loss_scale_window": "backend.loss_scale_window",
+    "amp": "backend.precision",
+    "torch_autocast": "backend.precision",
+    "data_types": "the trainer: fp32 gradient accumulation where DeepSpeed can (see grad_accum_dtype)",
+    "communication_data_type": "the trainer: gradients are reduced in fp32, as with FSDP2",
+    "optimizer": "optim.* (the trainer builds the optimizer)",
+    "scheduler": "optim.* (the trainer sets the learning rate every step)",
+}
 CKPT_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
 
 
-def to_universal(src: Path, dst: Path) -> None:
-    """Convert a ZeRO checkpoint into DeepSpeed's universal (world-size independent) format."""
-    import argparse
+def default_workers() -> int:
+    """Processes for checkpoint conversion: the CPUs this process may use, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
 
-    from deepspeed.checkpoint import ds_to_universal
 
+def to_universal(src: Path, dst: Path, workers: int | None = None) -> None:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal (world-size independent) format with
+    ``workers`` extract processes (default :func:`default_workers`) and half as many merge processes
+    (merging holds every rank's slice of a parameter at once). DeepSpeed's converter runs in a fresh
+    interpreter: its process pool forks, which is unsafe from a rank that holds process-group and
+    OpenMP threads."""
+    import subprocess
+    import sys
+
+    workers = workers or default_workers()
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=True)
-    ds_to_universal.main(args)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(tmp), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2)), "--inject_missing_state"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                           f"{(proc.stdout + proc.stderr)[-4000:]}")
     os.replace(tmp, dst)
 
 
+def grad_accum_dtype(cfg: BackendConfig) -> str:
+    """The dtype DeepSpeed accumulates gradients in across micro-batches: fp32 (as FSDP2, whose
+    gradients are fp32), except for ZeRO-1 in bf16 without offload, where DeepSpeed 0.19 answers
+    fp32 accumulation by replacing the ZeRO-1 optimizer with its BF16_Optimizer
+    (engine._do_optimizer_sanity_check), whose checkpoints are not ZeRO checkpoints
+    (zero_to_fp32: "is not a zero checkpoint"): there gradients accumulate in bf16 (and are still
+    reduced in fp32)."""
+    if cfg.precision == "bf16" and cfg.zero_stage == 1 and not cfg.offload_optimizer:
+        return "bf16"
+    return "fp32"
+
+
 def deepspeed_config(cfg: BackendConfig, optim: OptimConfig, micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run, so batch sizes, precision and clipping agree with the trainer's."""
+    """The DeepSpeed JSON for this run, so batch sizes, precision, reduction dtype and clipping agree
+    with the trainer's."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -71,6 +121,10 @@ def deepspeed_config(cfg: BackendConfig, optim: OptimConfig, micro_batch: int, g
             "hysteresis": 1,
             "min_loss_scale": 1,
         },
+        # DeepSpeed's defaults are the compute dtype for both (bf16/fp16 sums across micro-batches and
+        # ranks); the FSDP2 backend reduces in fp32, and so does this one.
+        "data_types": {"grad_accum_dtype": grad_accum_dtype(cfg)},
+        "communication_data_type": "fp32",
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -79,24 +133,78 @@ def deepspeed_config(cfg: BackendConfig, optim: OptimConfig, micro_batch: int, g
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2],
                                                        "eps": optim.eps, "weight_decay": optim.weight_decay}}
     if cfg.deepspeed_config:
-        ds = merge_user_config(ds, Path(cfg.deepspeed_config))
+        owners = {
+            **OWNED_KEYS,
+            "train_batch_size": f"trainer.global_batch_size = data.micro_batch_size={micro_batch} x "
+                                f"{grad_accum} accumulation x {world_size} ranks",
+            "train_micro_batch_size_per_gpu": f"data.micro_batch_size={micro_batch}",
+            "gradient_clipping": f"optim.grad_clip={optim.grad_clip}",
+            "zero_optimization.stage": f"backend.zero_stage={cfg.zero_stage}",
+            "zero_optimization.offload_optimizer": f"backend.offload_optimizer={str(cfg.offload_optimizer).lower()}",
+            "zero_optimization.offload_param": f"backend.offload_params={str(cfg.offload_params).lower()}",
+            **{k: f"backend.precision={cfg.precision}" for k in ("bf16", "bfloat16", "fp16", "amp", "torch_autocast")},
+            "fp16.initial_scale_power": f"backend.initial_loss_scale={cfg.initial_loss_scale:g}",
+            "fp16.loss_scale_window": f"backend.loss_scale_window={cfg.loss_scale_window}",
+            "optimizer": ("optim.lr/beta1/beta2/eps/weight_decay (backend.offload_optimizer=true: the trainer "
+                          "generates DeepSpeed's CPU AdamW)") if cfg.offload_optimizer else
+                         "optim.* (the trainer passes its own AdamW, so DeepSpeed would ignore this section)",
+        }
+        ds = merge_user_config(ds, Path(cfg.deepspeed_config), owners)
     return ds
 
 
-def merge_user_config(ds: dict[str, Any], path: Path) -> dict[str, Any]:
+_MISSING = object()
+
+
+def _owner(dotted: str, owners: dict[str, str]) -> str | None:
+    """The setting that owns ``dotted`` (its longest owned prefix), or None."""
+    parts = dotted.split(".")
+    return next((owners[k] for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if k in owners), None)
+
+
+def _is_off(section: Any) -> bool:
+    return isinstance(section, dict) and (section.get("enabled") is False or section.get("device") == "none")
+
+
+def _contradictions(user: dict, ours: dict, path: str, owners: dict[str, str]) -> list[str]:
+    found = []
+    for key, value in user.items():
+        dotted = f"{path}.{key}" if path else key
+        if value == "auto":
+            continue
+        mine = ours.get(key, _MISSING)
+        owner = _owner(dotted, owners)
+        if owner is None:  # not the trainer's: merged as given, but owned keys may sit below it
+            if isinstance(value, dict) and isinstance(mine, dict):
+                found += _contradictions(value, mine, dotted, owners)
+        elif mine is _MISSING:
+            if not _is_off(value):
+                found.append(f"{dotted}={json.dumps(value)}: the trainer sets no such key (it follows {owner})")
+        elif isinstance(value, dict) and isinstance(mine, dict):
+            if mine.get("enabled") is False and value.get("enabled") in (None, False, "auto"):
+                continue  # a section both leave disabled: the rest of it is inert
+            found += _contradictions(value, mine, dotted, owners)
+        elif value != mine:
+            found.append(f"{dotted}={json.dumps(value)} disagrees with the trainer's {json.dumps(mine)} (from {owner})")
+    return found
+
+
+def merge_user_config(ds: dict[str, Any], path: Path, owners: dict[str, str] = OWNED_KEYS) -> dict[str, Any]:
+    """``ds`` with the user JSON at ``path`` merged over it (dicts recursively, "auto" values skipped).
+    Refuses every key that contradicts the trainer's ``ds`` where ``owners`` says the trainer owns it,
+    naming each dotted path, both values and the setting to change instead."""
     if not path.is_file():
         raise FileNotFoundError(f"backend.deepspeed_config={str(path)!r}: no such file")
     try:
         user = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
-    for key in OWNED_KEYS:
-        if key in user and user[key] not in ("auto", ds[key]):
-            raise ValueError(f"{path}: {key}={user[key]} disagrees with the trainer's {ds[key]}; remove it or set the trainer's config")
-    for prec in ("bf16", "fp16"):
-        enabled = user.get(prec, {}).get("enabled")
-        if enabled not in (None, "auto", ds[prec]["enabled"]):
-            raise ValueError(f"{path}: {prec}.enabled={enabled} disagrees with backend.precision")
+    if not isinstance(user, dict):
+        raise ValueError(f"{path}: a DeepSpeed config must be a JSON object, not {type(user).__name__}")
+    found = _contradictions(user, ds, "", owners)
+    if found:
+        raise ValueError(f"{path} (backend.deepspeed_config) contradicts the trainer's DeepSpeed config; remove these "
+                         "keys (or set them to \"auto\") and change the trainer's setting instead:\n  " + "\n  ".join(found))
 
     def merge(base: dict, over: dict) -> dict:
         out = dict(base)
@@ -112,10 +220,36 @@ def merge_user_config(ds: dict[str, Any], path: Path) -> dict[str, Any]:
 class DeepSpeedBackend(Backend):
     """Drives a DeepSpeed engine; gradient accumulation and loss scaling are DeepSpeed's."""
 
-    def setup(self, model: Transformer, optim_cfg: OptimConfig, micro_batch: int, grad_accum: int) -> None:
+    def build_model(self, make_model: Callable[[], Transformer], seed: int, optim_cfg: OptimConfig, micro_batch: int,
+                    grad_accum: int) -> None:
         self.grad_accum = grad_accum
+        self.optim_cfg = optim_cfg
         self.ds_config = deepspeed_config(self.cfg, optim_cfg, micro_batch, grad_accum, self.dist.world_size)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        if self.cfg.zero_stage == 3:
+            # ZeRO-3: every parameter is partitioned as its module is constructed, then gathered one
+            # at a time for initialization (rank 0 fills it; the exit re-partitions): no rank ever
+            # holds more than its partition plus the largest single parameter.
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config,
+                                     remote_device="cpu" if self.cfg.offload_params else None,
+                                     pin_memory=self.cfg.offload_params and torch.cuda.is_available()):
+                model = make_model()
+            model._init_buffers()
+            for name, p in model.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.dist.rank == 0:
+                        model.init_param(name, p, seed)
+        else:
+            # ZeRO-1/2 replicate the parameters on every rank; built on meta, materialized once.
+            with torch.device("meta"):
+                model = make_model()
+            model.to_empty(device=self.dist.device)
+            model.tie_weights()
+            model.init_weights(seed)
+        self.model = model
+
+    def build_optimizer(self) -> None:
+        model, optim_cfg = self.model, self.optim_cfg
         client_optim = None if self.cfg.offload_optimizer else build_optimizer(model, optim_cfg, self.dist.device)
         params = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_embeddings) if client_optim is None else None
         engine, optimizer, _, _ = deepspeed.initialize(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -30,8 +31,12 @@ class FSDP2Backend(Backend):
     same bf16/fp16 compute over fp32 master weights. DCP checkpoints are interchangeable either way.
     """
 
-    def setup(self, model: Transformer, optim_cfg: OptimConfig, micro_batch: int, grad_accum: int) -> None:
-        model.to(self.dist.device)
+    def build_model(self, make_model: Callable[[], Transformer], seed: int, optim_cfg: OptimConfig, micro_batch: int,
+                    grad_accum: int) -> None:
+        # Built on the meta device (no memory), sharded, then materialized: each rank allocates and
+        # initializes only its shard (7B: ~28 GB fp32 would otherwise sit on every rank first).
+        with torch.device("meta"):
+            model = make_model()
         self.sharded = self.dist.world_size > 1
         self.compute_dtype = PRECISIONS[self.cfg.precision]
         if self.sharded:
@@ -42,13 +47,20 @@ class FSDP2Backend(Backend):
             for block in model.layers:
                 fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
             fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
+        model.to_empty(device=self.dist.device)
+        if not self.sharded:
+            model.tie_weights()  # FSDP2 keeps a tied parameter shared; a plain to_empty does not
+        model.init_weights(seed)
         self.model = model
-        self.optimizer = build_optimizer(model, optim_cfg, self.dist.device)
+        self.optim_cfg = optim_cfg
         self.grad_clip = optim_cfg.grad_clip
         self.grad_accum = grad_accum
         self.scaler = (
             DynamicLossScaler(self.cfg.initial_loss_scale, self.cfg.loss_scale_window) if self.cfg.precision == "fp16" else None
         )
+
+    def build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.optim_cfg, self.dist.device)
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         autocast = not self.sharded and self.compute_dtype != torch.float32
@@ -58,9 +70,9 @@ class FSDP2Backend(Backend):
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, last_micro: bool) -> torch.Tensor:
         self.model.train()
-        if self.sharded:
-            # Skip the reduce-scatter on all but the last micro-batch: gradients accumulate unsharded locally.
-            self.model.set_requires_gradient_sync(last_micro)
+        # Gradients are reduce-scattered after every micro-batch and accumulate in the fp32 shards
+        # (torchtitan's choice). Deferring the sync would keep an unsharded fp32 gradient of every
+        # parameter on every rank until the last micro-batch: +27 GB per GPU at 7B, at any world size.
         loss = self._forward_loss(inputs, targets)
         scale = (self.scaler.scale if self.scaler else 1.0) / self.grad_accum
         (loss * scale).backward()

@@ -51,25 +51,59 @@ def test_train_sbatch_runs_checkpoints_and_logs_per_rank(uninterrupted, slurm_en
     assert len(_wandb_runs(run_dir)) == 1
 
 
-def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(uninterrupted, slurm_env, demo_shards, tmp_path):
+def _wait_for_step(run_dir: Path, step: int, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and any(m["step"] >= step and "loss" in m for m in read_metrics(run_dir))):
+        assert time.time() < deadline, f"no step {step} within {timeout} s: {log.read_text()[-3000:] if log.is_file() else ''}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("scancel_args", [["--signal=USR1"], ["--signal=TERM"], ["--full", "--signal=TERM"]],
+                         ids=["USR1", "TERM", "TERM-full"])
+def test_signalled_job_requeues_resumes_and_matches_the_uninterrupted_run(uninterrupted, slurm_env, demo_shards, tmp_path,
+                                                                          scancel_args):
+    """USR1: what SLURM sends ahead of a time limit (--signal=USR1@120). TERM: what it sends to every
+    process of the job, loader workers included, on scancel and preemption. Without --full only the
+    job steps get the signal; with it the batch shell and srun get it too, and srun answers a SIGTERM
+    by SIGKILLing its tasks (SLURM's own behaviour), so the steps since the last checkpoint are lost:
+    the script still requeues and the job resumes from that checkpoint to the same losses."""
     _, straight_dir, _ = uninterrupted
     job, run_dir = _submit_train(slurm_env, tmp_path, demo_shards)
     log = tmp_path / f"job-{job}.out"
-    deadline = time.time() + 300
-    while not ((run_dir / "metrics.jsonl").is_file() and any(m["step"] >= 3 and "loss" in m for m in read_metrics(run_dir))):
-        assert time.time() < deadline, f"no step 3 within 300 s: {log.read_text()[-3000:] if log.is_file() else ''}"
-        time.sleep(0.2)
-    # What SLURM does ahead of a time limit (--signal=USR1@120), sent now.
-    subprocess.run(["scancel", "--signal=USR1", str(job)], env=slurm_env, check=True)
+    _wait_for_step(run_dir, 3, log)
+    subprocess.run(["scancel", *scancel_args, str(job)], env=slurm_env, check=True)
     fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600, log)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED", text[-4000:]
-    assert fields["Restarts"] == "1" and "requeueing" in text and f"job {job} restart 1" in text
-    preempted_at = json.loads(text.split("preempted after saving (")[1].split(")")[0])["step"]
-    assert 3 <= preempted_at < STEPS
+    assert fields["Restarts"] == "1" and "requeueing" in text and f"job {job} restart 1" in text, text[-4000:]
+    if "--full" in scancel_args:
+        assert "this shell got SIGTERM" in text and "srun: forcing job termination" in text
+        assert "the trainer did not save" in text and "are lost" in text, text[-4000:]
+    else:
+        preempted_at = json.loads(text.split("preempted after saving (")[1].split(")")[0])["step"]
+        assert 3 <= preempted_at < STEPS
     assert losses_by_step(run_dir) == losses_by_step(straight_dir)  # bitwise: fp32 on CPU
     runs = _wandb_runs(run_dir)
     assert len(runs) == 2 and runs[0].split("-")[-1] == runs[1].split("-")[-1]  # one W&B run id across the requeue
+
+
+def test_cancelled_job_saves_within_kill_wait_and_is_not_requeued(uninterrupted, slurm_env, demo_shards, tmp_path):
+    """A plain scancel: SIGTERM to every process, SIGKILL KillWait (30 s) later. The trainer saves in
+    that window; the script sees that SLURM is ending the job and does not requeue it."""
+    _, straight_dir, _ = uninterrupted
+    job, run_dir = _submit_train(slurm_env, tmp_path, demo_shards)
+    log = tmp_path / f"job-{job}.out"
+    _wait_for_step(run_dir, 3, log)
+    subprocess.run(["scancel", str(job)], env=slurm_env, check=True)
+    fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600, log)
+    text = log.read_text()
+    assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", text[-4000:]
+    assert "this shell got SIGTERM" in text and "not requeueing" in text, text[-4000:]
+    saved = json.loads(text.split("preempted after saving (")[1].split(")")[0])
+    assert 3 <= saved["step"] < STEPS
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{saved['step']:08d}"
+    straight = losses_by_step(straight_dir)
+    assert losses_by_step(run_dir) == {step: straight[step] for step in range(saved["step"] + 1)}
 
 
 def test_prep_sbatch_array_jobs_make_the_shards_of_a_local_run(slurm_env, tmp_path):

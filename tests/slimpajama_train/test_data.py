@@ -1,8 +1,21 @@
 """The global sample order: a function of (manifest, seed, epoch), not of ranks or workers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from slimpajama_train.data import DataConfig, GlobalSampleOrder, RankBatchSampler, open_dataset, train_loader, val_loader
+from slimpajama_train.data import (DataConfig, GlobalSampleOrder, RankBatchSampler, TokenBlocks, _ignore_preemption_signals,
+                                   open_dataset, train_loader, val_loader)
+from tests.conftest import REPO
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ():
@@ -56,3 +69,171 @@ def test_loader_reads_the_ordered_samples(demo_shards):
     # the same samples on 2 ranks: rank 1 holds the second half of each global batch
     v1 = list(val_loader(cfg, manifest, data_dir, batches=2, global_batch=8, rank=1, world_size=2))
     assert len(v1) == 2 and torch.equal(v1[0][0], v[1][0]) and torch.equal(v1[1][0], v[3][0])
+
+
+def test_max_open_shards_is_validated():
+    with pytest.raises(ValueError, match="data.max_open_shards=0"):
+        DataConfig(max_open_shards=0)
+
+
+def test_resume_at_sample_1e9_costs_what_a_fresh_start_costs(demo_shards):
+    """No per-epoch permutation to build and no replay: the first batch at sample 10**9 (thousands
+    of epochs of the demo split) comes as fast as at sample 0."""
+    cfg = DataConfig(path=str(demo_shards), micro_batch_size=4, num_workers=0)
+    manifest, data_dir = open_dataset(cfg)
+
+    def first_batch_seconds(start: int) -> float:
+        t0 = time.perf_counter()
+        next(iter(train_loader(cfg, manifest, data_dir, start, 8, 0, 1)))
+        return time.perf_counter() - t0
+
+    first_batch_seconds(0)  # warm the page cache
+    at0 = min(first_batch_seconds(0) for _ in range(3))
+    at1e9 = min(first_batch_seconds(10**9) for _ in range(3))
+    print(f"first batch: at sample 0 {at0 * 1e3:.2f} ms, at sample 1e9 {at1e9 * 1e3:.2f} ms")
+    assert at1e9 < 3 * at0 + 0.05
+
+
+class _CountingReader:
+    """Stands in for a shard file: counts the readers open in this process (each worker has its own
+    copy of these class attributes) and reads zeros."""
+
+    open_now = 0
+    max_open = 0
+
+    def __init__(self, samples: int, block_size: int) -> None:
+        cls = type(self)
+        cls.open_now += 1
+        cls.max_open = max(cls.max_open, cls.open_now)
+        self.samples, self.block = samples, np.zeros(block_size, dtype=np.uint16)
+
+    def read(self, index: int) -> np.ndarray:
+        assert 0 <= index < self.samples
+        return self.block
+
+    def close(self) -> None:
+        type(self).open_now -= 1
+
+
+class _SyntheticShards(TokenBlocks):
+    def open_shard(self, shard: int) -> _CountingReader:
+        return _CountingReader(int(self.order.cum[shard + 1] - self.order.cum[shard]), self.block_size)
+
+
+def _collate_with_worker_stats(samples):
+    return torch.stack(samples), os.getpid(), _CountingReader.max_open, psutil.Process().memory_info().rss
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_workers_keep_few_shards_open_and_flat_memory_over_100k_shards(tmp_path):
+    """SlimPajama-like split (100k shards of 4096 samples, 410M samples) read in the global random
+    order through 4 workers: at most max_open_shards=16 files open per worker, and worker memory
+    does not grow with the shards touched (nothing per shard is created on the way)."""
+    shards = 100_000
+    manifest = {
+        "dtype": "uint16", "block_size": 65, "record": {"record_bytes": 1024, "npy_header_bytes": 128},
+        "splits": {"train": {"shards": [{"name": f"train-{i:06d}.tar", "samples": 4096, "bytes": 4096 * 1024}
+                                        for i in range(shards)]}},
+    }
+    ds = _SyntheticShards(tmp_path / "nowhere", manifest, "train", seed=1234, shuffle=True, max_open_shards=16)
+    meta = ds.shard_names.nbytes + ds.shard_bytes.nbytes + ds.order.cum.nbytes
+    print(f"per-shard metadata: {meta / shards:.1f} bytes/shard ({meta / 1e6:.2f} MB at {shards} shards)")
+    assert meta / shards <= 40
+    workers, warmup, batches = 4, 5, 150
+    parent_rss = psutil.Process().memory_info().rss  # workers are forked from here
+    loader = DataLoader(ds, batch_sampler=RankBatchSampler(10**9, 128, 128, 0, 1), num_workers=workers,
+                        collate_fn=_collate_with_worker_stats, worker_init_fn=_ignore_preemption_signals)
+    stats: dict[int, list[tuple[int, int]]] = {}
+    it = iter(loader)
+    for _ in range(workers * (warmup + batches)):
+        x, pid, max_open, rss = next(it)
+        assert x.shape == (128, 65)
+        stats.setdefault(pid, []).append((max_open, rss))
+    del it
+    assert len(stats) == workers and _CountingReader.open_now == 0  # the main process opened nothing
+    print(f"main process RSS before the workers started: {parent_rss / 2**20:.1f} MiB")
+    for pid, s in stats.items():
+        max_open = max(m for m, _ in s)
+        rss_warm, rss_end = s[warmup][1], s[-1][1]
+        print(f"worker {pid}: {len(s)} batches ({len(s) * 128} samples), max {max_open} shards open, "
+              f"RSS {rss_warm / 2**20:.1f} MiB after warm-up -> {rss_end / 2**20:.1f} MiB (+{(rss_end - rss_warm) / 2**20:.2f})")
+        assert max_open == 16  # filled up and evicted (a random order touches a new shard per sample)
+        assert rss_end - rss_warm < 4 * 2**20
+        assert rss_warm - parent_rss < 128 * 2**20  # a materialized permutation of the epoch alone: 3.3 GB
+    assert sum(max(m for m, _ in s) for s in stats.values()) <= 64
+
+
+def _signal_from_another_process(pids: list[int], *signals: int) -> None:
+    # As slurmstepd / the kubelet do: a SIGTERM from the worker's own parent is the DataLoader
+    # shutting it down, and is honoured.
+    code = "import os, sys\nfor p in sys.argv[2:]:\n    for s in sys.argv[1].split(','):\n        os.kill(int(p), int(s))"
+    subprocess.run([sys.executable, "-c", code, ",".join(str(int(s)) for s in signals), *map(str, pids)], check=True)
+
+
+def test_loader_workers_survive_sigterm_and_sigusr1(demo_shards):
+    cfg = DataConfig(path=str(demo_shards), micro_batch_size=2, num_workers=2)
+    manifest, data_dir = open_dataset(cfg)
+    it = iter(train_loader(cfg, manifest, data_dir, start=0, global_batch=4, rank=0, world_size=1))
+    next(it), next(it)  # one batch from each worker: both have run their worker_init_fn
+    workers = list(it._workers)
+    assert {w.pid for w in workers} <= {c.pid for c in psutil.Process().children()}
+    _signal_from_another_process([w.pid for w in workers], signal.SIGTERM, signal.SIGUSR1)
+    time.sleep(0.5)
+    for _ in range(50):  # well past the prefetched batches: the workers keep producing
+        x, y = next(it)
+        assert x.shape == (2, 64)
+    assert all(w.is_alive() for w in workers)
+    # ...and still stop on their parent's SIGTERM (Process.terminate), and when the DataLoader shuts them down
+    workers[0].terminate()
+    workers[0].join(10)
+    assert workers[0].exitcode == 0
+    it._shutdown_workers()
+    assert not any(w.is_alive() for w in workers)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_process_holding_live_loader_workers_still_exits(demo_shards, start_method):
+    """multiprocessing's exit handler SIGTERMs (from the parent) and joins the daemonic workers of a
+    DataLoader iterator still alive at exit; a worker that ignored every SIGTERM would hang it."""
+    code = (
+        "import multiprocessing, sys\nfrom slimpajama_train.data import DataConfig, open_dataset, train_loader\n"
+        "multiprocessing.set_start_method(sys.argv[2])\n"
+        "cfg = DataConfig(path=sys.argv[1], micro_batch_size=2, num_workers=2)\n"
+        "m, d = open_dataset(cfg)\nloader = train_loader(cfg, m, d, 0, 4, 0, 1)\nit = iter(loader)\n"
+        "next(it), next(it)\nprint('read', flush=True)\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(demo_shards), start_method], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    print(f"{start_method}: exited with {proc.returncode} after {time.perf_counter() - t0:.1f} s")
+    assert proc.returncode == 0 and "read" in proc.stdout, proc.stderr
+
+
+def _demo_copy(demo_shards: Path, dst: Path) -> tuple[Path, dict]:
+    dst.mkdir()
+    for f in demo_shards.iterdir():
+        (dst / f.name).symlink_to(f)
+    manifest = json.loads((demo_shards / "manifest.json").read_text())
+    return dst, manifest
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_short_shard_fails_on_first_read_naming_it(demo_shards, tmp_path, damage):
+    data_dir, manifest = _demo_copy(demo_shards, tmp_path / "shards")
+    victim = manifest["splits"]["train"]["shards"][1]
+    (data_dir / victim["name"]).unlink()
+    if damage == "truncated":
+        (data_dir / victim["name"]).write_bytes((demo_shards / victim["name"]).read_bytes()[: victim["bytes"] // 2])
+    cfg = DataConfig(path=str(data_dir), micro_batch_size=4, num_workers=0)
+    loader = train_loader(cfg, *open_dataset(cfg), start=0, global_batch=4, rank=0, world_size=1)  # no stat of shards
+    ds = loader.dataset
+    pos = next(p for p in range(10_000) if ds.order.locate(ds.order.sample_id(p))[0] == 1)
+    other = next(p for p in range(10_000) if ds.order.locate(ds.order.sample_id(p))[0] != 1)
+    assert ds[other].shape == (65,)  # the rest of the split reads fine
+    error = FileNotFoundError if damage == "missing" else ValueError
+    with pytest.raises(error) as info:
+        ds[pos]
+    message = str(info.value)
+    print(message)
+    assert f"{data_dir}/manifest.json" in message and victim["name"] in message
+    assert ("missing" if damage == "missing" else f"should have {victim['bytes']} bytes") in message

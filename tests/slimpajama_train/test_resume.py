@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -104,7 +105,7 @@ def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, dem
     marker = json.loads((tmp_path / "preempted.json").read_text())
     # the signal arrived during step 3 on rank 1 only; both ranks stopped after step 4 at the latest
     assert marker["step"] in (3, 4) and marker["checkpoint"].endswith(f"step_0000000{marker['step']}")
-    run_id = read_meta(Path(marker["checkpoint"]))["wandb_run_id"]
+    run_id = read_meta(Path(marker["checkpoint"]))["callbacks"]["wandb"]["run_id"]
     run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true", "logger.wandb.mode=offline"), cwd=REPO)
     assert losses_by_step(tmp_path) == losses_by_step(straight["fsdp2"])
     assert not (tmp_path / "preempted.json").exists()
@@ -231,3 +232,90 @@ def test_weights_only_loading_refuses_code_in_a_checkpoint(tmp_path):
     with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=False)  # what DCP and DeepSpeed pass
     assert not (tmp_path / "pwned").exists()
+
+
+LONG = 24  # steps of the SIGTERM runs: long enough that the signal lands mid-run
+
+
+@pytest.fixture(scope="module")
+def straight_long(demo_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight_long")
+    run_torchrun(2, tiny_train_overrides(demo_shards, run_dir, "checkpoint.interval=10", steps=LONG), cwd=REPO)
+    return run_dir
+
+
+def _signal_tree(root: psutil.Process, sig: int) -> list[str]:
+    """What SLURM does: the signal to every process of the job (launcher, ranks, loader workers)."""
+    procs = [root, *root.children(recursive=True)]
+    names = []
+    for p in procs:
+        try:
+            names.append(" ".join(p.cmdline()[:3]))
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    return names
+
+
+@pytest.mark.parametrize("launcher", ["torchrun_forwards", "torchrun_ignores"])
+def test_sigterm_to_every_process_saves_exits_75_and_resumes_bitwise(straight_long, demo_shards, tmp_path, launcher):
+    """SIGTERM to torchrun, both ranks and their loader workers at once. ``torchrun_forwards``: plain
+    torchrun, which also forwards the signal to the ranks and waits up to 30 s; ``torchrun_ignores``:
+    as launch/slurm/train.sbatch runs it (TERM ignored by torchrun, handled by the ranks)."""
+    import signal as signal_module
+
+    overrides = tiny_train_overrides(demo_shards, tmp_path, "checkpoint.interval=10", steps=LONG)
+    env = _env()
+    preexec = None
+    if launcher == "torchrun_ignores":
+        env["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle
+        preexec = lambda: signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)  # noqa: E731
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "slimpajama_train.train", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=preexec)
+    _wait_for_step(tmp_path, 3, proc)
+    root = psutil.Process(proc.pid)
+    workers = [c for c in root.children(recursive=True) if c.parent() and c.parent().pid != proc.pid]
+    assert workers, "the ranks should have loader workers (data.num_workers=1)"
+    signalled = _signal_tree(root, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert "DataLoader worker" not in err, err[-3000:]
+    marker = json.loads((tmp_path / "preempted.json").read_text())
+    assert 3 <= marker["step"] < LONG and marker["checkpoint"].endswith(f"step_{marker['step']:08d}"), (marker, err[-3000:])
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == f"step_{marker['step']:08d}"
+    if launcher == "torchrun_ignores":
+        assert "exitcode  : 75" in err, err[-3000:]
+    else:
+        assert "got signal: 15" in err, err[-3000:]
+    assert "exiting for requeue" in err and "after the signal" in err
+    print(f"{launcher}: signalled {len(signalled)} processes; stopped and saved at step {marker['step']}")
+    resumed = run_torchrun(2, overrides, cwd=REPO)
+    assert f"step_{marker['step']:08d}" in resumed.stderr
+    assert losses_by_step(tmp_path) == losses_by_step(straight_long)  # bitwise: fp32 on CPU
+
+
+def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
+    """SIGTERM while the model is being built (minutes at 7B), on one rank, after resuming from a
+    checkpoint: the ranks agree before training anything, save nothing new (nothing changed),
+    exit 75 for requeue; the requeued run then finishes with the uninterrupted run's losses."""
+    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "trainer.halt_at_step=4"), cwd=REPO)
+    env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="1", CRASH_SIGNAL="SIGTERM")
+    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"), *_overrides(demo_shards, tmp_path, "fsdp2")], env)
+    _, err = proc.communicate(timeout=600)
+    assert "exitcode  : 75" in err, err[-3000:]
+    marker = json.loads((tmp_path / "preempted.json").read_text())
+    assert marker == {"step": 4, "checkpoint": str(tmp_path / "checkpoints/step_00000004")}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000004"]
+    assert max(losses_by_step(tmp_path)) == 4  # no step trained after the signal
+    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2"), cwd=REPO)
+    assert losses_by_step(tmp_path) == losses_by_step(straight["fsdp2"])
+
+
+def test_signal_during_build_of_a_fresh_run_exits_without_a_checkpoint(demo_shards, tmp_path):
+    env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="0", CRASH_SIGNAL="SIGTERM")
+    proc = subprocess.run([sys.executable, str(REPO / "tests/slimpajama_train/crash_helper.py"),
+                           *_overrides(demo_shards, tmp_path, "fsdp2")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "preempted.json").read_text()) == {"step": 0, "checkpoint": None}
+    assert not (tmp_path / "checkpoints").exists()

@@ -51,8 +51,8 @@ def test_stop_and_resume_gives_the_same_per_step_losses(straight_run, demo_shard
         assert resumed[step] == straight[step], f"step {step}: {resumed[step]} != {straight[step]}"
     assert straight[STEPS][0] < straight[1][0] and straight[STEPS][1] < straight[0][1]  # it learns
     # W&B (offline) continued the same run id after the resume
-    run_id = json.loads((run_dir / "checkpoints/step_00000008/meta.json").read_text())["wandb_run_id"]
-    assert run_id == meta["wandb_run_id"]
+    run_id = json.loads((run_dir / "checkpoints/step_00000008/meta.json").read_text())["callbacks"]["wandb"]["run_id"]
+    assert run_id == meta["callbacks"]["wandb"]["run_id"]
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
 
 

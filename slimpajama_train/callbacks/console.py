@@ -1,0 +1,39 @@
+"""Console progress: a tqdm bar over steps and one plain line per logged step (survives non-tty logs)."""
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from slimpajama_train.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from slimpajama_train.trainer import Trainer
+
+
+class ConsoleCallback(Callback):
+    name = "console"
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        self.bar = tqdm(total=trainer.cfg.trainer.max_steps, initial=trainer.step, desc="train", unit="step",
+                        dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+        self.bar.update(metrics["step"] - self.bar.n)  # the step-0 evaluation does not advance the bar
+        if "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", refresh=False)
+            parts = [f"step {metrics['step']:>6}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}",
+                     f"gnorm {metrics['grad_norm']:.3f}"]
+            if "tokens_per_s" in metrics:
+                parts.append(f"tok/s {metrics['tokens_per_s']:.0f}")
+            if "mfu" in metrics:
+                parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
+            if "val_loss" in metrics:
+                parts.append(f"val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.1f}")
+            self.bar.write(" | ".join(parts), file=sys.stderr)
+        elif "val_loss" in metrics:
+            self.bar.write(f"step {metrics['step']:>6} | val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.1f}", file=sys.stderr)
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        self.bar.close()
