@@ -31,7 +31,8 @@ class LoopConfig:
         halt_at_step: stop (with a checkpoint) after this step, leaving the run resumable; None runs to ``max_steps``.
         max_consecutive_skips: stop with an error after this many consecutive steps skipped for
             non-finite loss or gradients.
-        peak_tflops: per-device peak for MFU; None detects H100 (989) / A100 (312) bf16 dense peaks on GPU.
+        peak_tflops: per-device peak for MFU; None looks the GPU up by name in ``metrics.PEAK_TFLOPS_BF16``
+            (dense bf16: H100 SXM 989, PCIe 756, NVL 835, H200, H800, B200, A100, ...); unknown devices log that MFU is off.
         compile: ``torch.compile`` each transformer block.
     """
 

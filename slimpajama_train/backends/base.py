@@ -28,7 +28,8 @@ class BackendConfig:
         offload_optimizer: DeepSpeed: optimizer state and step on the CPU (ZeRO-Offload).
         offload_params: DeepSpeed ZeRO-3: parameters live on the CPU between uses.
         deepspeed_config: a user DeepSpeed JSON merged over the generated one; keys the trainer owns
-            (batch sizes, precision, clipping) must agree with it.
+            (batch sizes, clipping, ZeRO stage, offload sections, precision and data-type keys,
+            optimizer, scheduler) must agree with it, at any depth, or it is refused naming the key.
         reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3-like memory);
             False keeps them until backward (ZeRO-2-like speed).
         activation_checkpointing: ``none``, ``full`` (every block) or ``selective`` (every ``ac_every``-th block).
