@@ -28,7 +28,8 @@ class PrepConfig:
         ftfy: repair text with ``ftfy.fix_text`` (SlimPajama did; ~2.5 MB/s, so off by default).
         quality: optional Gopher/C4-style quality filter.
         dedup: global fuzzy dedup (MinHash LSH).
-        mixture: per-source weights or target proportions (``prep_mixture=`` presets).
+        mixture: per-source weights, or target proportions with an optional total and an epoch cap
+            (``prep_mixture=`` presets; see :class:`data_prep.mixture.MixtureConfig`).
         min_doc_chars: SlimPajama's short-document threshold (after lowercasing, punctuation and
             whitespace cleanup).
         holdout_ratio: fraction of documents (by a hash of their id) that go to the validation split.

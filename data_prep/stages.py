@@ -14,6 +14,7 @@ Work directory (``<output_dir>/work``)::
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -282,8 +283,10 @@ def tokenizer(ctx: Context, i: int) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if cfg.tokenizer.model_path is None:
         split_res = _marker_result(ctx, "split", 0)
-        # Mixture weights from bytes (tokens are not known before the tokenizer exists).
-        factors = source_factors(cfg.mixture, split_res["train_bytes"]) if split_res["train_bytes"] else {}
+        # Mixture weights from bytes (tokens are not known before the tokenizer exists). Only the
+        # relative weights matter for the sample, so the total (in tokens) is left out here.
+        relative = dataclasses.replace(cfg.mixture, total_tokens=None)
+        factors = source_factors(relative, split_res["train_bytes"], "bytes") if split_res["train_bytes"] else {}
         cap = sample_cap(cfg.tokenizer)
         info["sample_cap_bytes"] = cap
         info["estimated_trainer_memory_mb"] = trainer_memory_mb(min(cap, sum(split_res["train_bytes"].values())))
@@ -396,7 +399,7 @@ def plan_split(ctx: Context, split_code: int) -> SplitPlan:
     n_copies = np.zeros(len(count), np.int64)
     for k, s in enumerate(sources):
         sel = np.nonzero(src == k)[0]
-        n_copies[sel] = copies(doc_ids[sel].tolist(), factors[s], cfg.mixture.seed)
+        n_copies[sel] = copies(doc_ids[sel].tolist(), factors[s], cfg.mixture.seed, count[sel] + 1)
     passes = [np.nonzero(n_copies > p)[0] for p in range(int(n_copies.max()) if len(n_copies) else 0)]
     idx = np.concatenate(passes) if passes else np.zeros(0, np.int64)
     part, offset, count, src = part[idx], offset[idx], count[idx], src[idx]

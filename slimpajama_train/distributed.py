@@ -21,10 +21,11 @@ class DistConfig:
     """Process-group timeouts.
 
     Attributes:
-        init_timeout_s: collective timeout during start-up, resume (a ZeRO universal-checkpoint
-            conversion on rank 0 while the others wait) and the final save: long.
-        step_timeout_s: collective timeout once training runs: short enough that a hung rank ends
-            the job (and a restart resumes) instead of holding 512 GPUs for the default 30 minutes.
+        init_timeout_s: collective timeout during start-up and resume (a ZeRO universal-checkpoint
+            conversion on rank 0 while the others wait): long.
+        step_timeout_s: collective timeout once training runs, checkpoint saves included (each rank
+            writes only its shards): short enough that a hung rank ends the job (and a restart
+            resumes) instead of holding 512 GPUs for the default 30 minutes.
     """
 
     init_timeout_s: float = 1800.0

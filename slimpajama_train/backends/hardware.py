@@ -1,8 +1,7 @@
 """Start-up checks that this machine can run the configured backend, precision and compile option.
 
 Each probe returns None when the path can run, or a sentence naming what is missing; the checks turn
-them into one ValueError that also names the fix, before any process group, model or DeepSpeed
-engine is built (instead of a library traceback minutes later). Tests use the same probes to skip
+them into one ValueError that also names the fix, before the model or the DeepSpeed engine is built (instead of a library traceback minutes later). Tests use the same probes to skip
 with the reason.
 """
 from __future__ import annotations

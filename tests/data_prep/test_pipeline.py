@@ -195,13 +195,17 @@ def test_mixture_weights_repeat_and_subsample_whole_documents(tmp_path):
 
 def test_mixture_proportions_with_epoch_cap():
     tokens = {"cc": 1000, "wiki": 100, "code": 400}
-    f = source_factors(MixtureConfig(proportions={"cc": 0.5, "wiki": 0.25, "code": 0.25}, max_epochs=2.0), tokens)
-    # wiki binds: X = 2 * 100 / 0.25 = 800 tokens in all -> cc 0.4, wiki 2.0, code 0.5
+    f = source_factors(MixtureConfig(proportions={"cc": 0.5, "wiki": 0.25, "code": 0.25}, max_epochs=2.0,
+                                     total_tokens=800), tokens)
+    # 800 tokens in all: cc 400 (0.4), wiki 200 (2.0, exactly the cap), code 200 (0.5)
     assert f == pytest.approx({"cc": 0.4, "wiki": 2.0, "code": 0.5})
     out = {s: tokens[s] * f[s] for s in tokens}
     assert out["cc"] / sum(out.values()) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="wiki: 100 tokens"):  # 801 tokens would need wiki 2.004 times
+        source_factors(MixtureConfig(proportions={"cc": 0.5, "wiki": 0.25, "code": 0.25}, max_epochs=2.0,
+                                     total_tokens=801), tokens)
     f = source_factors(MixtureConfig(proportions={"cc": 1.0}), tokens)  # DC-1-like: other sources left out
-    assert f["wiki"] == 0 and f["cc"] == 4.0
+    assert f["wiki"] == 0 and f["cc"] == 1.0  # no total: one epoch of the scarcest source, not max_epochs
     ids = [f"d{i}" for i in range(2000)]
     c = copies(ids, 1.3, seed=0)
     assert set(c.tolist()) == {1, 2} and 0.25 < (c == 2).mean() < 0.35 and (copies(ids, 1.3, seed=0) == c).all()
