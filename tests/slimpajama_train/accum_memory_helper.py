@@ -44,4 +44,4 @@ unsharded = sum(p.numel() * 4 for p in trainer.backend.model.parameters()) * (di
 Path(f"{os.environ['ACCUM_OUT']}.rank{dist_info.rank}").write_text(json.dumps(
     {"max_growth_bytes": max(growth), "unsharded_grad_bytes": unsharded, "grad_accum": trainer.grad_accum}))
 trainer.close()
-destroy_distributed()
+destroy_distributed(barrier=True)  # no rank leaves while a peer still finishes a collective

@@ -50,5 +50,5 @@ if os.environ.get("INIT_COMPARE") == "1":
             mismatched.append(name)
     report.update(compared=len(reference), mismatched=mismatched)
 Path(f"{os.environ['INIT_OUT']}.rank{dist_info.rank}").write_text(json.dumps(report))
-backend.close() if cfg.backend.name != "deepspeed" else None
-destroy_distributed()
+backend.close() if cfg.backend.name != "deepspeed" else None  # no DeepSpeed engine was built here
+destroy_distributed(barrier=True)  # no rank leaves while a peer still finishes a collective
