@@ -1,9 +1,10 @@
 """Decontamination: n-grams of user-supplied evaluation files, matched against training documents.
 
-Evaluation files are jsonl (any supported compression, ``text_key`` field) or plain text (one
-example per non-empty line). Their word n-grams are hashed exactly as the dedup shingles are
-(normalized words, same window hash), so a training document is contaminated when it shares any
-n-gram with an evaluation example (GPT-3 used 13-grams).
+Evaluation files are read like the inputs (JSON lines, JSON arrays or parquet, any supported
+compression, ``text_key`` field) or are plain text (one example per non-empty line). Their word
+n-grams are hashed exactly as the dedup shingles are (normalized words, same window hash), so a
+training document is contaminated when it shares any n-gram with an evaluation example (GPT-3 used
+13-grams).
 
 An example shorter than ``n`` words has no n-gram; as GPT-3 did, such an example is matched whole
 (a training document containing its full word sequence is contaminated) when it has at least
@@ -12,7 +13,6 @@ the report counts them.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,29 +20,30 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.minhash_dedup import window_hashes, word_hashes
-from data_prep.readers import _lines, get_field
+from data_prep.readers import SUFFIXES, TEXT_SUFFIXES, DocumentReader, has_suffix
+from data_prep.stats import PrepStats
 
 
 def eval_texts(files: Iterable[str], text_key: str = "text") -> list[str]:
-    """Texts of the evaluation files; a bad line is an error naming file and line (eval data must be clean)."""
+    """Texts of the evaluation files; bad input is an error naming file and line (eval data must be clean).
+
+    JSON lines, ``.json`` (lines or one array) and parquet files, compressed or not, are read by the
+    input readers with the same ``text_key``; any other file is plain text, one example per non-empty line.
+    """
     texts: list[str] = []
     for name in files:
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"prep.decontam.eval_files: {name!r} does not exist")
-        if ".jsonl" in path.name or ".json." in path.name:
-            for lineno, raw in enumerate(_lines(path), start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    text = get_field(json.loads(raw), text_key)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise ValueError(f"{name}:{lineno}: not a JSON object ({exc})") from exc
-                if not isinstance(text, str):
-                    raise ValueError(f"{name}:{lineno}: field {text_key!r} missing or not a string")
-                texts.append(text)
-        else:
+        if has_suffix(path, TEXT_SUFFIXES) or not has_suffix(path, SUFFIXES):
             texts.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            continue
+        stats = PrepStats()
+        docs = list(DocumentReader([path], path.parent, text_key=text_key, stats=stats).run())
+        if stats.errors:
+            bad = [f"{name}:{e['line']}: {e['reason']}" if e["line"] else f"{name}: {e['reason']}" for e in stats.errors]
+            raise ValueError(f"prep.decontam.eval_files: {len(bad)} bad record(s): " + "; ".join(bad[:5]))
+        texts.extend(d.text for d in docs)
     return texts
 
 

@@ -1,10 +1,14 @@
-"""Readers for jsonl / jsonl.zst / jsonl.gz, parquet and plain-text folders.
+"""Readers for JSON lines (plain, zstd, gzip or bzip2), JSON arrays, parquet and plain-text folders.
 
-Bad input (invalid JSON or UTF-8, a missing or non-string text field, an empty, truncated or unreadable
-file) is counted with file and line in :class:`PrepStats`, never fatal: the rest of the file is kept.
+Bad input (invalid JSON or UTF-8, a lone surrogate escape such as ``"\\ud800"``, a missing or
+non-string text field, an empty, truncated or unreadable file) is counted with file and line in
+:class:`PrepStats`, never fatal: the rest of the file is kept. Suffixes are matched case-insensitively;
+a file under an input directory (or matched by a glob) whose suffix no reader handles is not read but
+returned by :func:`expand_inputs` in ``skipped``, and the clean stage reports it.
 """
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import json
@@ -19,18 +23,28 @@ from data_prep.document import Document
 from data_prep.stats import PrepStats
 from data_prep.step import PipelineStep
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json.zst", ".json.gz")
+_COMPRESSED = ("", ".zst", ".gz", ".bz2")
+JSONL_SUFFIXES = tuple(".jsonl" + c for c in _COMPRESSED)
+# ``.json`` files hold one JSON document per line or one JSON array of documents.
+JSON_SUFFIXES = tuple(".json" + c for c in _COMPRESSED)
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt",)
-SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+SUFFIXES = JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
 
 
-def expand_inputs(patterns: Iterable[str], root: Path | None = None) -> list[Path]:
+def has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
+    """Case-insensitive suffix test (``A.JSONL`` is a JSON-lines file)."""
+    return path.name.lower().endswith(suffixes)
+
+
+def expand_inputs(patterns: Iterable[str], root: Path | None = None, skipped: list[Path] | None = None) -> list[Path]:
     """Expand globs and directories into a sorted, de-duplicated list of readable files.
 
     Sorting makes the order of documents (and so every output) independent of the filesystem.
+    Files found whose suffix no reader handles are appended (sorted) to ``skipped`` when given.
     """
     files: set[Path] = set()
+    other: set[Path] = set()
     for pattern in patterns:
         pat = str(Path(root, pattern)) if root is not None and not os.path.isabs(pattern) else pattern
         matches = sorted(glob.glob(pat, recursive=True))
@@ -38,11 +52,16 @@ def expand_inputs(patterns: Iterable[str], root: Path | None = None) -> list[Pat
             raise FileNotFoundError(f"prep.inputs: pattern {pattern!r} matches no file")
         for m in matches:
             p = Path(m)
-            if p.is_dir():
-                files.update(q for q in p.rglob("*") if q.is_file() and q.name.endswith(SUFFIXES))
-            elif p.name.endswith(SUFFIXES):
-                files.add(p)
+            for q in (q for q in p.rglob("*") if q.is_file()) if p.is_dir() else (p,):
+                (files if has_suffix(q, SUFFIXES) else other).add(q)
+    if skipped is not None:
+        skipped.extend(sorted(other - files))
     return sorted(files)
+
+
+def skip_reason(path: Path) -> str:
+    """Why :func:`expand_inputs` skipped ``path`` (the report lists it)."""
+    return f"skipped: no reader for this file name (suffixes read: {', '.join(SUFFIXES)}, any case)"
 
 
 class TruncatedFileError(OSError):
@@ -72,10 +91,14 @@ def _zst_lines(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
-    if path.name.endswith(".zst"):
+    name = path.name.lower()
+    if name.endswith(".zst"):
         yield from _zst_lines(path)
-    elif path.name.endswith(".gz"):
+    elif name.endswith(".gz"):
         with gzip.open(path, "rb") as fh:
+            yield from fh
+    elif name.endswith(".bz2"):
+        with bz2.open(path, "rb") as fh:
             yield from fh
     else:
         with open(path, "rb") as fh:
@@ -90,6 +113,11 @@ def get_field(record: dict[str, Any], dotted: str) -> Any:
             return None
         cur = cur[part]
     return cur
+
+
+def _where(unit: str, k: int) -> str:
+    """Prefix of an error message: an array element says which (its "line" in the report is ``k``)."""
+    return "" if unit == "line" else f"{unit} {k}: "
 
 
 class DocumentReader(PipelineStep):
@@ -127,16 +155,21 @@ class DocumentReader(PipelineStep):
     def read_file(self, path: Path) -> Iterator[Document]:
         """Documents of one file; problems are recorded and reading stops only where the file does."""
         rel = os.path.relpath(path, self.root)
-        name = path.name
-        if name.endswith(PARQUET_SUFFIXES):
+        if has_suffix(path, PARQUET_SUFFIXES):
             yield from self._read_parquet(path, rel)
             return
-        if name.endswith(TEXT_SUFFIXES):
+        if has_suffix(path, TEXT_SUFFIXES):
             yield from self._read_text(path, rel)
             return
         lineno = 0
         try:
-            for lineno, raw in enumerate(_lines(path), start=1):
+            lines = _lines(path)
+            if has_suffix(path, JSON_SUFFIXES):
+                lines = self._json_array_or_lines(lines, rel)
+            for lineno, raw in enumerate(lines, start=1):
+                if isinstance(raw, Document):  # an element of a JSON array
+                    yield raw
+                    continue
                 doc = self._parse(raw, rel, lineno)
                 if doc is not None:
                     yield doc
@@ -149,6 +182,37 @@ class DocumentReader(PipelineStep):
             return
         if lineno == 0:
             self._bad(rel, None, "empty_file", "empty file")
+
+    def _json_array_or_lines(self, lines: Iterator[bytes], rel: str) -> Iterator[bytes | Document]:
+        """Lines of a ``.json`` file, unless it holds one JSON array: then its documents, one per element
+        (element ``k`` is "line" ``k`` of ids and errors). Anything else is read as JSON lines."""
+        head: list[bytes] = []
+        for line in lines:
+            head.append(line)
+            if line.strip():
+                break
+        if not head[-1:] or not head[-1].lstrip().startswith(b"["):
+            yield from head
+            yield from lines
+            return
+        data = b"".join([*head, *lines])
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._bad(rel, data.count(b"\n", 0, exc.start) + 1, "invalid_utf8", f"invalid utf-8: {exc}")
+            yield b""  # counted: not an empty file
+            return
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self._bad(rel, exc.lineno, "invalid_json", f"invalid json array: {exc}")
+            yield b""
+            return
+        if not records:
+            return
+        for k, record in enumerate(records, start=1):
+            doc = self._document(record, rel, k, "element")
+            yield doc if doc is not None else b""  # b"": counted already, keeps the numbering
 
     def _bad(self, rel: str, line: int | None, reason: str, message: str) -> None:
         self.stats.error(rel, line, message)
@@ -211,18 +275,39 @@ class DocumentReader(PipelineStep):
         except json.JSONDecodeError as exc:
             self._bad(rel, lineno, "invalid_json", f"invalid json: {exc}")
             return None
+        doc = self._document(record, rel, lineno)
+        if doc is not None and (b"\\ud" in raw or b"\\uD" in raw) and not self._encodable(doc, rel, lineno):
+            return None
+        return doc
+
+    def _document(self, record: Any, rel: str, lineno: int, unit: str = "line") -> Document | None:
         text = get_field(record, self.text_key) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            self._bad(rel, lineno, "missing_text", f"field {self.text_key!r} missing or not a string")
+            self._bad(rel, lineno, "missing_text", f"{_where(unit, lineno)}field {self.text_key!r} missing or not a string")
             return None
         source = get_field(record, self.source_key)
         meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-        return Document(
+        doc = Document(
             id=f"{rel}:{lineno}",
             text=text,
             source=str(source) if source is not None else self.default_source,
             meta=meta,
         )
+        if unit != "line" and not self._encodable(doc, rel, lineno, unit):
+            return None
+        return doc
+
+    def _encodable(self, doc: Document, rel: str, lineno: int, unit: str = "line") -> bool:
+        """JSON can escape a lone UTF-16 surrogate (``"\\ud800"``), which no UTF-8 text holds: such a
+        document is bad input (every later step encodes its text)."""
+        for what, value in (("text", doc.text), ("source", doc.source)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                self._bad(rel, lineno, "invalid_unicode",
+                          f"{_where(unit, lineno)}lone surrogate {value[exc.start]!r} at character {exc.start} of the {what} field")
+                return False
+        return True
 
 
 JsonlReader = DocumentReader  # the name earlier code and tests use

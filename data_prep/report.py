@@ -46,6 +46,7 @@ def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: d
         "dedup": {**dedup, "rate_by_source": dedup_rate_by_source(sd)},
         "decontam": decontam or {},
         "errors": sd["errors"],
+        "skipped_files": [e for e in sd["errors"] if e["reason"].startswith("skipped:")],
         "error_counts": {s["step"]: s["drop_reasons"] for s in sd["steps"] if s["step"] == "read"},
         "timings": timings,
         "stage_time": stage_time or {},
@@ -89,6 +90,9 @@ def markdown(stats: PrepStats, report: dict[str, Any]) -> str:
     lines += ["", "## CPU time per stage (all tasks)", "", "| stage | tasks | CPU s | wall s (sum) |", "|---|---:|---:|---:|"]
     for k, v in report["stage_time"].items():
         lines.append(f"| {k} | {v['tasks']} | {v['cpu_s']:.2f} | {v['wall_s']:.2f} |")
+    if report["skipped_files"]:
+        lines += ["", f"## Skipped input files ({len(report['skipped_files'])})", ""]
+        lines += [f"- `{e['file']}`: {e['reason']}" for e in report["skipped_files"]]
     lines += ["", f"## Bad input ({len(report['errors'])} records)", ""]
     for e in report["errors"][:200]:
         lines.append(f"- `{e['file']}`:{e['line']}: {e['reason']}")

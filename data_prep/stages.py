@@ -45,7 +45,7 @@ from data_prep.minhash_dedup import (
 )
 from data_prep.mixture import copies, realized, source_factors
 from data_prep.normalize import Normalize
-from data_prep.readers import DocumentReader, expand_inputs
+from data_prep.readers import DocumentReader, expand_inputs, skip_reason
 from data_prep.shard_format import ShardWriter, shard_name, token_dtype
 from data_prep.stats import PrepStats
 
@@ -110,11 +110,16 @@ class Context:
     def tokens(self, i: int) -> tuple[Path, Path]:
         return self.work / "tokens" / f"{i:05d}.bin", self.work / "tokens" / f"{i:05d}.npz"
 
-    def input_files(self) -> tuple[list[Path], Path]:
+    def input_files(self, skipped: list[Path] | None = None) -> tuple[list[Path], Path]:
+        """Sorted input files and their root; files no reader handles go to ``skipped``."""
         root = Path(self.cfg.input_root) if self.cfg.input_root else Path.cwd()
-        files = expand_inputs(self.cfg.inputs, root=root if self.cfg.input_root else None)
+        other: list[Path] = []
+        files = expand_inputs(self.cfg.inputs, root=root if self.cfg.input_root else None, skipped=other)
         if not files:
-            raise FileNotFoundError(f"prep.inputs={self.cfg.inputs}: no jsonl/jsonl.zst/jsonl.gz/parquet/txt files found")
+            raise FileNotFoundError(f"prep.inputs={self.cfg.inputs}: no jsonl/json/parquet/txt files found (plain, .zst, "
+                                    f".gz or .bz2); skipped: {[str(p) for p in other[:20]]}")
+        if skipped is not None:
+            skipped.extend(other)
         return files, root
 
 
@@ -132,9 +137,14 @@ def read_clean(path: Path) -> Iterator[tuple[int, Document]]:
 def clean(ctx: Context, i: int) -> dict[str, Any]:
     """Read input files i, i+n, ...; normalize; filter; write clean part i."""
     cfg = ctx.cfg
-    files, root = ctx.input_files()
+    skipped: list[Path] = []
+    files, root = ctx.input_files(skipped)
     file_index = {os.path.relpath(p, root): k for k, p in enumerate(files)}
     stats = PrepStats()
+    if i == 0:  # files no reader handles: listed once, in the report's errors and skipped_files
+        for p in skipped:
+            stats.error(os.path.relpath(p, root), None, skip_reason(p))
+            stats.drop(DocumentReader.name, "unsupported_file")
     mine = files[i :: ctx.n]
     docs = DocumentReader(mine, root, cfg.text_key, cfg.source_key, stats=stats).run()
     docs = Normalize(cfg.normalize_form, stats=stats, ftfy=cfg.ftfy).run(docs)

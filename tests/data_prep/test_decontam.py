@@ -49,3 +49,33 @@ def test_no_examples_and_bad_min_words():
     with pytest.raises(ValueError, match="decontam_min_words"):
         PrepConfig(decontam_min_words=14)
     assert np.array_equal(eval_ngrams(["a b c"], 13, 3).hashes[3], eval_ngrams(["A, b. C!"], 13, 3).hashes[3])
+
+
+def test_eval_files_are_read_like_the_inputs(tmp_path):
+    import gzip
+    import json
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from data_prep.decontam import eval_texts
+
+    (tmp_path / "arr.json").write_text(json.dumps([{"q": {"text": "first question"}}, {"q": {"text": "second question"}}], indent=2))
+    pq.write_table(pa.table({"q": [{"text": "parquet question"}]}), tmp_path / "p.parquet")
+    (tmp_path / "l.JSONL.GZ").write_bytes(gzip.compress(b'{"q": {"text": "gz line"}}\n\n'))
+    (tmp_path / "t.txt").write_text("plain one\n\nplain two\n")
+    names = [str(tmp_path / n) for n in ("arr.json", "p.parquet", "l.JSONL.GZ", "t.txt")]
+    assert eval_texts(names, "q.text") == ["first question", "second question", "parquet question", "gz line",
+                                           "plain one", "plain two"]
+
+
+def test_bad_eval_files_name_file_and_line(tmp_path):
+    from data_prep.decontam import eval_texts
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "lone \\ud800"}\n{"nope": 1}\n')
+    with pytest.raises(ValueError, match=r"2 bad record\(s\): .*bad.jsonl:2: lone surrogate.*bad.jsonl:3: field 'text'"):
+        eval_texts([str(bad)])
+    (tmp_path / "cut.json").write_text('[{"text": "a"},\n{"text": ')
+    with pytest.raises(ValueError, match=r"cut.json:2: invalid json array"):
+        eval_texts([str(tmp_path / "cut.json")])

@@ -152,3 +152,78 @@ def test_bad_input_unreadable_file(tmp_path):
     docs, reasons, where = _read(tmp_path, missing, tmp_path / "dir.jsonl.gz", good)
     assert [d.text for d in docs] == ["ok"] and reasons == {"unreadable_file": 2}
     assert [w[0] for w in where] == ["gone.jsonl", "dir.jsonl.gz"]
+
+
+def test_bad_input_lone_surrogate_is_counted_and_the_rest_kept(tmp_path):
+    # json.loads accepts "\ud800" and returns a str that UTF-8 cannot encode (every later step encodes).
+    p = tmp_path / "a.jsonl"
+    p.write_text("\n".join([json.dumps(_rec("ok 1")), '{"text": "bad \\ud800 here"}', json.dumps(_rec("pair \U0001F600")),
+                            '{"text": "fine", "meta": {"redpajama_set_name": "x\\udc00"}}', json.dumps(_rec("ok 2"))]) + "\n")
+    assert "\\ud83d\\ude00" in p.read_text()  # a valid surrogate pair escape is kept
+    docs, reasons, where = _read(tmp_path, p)
+    assert [d.text for d in docs] == ["ok 1", "pair \U0001F600", "ok 2"] and [d.nbytes for d in docs] == [4, 9, 4]
+    assert reasons == {"invalid_unicode": 2} and where == [("a.jsonl", 2), ("a.jsonl", 4)]
+
+
+def test_json_arrays_json_lines_bz2_and_any_case_suffixes(tmp_path):
+    import bz2
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.json").write_text(json.dumps([_rec("arr 1"), {"meta": {}}, _rec("arr 3")], indent=1))  # an array on many lines
+    (d / "b.json").write_text(json.dumps(_rec("json line 1")) + "\n" + json.dumps(_rec("json line 2")) + "\n")
+    (d / "C.JSONL").write_text(json.dumps(_rec("upper")) + "\n")
+    with bz2.open(d / "d.jsonl.bz2", "wt") as fh:
+        fh.write(json.dumps(_rec("bz2 1")) + "\n" + json.dumps(_rec("bz2 2")) + "\n")
+    (d / "e.Json.GZ").write_bytes(gzip.compress(json.dumps([_rec("gz arr \ud83d\ude00")]).encode()))
+    (d / "f.json").write_text('[{"text": "surrogate \\udfff"}, {"text": "kept"}]')
+    (d / "g.json").write_text("\n  []\n")
+    (d / "h.json").write_text('[{"text": "cut"')
+    files = expand_inputs([str(d)])
+    assert [f.name for f in files] == ["C.JSONL", "a.json", "b.json", "d.jsonl.bz2", "e.Json.GZ", "f.json", "g.json", "h.json"]
+    docs, reasons, where = _read(d, *files)
+    assert [(x.id, x.text) for x in docs] == [
+        ("C.JSONL:1", "upper"), ("a.json:1", "arr 1"), ("a.json:3", "arr 3"), ("b.json:1", "json line 1"),
+        ("b.json:2", "json line 2"), ("d.jsonl.bz2:1", "bz2 1"), ("d.jsonl.bz2:2", "bz2 2"), ("e.Json.GZ:1", "gz arr \U0001F600"),
+        ("f.json:2", "kept")]
+    assert reasons == {"missing_text": 1, "invalid_unicode": 1, "empty_file": 1, "invalid_json": 1}
+    assert where == [("a.json", 2), ("f.json", 1), ("g.json", None), ("h.json", 1)]
+
+
+def test_unsupported_files_are_returned_as_skipped(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "sub/B.JSONL.ZST", "notes.md", "sub/x.csv", "y.jsonl.xz", ".hidden"):
+        (tmp_path / name).write_text("")
+    skipped = []
+    files = expand_inputs([str(tmp_path)], skipped=skipped)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a.jsonl", "sub/B.JSONL.ZST"]
+    assert [f.relative_to(tmp_path).as_posix() for f in skipped] == [".hidden", "notes.md", "sub/x.csv", "y.jsonl.xz"]
+    skipped = []
+    assert expand_inputs([str(tmp_path / "*.*")], skipped=skipped) == [tmp_path / "a.jsonl"]  # a glob's matches too
+    assert [f.name for f in skipped] == ["notes.md", "y.jsonl.xz"]
+
+
+def test_clean_stage_and_report_list_skipped_files(tmp_path):
+    from data_prep.config import PrepConfig
+    from data_prep.report import markdown
+    from data_prep.stages import Context, clean
+
+    chunk = tmp_path / "corpus/train"
+    chunk.mkdir(parents=True)
+    (chunk / "a.jsonl").write_text(json.dumps(_rec("a document long enough to be kept " * 10)) + "\n")
+    (chunk / "b.jsonl.xz").write_bytes(b"\xfd7zXZ")
+    (chunk / "README").write_text("about this corpus")
+    cfg = PrepConfig(inputs=["train"], input_root=str(tmp_path / "corpus"), output_dir=str(tmp_path / "out"), num_tasks=2)
+    results = [clean(Context(cfg), i) for i in range(2)]
+    stats = PrepStats()
+    for r in results:
+        stats.merge(PrepStats.from_dict(r["stats"]))
+    sd = stats.to_dict()
+    assert sd["steps"][0]["step"] == "read" and sd["steps"][0]["drop_reasons"] == {"unsupported_file": 2}  # listed once
+    assert [(e["file"], e["line"]) for e in sd["errors"]] == [("train/README", None), ("train/b.jsonl.xz", None)]
+    assert all(e["reason"].startswith("skipped: no reader") for e in sd["errors"])
+    # write_report's JSON lists them as skipped_files, the Markdown in their own section
+    skipped = [e for e in sd["errors"] if e["reason"].startswith("skipped:")]
+    md = markdown(stats, {"dedup": {"rate_by_source": {}}, "decontam": {}, "steps": sd["steps"], "mixture": {}, "timings": {},
+                          "stage_time": {}, "errors": sd["errors"], "skipped_files": skipped})
+    assert "## Skipped input files (2)" in md and "- `train/b.jsonl.xz`: skipped: no reader" in md

@@ -1,4 +1,4 @@
-"""normalize, short-document filter and split."""
+"""normalize, short-document and quality filters (the holdout split: test_shards_content.py)."""
 import unicodedata
 
 import pytest
@@ -6,7 +6,6 @@ import pytest
 from data_prep.document import Document
 from data_prep.filters import ShortDocumentFilter, slimpajama_clean_length
 from data_prep.normalize import Normalize
-from data_prep.split import HashSplit
 from data_prep.stats import PrepStats
 
 
@@ -40,17 +39,6 @@ def test_short_filter_threshold_and_reasons():
     assert step["drop_reasons"] == {"shorter_than_200_chars": 2}
     assert step["total"]["docs_in"] == 3 and step["total"]["docs_out"] == 1
     assert list(ShortDocumentFilter(10).run([doc("short text here")]))  # configurable threshold
-
-
-def test_split_is_a_function_of_the_id_and_near_ratio():
-    docs = [doc(f"document {i}", i=i) for i in range(5000)]
-    first = [d.split for d in HashSplit(0.1).run([Document(d.id, d.text, d.source) for d in docs])]
-    reordered = [d.split for d in HashSplit(0.1).run([Document(d.id, d.text, d.source) for d in reversed(docs)])]
-    assert first == list(reversed(reordered))
-    frac = first.count("val") / len(first)
-    assert 0.08 < frac < 0.12
-    with pytest.raises(ValueError, match="holdout_ratio"):
-        HashSplit(1.5)
 
 
 def test_ftfy_option_repairs_mojibake_and_is_timed():

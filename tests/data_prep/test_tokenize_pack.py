@@ -1,9 +1,7 @@
-import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_prep.document import Document
-from data_prep.pack import BlockPacker, tokenize
+from data_prep.pack import encode_texts
 from data_prep.tokenizer import TokenizerConfig, obtain_tokenizer, tokenizer_info
 
 import inspect
@@ -45,24 +43,10 @@ def test_load_existing_model(model_file, tmp_path):
         obtain_tokenizer(TokenizerConfig(model_path=str(tmp_path / "missing.model")), [], tmp_path / "x.model")
 
 
-def test_tokenize_preserves_order(model_file):
-    docs = [Document(f"f:{i}", t, "s") for i, t in enumerate(TEXTS[:50])]
+def test_encode_texts_preserves_order(model_file):
+    """The tokenize stage's batch encoder: one id list per text, in order, equal to ``sp.encode``."""
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    out = list(tokenize(docs, str(model_file), batch_docs=7, threads=2))
-    assert [d.id for d, _ in out] == [d.id for d in docs]
-    assert all(ids == sp.encode(d.text) for d, ids in out)
-
-
-def test_packer_joins_with_eos_and_counts_sources():
-    packer = BlockPacker(block_size=5, eos_id=2, dtype=np.dtype(np.uint16))
-    blocks = []
-    for ids, src in [([10, 11, 12], "a"), ([20, 21, 22, 23, 24, 25], "b"), ([30], "a")]:
-        blocks += list(packer.add(ids, src))
-    blocks += list(packer.finish())
-    stream = [10, 11, 12, 2, 20, 21, 22, 23, 24, 25, 2, 30, 2]
-    assert [b.tolist() for b, _ in blocks] == [stream[0:5], stream[5:10]]
-    assert blocks[0][1] == {"a": 4, "b": 1} and blocks[1][1] == {"b": 5}
-    assert packer.tail_tokens == 3
+    assert encode_texts(sp, TEXTS, 1024) == [sp.encode(t) for t in TEXTS]  # the module sources go piecewise
 
 
 def test_weighted_reservoir_respects_cap_and_weights():
@@ -94,7 +78,7 @@ def test_memory_estimate_lowers_the_sample_cap():
 def test_megabyte_documents_are_not_pathological(model_file):
     import time
 
-    from data_prep.pack import encode_texts, split_long
+    from data_prep.pack import split_long
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     line = "def f(x):  return x * 2  # some code and prose mixed in, naïve café\n"
