@@ -107,9 +107,15 @@ def alibi_bias(n_heads: int, seq_len: int) -> torch.Tensor:
     return bias.masked_fill(dist[None] > 0, float("-inf"))
 
 
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's whole shape, also for a ZeRO-3 parameter built under ``zero.Init`` (an empty
+    placeholder whose real shape is ``ds_shape``); a DTensor reports its global shape itself."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied weights counted once), whole even when sharded."""
+    return sum(math.prod(full_shape(p)) for p in {id(p): p for p in model.parameters()}.values())
 
 
 # Elements per independently seeded block of a parameter. A rank generates only the blocks that
@@ -272,12 +278,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Buffers are not persistent: they are derived from the config, never loaded from a checkpoint.
-        if cfg.position_encoding == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        else:
-            self.register_buffer("alibi", alibi_bias(cfg.n_heads, cfg.max_seq_len), persistent=False)
+        for name, table in self._derived_buffers().items():
+            self.register_buffer(name, table, persistent=False)
         if seed is not None:
             self.init_weights(seed)
 
@@ -304,16 +306,19 @@ class Transformer(nn.Module):
         else:
             fill_param(p, name, seed, std=std)
 
-    def _init_buffers(self) -> None:
+    def _derived_buffers(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """RoPE tables or the ALiBi bias: derived from the config, never loaded from a checkpoint."""
         cfg = self.cfg
-        device = next(self.parameters()).device
-        if device.type == "meta":
-            device = None
         if cfg.position_encoding == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
-        else:
-            self.alibi = alibi_bias(cfg.n_heads, cfg.max_seq_len).to(device)
+            return {"rope_cos": cos.to(device), "rope_sin": sin.to(device)}
+        return {"alibi": alibi_bias(cfg.n_heads, cfg.max_seq_len).to(device)}
+
+    def _init_buffers(self) -> None:
+        """Recompute the derived buffers on the parameters' device (``to_empty`` leaves them garbage)."""
+        device = next(self.parameters()).device
+        for name, table in self._derived_buffers(None if device.type == "meta" else device).items():
+            setattr(self, name, table)
 
     def tie_weights(self) -> None:
         """Share the input table with the output head (``to_empty`` gives each module its own copy)."""

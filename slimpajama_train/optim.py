@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimpajama_train.model import full_shape
+
 
 @dataclass
 class OptimConfig:
@@ -75,8 +77,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
         if not p.requires_grad:
             continue
         is_embedding = name.startswith("embed_tokens.")
-        # A ZeRO-3 parameter built under zero.Init is an empty placeholder; its real shape is ds_shape.
-        ndim = len(getattr(p, "ds_shape", p.shape))
+        ndim = len(full_shape(p))  # not p.ndim: a ZeRO-3 placeholder is 1-D and empty
         (decay if ndim >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -52,3 +52,8 @@ if os.environ.get("INIT_COMPARE") == "1":
 Path(f"{os.environ['INIT_OUT']}.rank{dist_info.rank}").write_text(json.dumps(report))
 backend.close() if cfg.backend.name != "deepspeed" else None  # no DeepSpeed engine was built here
 destroy_distributed(barrier=True)  # no rank leaves while a peer still finishes a collective
+if cfg.backend.name == "deepspeed":
+    # zero.Init without a DeepSpeed engine (this helper stops before the optimizer) leaves a native
+    # thread that now and then aborts the interpreter's exit ("terminate called without an active
+    # exception"); the trainer always builds the engine and destroys it. The report is written.
+    os._exit(0)
