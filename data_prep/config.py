@@ -4,14 +4,83 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from data_prep.dedup_core import DedupConfig
 from data_prep.filters import QualityConfig
-from data_prep.minhash_dedup import DedupConfig
 from data_prep.mixture import MixtureConfig
 from data_prep.tokenizer import TokenizerConfig
+
+
+@dataclass
+class RunConfig:
+    """How a prep run executes. Apart from ``num_tasks`` (it sets how documents are grouped into
+    parts, so work files of another task count are not reused) none of this enters a config hash.
+
+    Attributes:
+        num_tasks: every parallel stage runs as this many tasks (files are split among them).
+        workers: local processes running those tasks (default: num_tasks, at most the CPU count).
+        stage: ``all`` runs every stage locally; a stage name runs only task ``task_index`` of it
+            (what a SLURM array task does).
+        task_index: the task to run with ``stage=<name>``; default ``$SLURM_ARRAY_TASK_ID``.
+        force: redo stages even when their completion marker matches.
+        bucket_memory_mb: a buckets task reads its shard in as many passes as keep its band records
+            under this (the result does not depend on it).
+    """
+
+    num_tasks: int = 1
+    workers: int | None = None
+    stage: str = "all"
+    task_index: int | None = None
+    force: bool = False
+    bucket_memory_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.num_tasks < 1:
+            raise ValueError(f"prep.run.num_tasks={self.num_tasks}: must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"prep.run.workers={self.workers}: must be >= 1")
+
+
+@dataclass
+class HoldoutConfig:
+    """The validation split, chosen by a hash of each document's id.
+
+    Attributes:
+        ratio: fraction of documents that go to the validation split.
+        count: an absolute number of holdout documents instead (overrides the ratio).
+    """
+
+    ratio: float = 0.02
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"prep.holdout.ratio={self.ratio}: must be in [0, 1)")
+        if self.count is not None and self.count < 0:
+            raise ValueError(f"prep.holdout.count={self.count}: must be >= 0")
+
+
+@dataclass
+class DecontamConfig:
+    """Decontamination against evaluation sets (training documents sharing a word n-gram are dropped).
+
+    Attributes:
+        eval_files: evaluation sets (read like the inputs, or plain text: one example per line).
+        ngram: n of the n-gram match.
+        min_words: an evaluation example shorter than ``ngram`` words is matched whole when it has
+            at least this many words (GPT-3: 8); shorter ones are not checked.
+    """
+
+    eval_files: list[str] = field(default_factory=list)
+    ngram: int = 13
+    min_words: int = 8
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_words <= self.ngram:
+            raise ValueError(f"prep.decontam.min_words={self.min_words}: must be in [1, decontam.ngram={self.ngram}]")
 
 
 @dataclass
@@ -32,12 +101,8 @@ class PrepConfig:
             (``prep_mixture=`` presets; see :class:`data_prep.mixture.MixtureConfig`).
         min_doc_chars: SlimPajama's short-document threshold (after lowercasing, punctuation and
             whitespace cleanup).
-        holdout_ratio: fraction of documents (by a hash of their id) that go to the validation split.
-        holdout_count: an absolute number of holdout documents instead (overrides the ratio).
-        eval_files: evaluation sets; training documents sharing a word n-gram with them are dropped.
-        decontam_ngram: n of that n-gram match.
-        decontam_min_words: an evaluation example shorter than ``decontam_ngram`` words is matched
-            whole when it has at least this many words (GPT-3: 8); shorter ones are not checked.
+        holdout: the validation split (ratio or count).
+        decontam: n-gram decontamination against evaluation files.
         seq_len: training sequence length; each sample holds ``seq_len + 1`` tokens.
         samples_per_shard: fixed number of samples (blocks) per shard.
         shard_divisor: when > 1, the train shard count is a multiple of it (e.g. ranks x loader
@@ -45,12 +110,7 @@ class PrepConfig:
         long_doc_chars: documents longer than this are encoded in pieces cut at line breaks, so a
             megabyte-long document costs what its bytes cost.
         seed: seeds tokenizer training.
-        num_tasks: every parallel stage runs as this many tasks (files are split among them).
-        workers: local processes running those tasks (default: num_tasks, at most the CPU count).
-        stage: ``all`` runs every stage locally; a stage name runs only task ``task_index`` of it
-            (what a SLURM array task does).
-        task_index: the task to run with ``stage=<name>``; default ``$SLURM_ARRAY_TASK_ID``.
-        force: redo stages even when their completion marker matches.
+        run: how the run executes (tasks, workers, one stage for SLURM); not part of what the data is.
     """
 
     inputs: list[str] = field(default_factory=lambda: ["data/demo_corpus/train"])
@@ -64,22 +124,15 @@ class PrepConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
-    holdout_ratio: float = 0.02
-    holdout_count: int | None = None
-    eval_files: list[str] = field(default_factory=list)
-    decontam_ngram: int = 13
-    decontam_min_words: int = 8
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
     seq_len: int = 256
     samples_per_shard: int = 1024
     shard_divisor: int = 1
     long_doc_chars: int = 65536
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seed: int = 0
-    num_tasks: int = 1
-    workers: int | None = None
-    stage: str = "all"
-    task_index: int | None = None
-    force: bool = False
+    run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -88,16 +141,8 @@ class PrepConfig:
             raise ValueError(f"seq_len={self.seq_len}: must be >= 1")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
-        if not 0.0 <= self.holdout_ratio < 1.0:
-            raise ValueError(f"holdout_ratio={self.holdout_ratio}: must be in [0, 1)")
-        if self.holdout_count is not None and self.holdout_count < 0:
-            raise ValueError(f"holdout_count={self.holdout_count}: must be >= 0")
-        if self.num_tasks < 1:
-            raise ValueError(f"num_tasks={self.num_tasks}: must be >= 1")
         if self.shard_divisor < 1:
             raise ValueError(f"shard_divisor={self.shard_divisor}: must be >= 1")
-        if not 1 <= self.decontam_min_words <= self.decontam_ngram:
-            raise ValueError(f"decontam_min_words={self.decontam_min_words}: must be in [1, decontam_ngram={self.decontam_ngram}]")
         if self.long_doc_chars < 1024:
             raise ValueError(f"long_doc_chars={self.long_doc_chars}: must be >= 1024")
 
@@ -105,8 +150,18 @@ class PrepConfig:
     def block_size(self) -> int:
         return self.seq_len + 1
 
+    @property
+    def num_tasks(self) -> int:
+        return self.run.num_tasks
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def data_dict(self) -> dict[str, Any]:
+        """What the data is: every setting except how the run executes (the manifest records this)."""
+        d = self.to_dict()
+        d.pop("run")
+        return d
 
 
 def config_hash(obj: Any) -> str:
@@ -119,7 +174,8 @@ def conf_dir() -> Path:
     env = os.environ.get("SLIMPAJAMA_CONF_DIR")
     path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
     if not (path / "prep.yaml").is_file():
-        raise FileNotFoundError(f"no Hydra configs at {path}: install the repository in editable mode (pip install -e .) or set SLIMPAJAMA_CONF_DIR")
+        raise FileNotFoundError(f"no Hydra configs at {path}: install the repository in editable mode "
+                                "(pip install -e .) or set SLIMPAJAMA_CONF_DIR")
     return path
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.minhash_dedup import window_hashes, word_hashes
 from data_prep.readers import SUFFIXES, TEXT_SUFFIXES, DocumentReader, has_suffix
 from data_prep.stats import PrepStats
+from data_prep.text_hash import window_hashes, word_hashes
 
 
 def eval_texts(files: Iterable[str], text_key: str = "text") -> list[str]:

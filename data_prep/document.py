@@ -1,7 +1,6 @@
 """The unit every prep step consumes and yields."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,14 +14,12 @@ class Document:
         text: the document body.
         source: the domain it belongs to (e.g. ``RedPajamaGithub``).
         meta: the rest of the input record's metadata, untouched.
-        split: ``train`` or ``val``; set by the split step.
     """
 
     id: str
     text: str
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
-    split: str = "train"
 
     @property
     def nbytes(self) -> int:
@@ -37,13 +34,3 @@ class Document:
             cached = (text, len(text.encode("utf-8")))
             self.__dict__["_nbytes"] = cached
         return cached[1]
-
-
-def text_hash(text: str) -> bytes:
-    """A 16-byte content digest; blake2b is ~3x faster than sha256 here and collision-safe at corpus scale."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-def hash_fraction(text: str) -> float:
-    """Map a string to a uniform number in [0, 1) through its content hash (seeded subsamples, splits)."""
-    return int.from_bytes(text_hash(text)[:8], "big") / 2**64

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.document import hash_fraction
+from data_prep.text_hash import hash_fraction
 
 
 @dataclass
@@ -112,10 +112,20 @@ def source_factors(cfg: MixtureConfig, tokens: dict[str, int], unit: str = "toke
     return capped
 
 
-def copies(doc_ids: list[str], factor: float, seed: int, tokens: np.ndarray | list[int] | None = None) -> np.ndarray:
+def mixture_draw(doc_id: str, seed: int) -> float:
+    """The seeded uniform draw that orders a document in its source's fractional subsample."""
+    return hash_fraction(f"{seed}:{doc_id}")
+
+
+def mixture_draws(doc_ids: list[str], seed: int) -> np.ndarray:
+    return np.fromiter((mixture_draw(i, seed) for i in doc_ids), float, len(doc_ids))
+
+
+def copies(draws: np.ndarray, factor: float, tokens: np.ndarray | list[int] | None = None) -> np.ndarray:
     """Copies of each document for a source factor: ``floor(f)`` plus one for a seeded ``frac(f)`` subsample.
 
-    The subsample walks the documents in the order of a seeded hash of their ids and takes each one
+    ``draws`` are the documents' :func:`mixture_draw` values (computed where the ids are at hand, in
+    the parallel tokenize stage). The subsample walks the documents in the order of their draws and takes each one
     that brings it closer to ``frac(f)`` of the source's ``tokens`` (per document; default 1 each,
     i.e. a fraction of the documents), so a source lands on its target up to about one document,
     whatever the spread of document lengths (only documents longer than twice what is still
@@ -123,12 +133,11 @@ def copies(doc_ids: list[str], factor: float, seed: int, tokens: np.ndarray | li
     """
     whole = int(math.floor(factor))
     frac = factor - whole
-    n = len(doc_ids)
+    n = len(draws)
     out = np.full(n, whole, np.int64)
     if frac > 0 and n:
-        u = np.fromiter((hash_fraction(f"{seed}:{i}") for i in doc_ids), float, n)
         w = np.ones(n, np.float64) if tokens is None else np.asarray(tokens, np.float64)
-        rest = np.argsort(u, kind="stable")
+        rest = np.argsort(draws, kind="stable")
         left = frac * w.sum()  # tokens still missing
         # Vectorized form of: for d in hash order, take d if w[d] < 2 * left (it reduces the error).
         while left > 0 and len(rest):

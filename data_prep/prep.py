@@ -1,15 +1,17 @@
 """``slimpajama-prep``: raw corpora -> clean, deduplicated, mixed, split, tokenized WebDataset shards.
 
-Stages (``data_prep/stages.py``), each run as task ``i`` of ``n`` with a completion marker per task:
+Stages (declared in ``data_prep/stages.py``), each run as task ``i`` of ``n`` with a completion
+marker per task:
 
 ==============  =====  =====================================================================
 stage           tasks  what
 ==============  =====  =====================================================================
 clean           n      read files i, i+n, ...; NFC (or ftfy); short-document + quality filters
-signatures      n      MinHash signatures; band records spilled to n bucket shards
-buckets         n      candidate pairs of bucket shard i; exact-Jaccard verification
-clusters        n      connected components; keeper = first in input order; removals of parts i, i+n..
-split           1      removed.jsonl; holdout (ratio or count); hash + n-gram decontamination
+signatures      n      document table; MinHash signatures; band records spilled to n buckets
+buckets         n      candidate pairs of bucket shard i; exact-Jaccard verification; forest
+components      1      connected components (scipy); keeper = first in input order
+removals        n      removed.jsonl records of part i (ids, kept ids, Jaccard)
+split           1      removed.jsonl merged; holdout (ratio or count); hash + n-gram decontamination
 tokenizer       1      SentencePiece on a mixture-weighted reservoir sample (or copy a .model)
 tokenize        n      encode part i (one process per task)
 plan            1      the token stream of each split: documents in input order, mixture repeats
@@ -20,11 +22,11 @@ report          1      manifest.json, prep_report.{json,md,png}
 Usage::
 
     slimpajama-prep                                     # the demo corpus, one task (conf/prep.yaml)
-    python -m data_prep.prep num_tasks=8 workers=8 \
+    python -m data_prep.prep run.num_tasks=8 run.workers=8 \
         'inputs=[train/chunk*/example_train_*.jsonl.zst]' input_root=/data/SlimPajama \
         output_dir=/data/shards prep_mixture=slimpajama tokenizer=bpe_32k seq_len=2048
     # one task of one stage (what launch/slurm/prep.sbatch runs for each array index):
-    python -m data_prep.prep stage=signatures task_index=3 num_tasks=8 ...
+    python -m data_prep.prep run.stage=signatures run.task_index=3 run.num_tasks=8 ...
 """
 from __future__ import annotations
 
@@ -36,27 +38,29 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import PrepConfig
-from data_prep.stages import SINGLE_TASK, STAGE_FUNCS, STAGES, Context, clear_outputs, stage_hashes
+from data_prep.stages import STAGE_BY_NAME, STAGES, Context, clear_outputs, stage_hashes
 from data_prep.tasks import Marker, run_tasks
 
 
 def run_task(cfg: PrepConfig, stage: str, index: int) -> dict[str, Any]:
     """Run task ``index`` of ``stage`` unless its completion marker says it already ran with this config."""
-    if stage not in STAGE_FUNCS:
-        raise ValueError(f"prep.stage={stage!r}: expected 'all' or one of {', '.join(STAGES)}")
-    n = 1 if stage in SINGLE_TASK else cfg.num_tasks
+    spec = STAGE_BY_NAME.get(stage)
+    if spec is None:
+        raise ValueError(f"prep.run.stage={stage!r}: expected 'all' or one of {', '.join(s.name for s in STAGES)}")
+    n = cfg.run.num_tasks if spec.parallel else 1
     if not 0 <= index < n:
-        raise ValueError(f"prep.task_index={index}: stage {stage!r} has {n} task(s) (num_tasks={cfg.num_tasks})")
+        raise ValueError(f"prep.run.task_index={index}: stage {stage!r} has {n} task(s) "
+                         f"(run.num_tasks={cfg.run.num_tasks})")
     ctx = Context(cfg)
-    marker = Marker(ctx.work, stage, index, n, stage_hashes(cfg)[stage])
-    done = None if cfg.force else marker.result()
+    marker = Marker(ctx.work.root, stage, index, n, stage_hashes(cfg)[stage])
+    done = None if cfg.run.force else marker.result()
     if done is not None:
         return done
     # Compiled MinHash and SentencePiece must not start their own thread pools inside a task:
     # parallelism comes from the tasks, and per-core figures stay honest.
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     c0, w0 = _cpu(), time.perf_counter()
-    result = STAGE_FUNCS[stage](ctx, index)
+    result = spec.run(ctx, index)
     result["cpu_s"], result["wall_s"] = round(_cpu() - c0, 4), round(time.perf_counter() - w0, 4)
     marker.complete(result)
     return result
@@ -80,12 +84,12 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
     from data_prep.shard_format import load_manifest
 
     out = Path(cfg.output_dir)
-    if cfg.force:
+    if cfg.run.force:
         clear_outputs(out)
-    workers = cfg.workers if cfg.workers is not None else min(cfg.num_tasks, os.cpu_count() or 1)
+    run = cfg.run
+    workers = run.workers if run.workers is not None else min(run.num_tasks, os.cpu_count() or 1)
     for stage in STAGES:
-        n = 1 if stage in SINGLE_TASK else cfg.num_tasks
-        run_tasks(partial(_task, cfg, stage), n, workers)
+        run_tasks(partial(_task, cfg, stage.name), run.num_tasks if stage.parallel else 1, workers)
     return load_manifest(out)
 
 
@@ -101,14 +105,17 @@ def main() -> None:
     @hydra.main(config_path=str(conf_dir()), config_name="prep", version_base="1.3")
     def _app(dcfg) -> None:
         cfg: PrepConfig = OmegaConf.to_object(dcfg)
-        if cfg.stage != "all":
-            index = cfg.task_index if cfg.task_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-            result = run_task(cfg, cfg.stage, index)
-            print(f"stage {cfg.stage} task {index} done: " + ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (dict, list))))
+        run = cfg.run
+        if run.stage != "all":
+            index = run.task_index if run.task_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+            result = run_task(cfg, run.stage, index)
+            scalars = ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, dict | list))
+            print(f"stage {run.stage} task {index} done: {scalars}")
             return
         manifest = run_prep(cfg)
         t = manifest["totals"]
-        print(f"wrote {t['samples']} samples / {t['tokens']} tokens in {sum(len(s['shards']) for s in manifest['splits'].values())} shards to {cfg.output_dir}")
+        shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+        print(f"wrote {t['samples']} samples / {t['tokens']} tokens in {shards} shards to {cfg.output_dir}")
 
     _app()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from data_prep.atomic import atomic_path, write_json, write_text
 from data_prep.stats import PrepStats
-from data_prep.tasks import write_json_atomic
 
 
 def dedup_rate_by_source(stats: dict[str, Any]) -> dict[str, float]:
@@ -54,9 +54,9 @@ def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: d
         "mixture": {name: {"factors": sp.get("mixture_factors"), "proportions": sp["proportions"],
                            "per_shard": [e.get("proportions") for e in sp["shards"]]} for name, sp in manifest["splits"].items()},
     }
-    write_json_atomic(out / "prep_stats.json", {"steps": sd["steps"], "errors": sd["errors"], "timings": sd["timings"]})
-    write_json_atomic(out / "prep_report.json", report)
-    (out / "prep_report.md").write_text(markdown(stats, report))
+    write_json(out / "prep_stats.json", {"steps": sd["steps"], "errors": sd["errors"], "timings": sd["timings"]})
+    write_json(out / "prep_report.json", report)
+    write_text(out / "prep_report.md", markdown(stats, report))
     chart(out / "prep_report.png", report)
     return report
 
@@ -124,7 +124,6 @@ def chart(path: Path, report: dict[str, Any]) -> None:
     ax2.set_title("dedup rate by source")
     ax2.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
 

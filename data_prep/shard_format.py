@@ -51,7 +51,7 @@ class RecordLayout:
     npy_header_bytes: int  # .npy header inside the payload
 
     @classmethod
-    def for_block(cls, block_size: int, dtype: np.dtype) -> "RecordLayout":
+    def for_block(cls, block_size: int, dtype: np.dtype) -> RecordLayout:
         payload = len(npy_bytes(np.zeros(block_size, dtype=dtype)))
         header = payload - block_size * dtype.itemsize
         padded = -(-payload // TAR_BLOCK) * TAR_BLOCK
@@ -158,7 +158,7 @@ class ShardReader:
         self.manifest_path = manifest_path
         self._fh: BinaryIO | None = None
 
-    def open(self) -> "ShardReader":
+    def open(self) -> ShardReader:
         if self._fh is not None:
             return self
         listed = f"{self.manifest_path} lists {self.path.name}, which" if self.manifest_path is not None else f"shard {self.path.name}"

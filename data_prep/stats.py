@@ -44,7 +44,7 @@ class PrepStats:
         """Seconds spent inside ``step`` (the report turns them into MB/s)."""
         self.timings[step] += seconds
 
-    def merge(self, other: "PrepStats") -> None:
+    def merge(self, other: PrepStats) -> None:
         """Add ``other``'s counters to these (tasks of one stage are merged in task order)."""
         for step in other._order:
             self._touch(step)
@@ -83,7 +83,7 @@ class PrepStats:
         return {"steps": steps, "errors": self.errors, "timings": {k: round(v, 4) for k, v in self.timings.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PrepStats":
+    def from_dict(cls, data: dict[str, Any]) -> PrepStats:
         """Rebuild from :meth:`to_dict` output (stages that were skipped on re-run report from their marker)."""
         stats = cls()
         for entry in data["steps"]:

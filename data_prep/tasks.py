@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from data_prep.atomic import write_json
 
 
 class Marker:
@@ -30,14 +31,7 @@ class Marker:
         return marker["result"] if marker.get("config_hash") == self.cfg_hash else None
 
     def complete(self, result: dict[str, Any]) -> None:
-        write_json_atomic(self.path, {"config_hash": self.cfg_hash, "result": result})
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+        write_json(self.path, {"config_hash": self.cfg_hash, "result": result})
 
 
 def stage_results(work: Path, stage: str, num_tasks: int, cfg_hash: str) -> list[dict[str, Any]]:
@@ -69,7 +63,7 @@ def run_tasks(fn: Callable[[int, int], dict[str, Any]], num_tasks: int, workers:
     # rayon pool, SentencePiece) can deadlock. The server preloads the stage modules once, so each
     # worker still starts without re-importing them.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["data_prep.stages", "data_prep.minhash_dedup", "numpy", "sentencepiece", "rensa"])
+    ctx.set_forkserver_preload(["data_prep.stages", "data_prep.dedup_tasks", "numpy", "sentencepiece", "rensa"])
     with ProcessPoolExecutor(max_workers=min(workers, num_tasks), mp_context=ctx) as pool:
         futures = [pool.submit(fn, i, num_tasks) for i in range(num_tasks)]
         for f in futures:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
-import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,0 +1,401 @@
+"""Fuzzy dedup of a corpus on disk: the :mod:`data_prep.dedup_core` functions as stages whose
+memory is bounded per task.
+
+1. ``signatures`` (task p of n, :func:`write_signatures`): shingle each document of clean part p,
+   compute its MinHash signature and spill one record per LSH band into bucket file
+   ``band_key % n``; write the part's document table, its signatures and (for the exact check) its
+   sorted shingle sets. Memory: one batch of documents.
+2. ``buckets`` (task b of n, :func:`verify_bucket`): read bucket b from every part (in several
+   passes when it would not fit the memory budget), turn documents that share a band key into
+   candidate pairs, verify them, and reduce the verified pairs to a spanning forest (one edge per
+   duplicate document) before writing them.
+3. ``components`` (one task, :func:`find_components`): connected components of all forest edges
+   with scipy; each component keeps its smallest key. Writes the removed rows of each part.
+   Memory: ~100 bytes per document that has a duplicate; nothing per unique document.
+4. ``removals`` (task p of n, :func:`record_removals`): the ``removed.jsonl`` records of part p
+   (ids, kept ids, Jaccard estimate and exact value), merged in input order by
+   :func:`merge_removed_records`.
+
+Signatures, shingles and table columns of other parts are memory-mapped for one chunk of pairs at a
+time, so what a task touches of them is bounded by the chunk, not by the corpus.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from data_prep.atomic import FileGroup, atomic_path, save_npy, save_npz
+from data_prep.dedup_core import (
+    DedupConfig,
+    band_keys,
+    candidate_pairs,
+    components,
+    exact_copies,
+    jaccard_sorted,
+    shingle_hashes,
+    signatures,
+    sorted_unique,
+    verify_pairs,
+)
+from data_prep.doc_table import DocTableBuilder, column, doc_id, part_of
+from data_prep.document import Document
+from data_prep.layout import WorkDir
+from data_prep.text_hash import content_digest, hash_fraction, word_hashes
+
+if TYPE_CHECKING:
+    from data_prep.decontam import EvalNgrams
+
+# One record per (document, band): the band key, the document's key and its row in its part.
+BAND_RECORD = np.dtype([("key", "<u8"), ("doc", "<u8"), ("row", "<u4")])
+_PAIR_CHUNK = 1 << 16  # pairs verified at once: bounds the gathered signatures to ~64 MB
+_BYTES_PER_RECORD_IN_MEMORY = 64  # a band record plus the sort and pair arrays built from it
+
+
+def ensure_open_files(needed: int) -> None:
+    """Raise this process's open-file limit to ``needed`` (a signatures task keeps one bucket file
+    per task open); the soft limit is often 1024 while the hard limit allows far more."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise OSError(f"prep.run.num_tasks needs {needed} open files per task but the hard limit "
+                      f"(ulimit -Hn) is {hard}: use fewer tasks or raise the limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+# ---------------------------------------------------------------------------------------------- signatures
+
+
+def write_signatures(
+    docs: Iterable[tuple[int, Document]],
+    part: int,
+    num_buckets: int,
+    cfg: DedupConfig,
+    work: WorkDir,
+    batch_bytes: int = 2 << 20,
+    eval_ngrams: EvalNgrams | None = None,
+) -> dict[str, Any]:
+    """Signatures stage for one part: ``docs`` yields (order key, document) in key order.
+
+    Writes the part's document table, and with dedup on its signatures, sorted shingle sets (exact
+    check only) and band records spilled to ``num_buckets`` bucket files. Everything but the table's
+    few numbers per document is appended to files batch by batch.
+    """
+    bands, rows = cfg.band_layout()
+    table = DocTableBuilder()
+    sh_counts: list[np.ndarray] = []
+    minhash = cfg.enabled
+    exact = minhash and cfg.verify == "exact"
+    if minhash:
+        ensure_open_files(num_buckets + 64)
+    out = FileGroup()
+    sig_fh = out.open(work.sigs(part)) if minhash else None
+    sh_fh = out.open(work.shingles(part)) if exact else None
+    band_fhs = [out.open(work.bands(b, part)) for b in range(num_buckets)] if minhash else []
+    done = 0  # rows written so far
+    batch: list[tuple[int, Document]] = []
+
+    def flush() -> None:
+        nonlocal done
+        if done + len(batch) > 2**32:
+            raise ValueError(f"part {part} has over 2^32 documents (band records store 32-bit rows): use more tasks")
+        texts = [d.text for _, d in batch]
+        keys = np.fromiter((k for k, _ in batch), np.uint64, len(batch))
+        words = word_hashes(texts)
+        norm = words[2]
+        contaminated = eval_ngrams.contaminated(words[0], words[1]) if eval_ngrams is not None else None
+        if minhash:
+            hashes, offsets, norm = shingle_hashes(texts, cfg, words)
+            sig = signatures(hashes, offsets, cfg)
+            assert sig_fh is not None
+            sig_fh.write(np.ascontiguousarray(sig, np.uint32).tobytes())
+            row_ids = np.arange(done, done + len(batch), dtype=np.uint32)
+            _spill_bands(band_keys(sig, bands, rows), keys, row_ids, band_fhs)
+        if exact:
+            doc_of = np.repeat(np.arange(len(batch), dtype=np.uint64), np.diff(offsets))
+            # One sort for the whole batch: (doc, 32-bit shingle hash) pairs, unique. 32-bit hashes
+            # halve the disk; with 2^32 values the Jaccard error is far below the threshold margin.
+            u = sorted_unique((doc_of << np.uint64(32)) | (hashes >> np.uint64(32)))
+            bounds = np.searchsorted(u, np.arange(len(batch) + 1, dtype=np.uint64) << np.uint64(32))
+            assert sh_fh is not None
+            sh_fh.write((u & np.uint64(0xFFFFFFFF)).astype(np.uint32).tobytes())
+            sh_counts.append(np.diff(bounds).astype(np.int64))
+        table.add(keys, [content_digest(t) for t in texts], norm, [d.nbytes for _, d in batch],
+                  [d.source for _, d in batch], [hash_fraction(d.id) for _, d in batch], contaminated)
+        done += len(batch)
+        batch.clear()
+
+    size = 0
+    for key, doc in docs:
+        batch.append((key, doc))
+        size += doc.nbytes
+        if size >= batch_bytes:
+            flush()
+            size = 0
+    if batch:
+        flush()
+    out.commit()
+    if exact:
+        counts = np.concatenate(sh_counts) if sh_counts else np.zeros(0, np.int64)
+        offs = np.zeros(len(counts) + 1, np.int64)
+        np.cumsum(counts, out=offs[1:])
+        save_npy(work.shingle_offsets(part), offs)
+    finished = table.finish()
+    finished.save(work.docs(part))
+    return {"docs": len(finished), "bytes": int(finished.nbytes.sum()), "bands": bands, "rows": rows,
+            "num_perm": cfg.num_perm}
+
+
+def _spill_bands(keys: np.ndarray, doc_keys: np.ndarray, rows: np.ndarray, band_fhs: list) -> None:
+    """Append the band records of a batch to their bucket files (bucket = band key mod n).
+
+    One stable argsort by bucket and one write per non-empty bucket: O(records log records), where a
+    mask per bucket would be O(records x buckets) for thousands of tasks.
+    """
+    bands = keys.shape[1]
+    flat = keys.reshape(-1)
+    target = flat % np.uint64(len(band_fhs))
+    order = np.argsort(target, kind="stable")
+    rec = np.empty(len(flat), BAND_RECORD)
+    rec["key"], rec["doc"], rec["row"] = flat[order], np.repeat(doc_keys, bands)[order], np.repeat(rows, bands)[order]
+    bounds = np.searchsorted(target[order], np.arange(len(band_fhs) + 1, dtype=np.uint64))
+    for b in np.nonzero(np.diff(bounds))[0]:
+        band_fhs[b].write(rec[bounds[b] : bounds[b + 1]].tobytes())
+
+
+# ---------------------------------------------------------------------------------------------- buckets
+
+
+class _Mapped:
+    """Signatures, shingle sets and table columns of any part, memory-mapped until :meth:`close`.
+
+    A task maps what one chunk of pairs needs and closes it after, so the pages it touched are
+    released: its resident memory follows the chunk, not the parts it has visited.
+    """
+
+    def __init__(self, work: WorkDir, num_perm: int) -> None:
+        self.work, self.num_perm = work, num_perm
+        self._maps: dict[tuple[str, int], np.ndarray] = {}
+
+    def _get(self, what: str, part: int) -> np.ndarray:
+        m = self._maps.get((what, part))
+        if m is None:
+            if what == "sigs":
+                m = _raw(self.work.sigs(part), np.uint32).reshape(-1, self.num_perm)
+            elif what == "shingles":
+                m = _raw(self.work.shingles(part), np.uint32)
+            elif what == "shingle_offsets":
+                m = np.load(self.work.shingle_offsets(part), mmap_mode="r")
+            else:
+                m = column(self.work.docs(part), what, mmap=True)
+            self._maps[(what, part)] = m
+        return m
+
+    def gather(self, what: str, parts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` of ``what`` (``sigs`` or a table column) in parts ``parts``."""
+        out: np.ndarray | None = None
+        for p in np.unique(parts).tolist():
+            sel = parts == p
+            src = self._get(what, p)
+            if out is None:
+                out = np.empty((len(rows),) + src.shape[1:], src.dtype)
+            out[sel] = src[rows[sel]]
+        if out is None:
+            return np.zeros((0, self.num_perm) if what == "sigs" else 0, np.uint32 if what == "sigs" else np.uint64)
+        return out
+
+    def shingle_set(self, part: int, row: int) -> np.ndarray:
+        offs = self._get("shingle_offsets", part)
+        return np.asarray(self._get("shingles", part)[offs[row] : offs[row + 1]])
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+def _raw(path, dtype: Any) -> np.ndarray:
+    """Memory-map a raw file (an empty file gives an empty array; mmap cannot map 0 bytes)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _bucket_records(work: WorkDir, bucket: int, num_parts: int, passes: int, j: int) -> np.ndarray:
+    """The band records of bucket shard ``bucket`` whose sub-bucket is ``j`` of ``passes``."""
+    chunk = 1 << 22
+    out: list[np.ndarray] = []
+    for p in range(num_parts):
+        with open(work.bands(bucket, p), "rb") as fh:
+            while True:
+                rec = np.fromfile(fh, BAND_RECORD, count=chunk)
+                if not len(rec):
+                    break
+                if passes > 1:  # all records of one band key land in the same sub-bucket
+                    rec = rec[(rec["key"] // np.uint64(num_parts)) % np.uint64(passes) == np.uint64(j)]
+                out.append(rec)
+    return np.concatenate(out) if out else np.zeros(0, BAND_RECORD)
+
+
+def verify_bucket(bucket: int, num_parts: int, cfg: DedupConfig, work: WorkDir,
+                  memory_bytes: int = 2 << 30) -> dict[str, Any]:
+    """Buckets stage for bucket shard ``bucket``: candidate pairs from shared band keys, verified,
+    reduced to a spanning forest of the duplicate documents.
+
+    When the shard's records would need more than ``memory_bytes``, it is read in several passes,
+    each holding the band keys of one sub-bucket (the pairs do not depend on the pass count).
+    """
+    if not cfg.enabled:
+        save_npy(work.edges(bucket), np.zeros((0, 2), np.uint64))
+        return {"candidate_pairs": 0, "verified_pairs": 0, "forest_edges": 0, "passes": 0}
+    records = sum(work.bands(bucket, p).stat().st_size for p in range(num_parts)) // BAND_RECORD.itemsize
+    passes = max(1, math.ceil(records * _BYTES_PER_RECORD_IN_MEMORY / memory_bytes))
+    found: list[np.ndarray] = []  # (a, b, row_a, row_b) per candidate pair
+    for j in range(passes):
+        rec = _bucket_records(work, bucket, num_parts, passes, j)
+        pairs = candidate_pairs(rec["key"], rec["doc"], cfg.max_bucket_all_pairs)
+        if len(pairs):
+            docs, first = np.unique(rec["doc"], return_index=True)
+            row_of = rec["row"][first].astype(np.uint64)
+            found.append(np.column_stack([pairs, row_of[np.searchsorted(docs, pairs[:, 0])],
+                                          row_of[np.searchsorted(docs, pairs[:, 1])]]))
+        del rec
+    quads = np.concatenate(found) if found else np.zeros((0, 4), np.uint64)
+    if passes > 1 and len(quads):  # a pair can share keys of several sub-buckets
+        quads = quads[np.unique(quads[:, :2], axis=0, return_index=True)[1]]
+    keep = np.zeros(len(quads), bool)
+    mapped = _Mapped(work, cfg.num_perm)
+    for lo in range(0, len(quads), _PAIR_CHUNK):
+        q = quads[lo : lo + _PAIR_CHUNK]
+        pa, pb = part_of(q[:, 0], num_parts), part_of(q[:, 1], num_parts)
+        ra, rb = q[:, 2].astype(np.int64), q[:, 3].astype(np.int64)
+        est = (mapped.gather("sigs", pa, ra) == mapped.gather("sigs", pb, rb)).mean(axis=1)
+        same = mapped.gather("digest", pa, ra) == mapped.gather("digest", pb, rb)
+
+        def exact(k: int, pa=pa, ra=ra, pb=pb, rb=rb) -> float:
+            a, b = mapped.shingle_set(int(pa[k]), int(ra[k])), mapped.shingle_set(int(pb[k]), int(rb[k]))
+            return jaccard_sorted(a, b)
+
+        keep[lo : lo + len(q)], _ = verify_pairs(cfg, est, same, exact)
+        mapped.close()
+    nodes, keeper = components(quads[keep, 0], quads[keep, 1])
+    forest = np.column_stack([nodes, keeper])[nodes != keeper]
+    save_npy(work.edges(bucket), forest)
+    return {"candidate_pairs": int(len(quads)), "verified_pairs": int(keep.sum()), "forest_edges": int(len(forest)),
+            "passes": passes}
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+
+def find_components(num_parts: int, num_buckets: int, work: WorkDir) -> dict[str, Any]:
+    """Components stage (one task): the duplicate clusters over every bucket's forest edges.
+
+    Writes, per part, the rows it loses (every member of a cluster but its smallest key), their
+    keepers (key and row) and whether an earlier member has the same text (an exact copy).
+    """
+    edges = [np.load(work.edges(b)) for b in range(num_buckets)]
+    num_edges = sum(len(e) for e in edges)
+    both = np.concatenate(edges) if edges else np.zeros((0, 2), np.uint64)
+    del edges
+    nodes, keeper = components(both[:, 0].copy(), both[:, 1].copy())
+    del both
+    parts = part_of(nodes, num_parts)
+    rows = np.empty(len(nodes), np.int64)
+    digest = np.empty(len(nodes), np.uint64)
+    for p in np.unique(parts).tolist():  # one part's key and digest columns mapped at a time
+        sel = np.nonzero(parts == p)[0]
+        keys = column(work.docs(p), "key", mmap=True)
+        rows[sel] = np.searchsorted(keys, nodes[sel])
+        digest[sel] = column(work.docs(p), "digest", mmap=True)[rows[sel]]
+        del keys
+    exact = exact_copies(nodes, keeper, digest)
+    keeper_row = rows[np.searchsorted(nodes, keeper)]
+    lost = nodes != keeper
+    for p in range(num_parts):
+        sel = lost & (parts == p)
+        save_npz(work.removed(p), row=rows[sel], key=nodes[sel], keeper=keeper[sel], keeper_row=keeper_row[sel],
+                 exact=exact[sel])
+    return {"removed": int(lost.sum()), "clusters": int(len(nodes) - lost.sum()), "forest_edges": num_edges}
+
+
+def load_removed(work: WorkDir, part: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, exact) of the documents of ``part`` removed as duplicates; ``exact``: an earlier
+    member of the cluster has the same text."""
+    with np.load(work.removed(part)) as z:
+        return z["row"], z["exact"]
+
+
+# ---------------------------------------------------------------------------------------------- removals
+
+
+def record_removals(part: int, num_parts: int, cfg: DedupConfig, work: WorkDir) -> dict[str, Any]:
+    """Removals stage for one part: a ``removed.jsonl`` record per removed document, in key order.
+
+    Each names the document, the document kept in its place, both sources, the MinHash estimate
+    of their Jaccard similarity and (with the exact check) the exact one, computed against the kept
+    document itself.
+    """
+    with np.load(work.removed(part)) as z:
+        rows, keys, keepers, krows, exact = (z[k] for k in ("row", "key", "keeper", "keeper_row", "exact"))
+    files = work.input_files() if len(rows) else []
+    sources: dict[int, list[str]] = {}
+    mapped = _Mapped(work, cfg.num_perm)
+    lines = 0
+    with atomic_path(work.removed_records(part)) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for lo in range(0, len(rows), _PAIR_CHUNK):
+            sl = slice(lo, lo + _PAIR_CHUNK)
+            own = np.full(len(rows[sl]), part)
+            kparts = part_of(keepers[sl], num_parts)
+            est = (mapped.gather("sigs", own, rows[sl]) == mapped.gather("sigs", kparts, krows[sl])).mean(axis=1)
+            src = mapped.gather("source", own, rows[sl])
+            ksrc = mapped.gather("source", kparts, krows[sl])
+            for k in range(len(est)):
+                kp = int(kparts[k])
+                for p in (part, kp):
+                    if p not in sources:
+                        sources[p] = json.loads((work.docs(p) / "sources.json").read_text())
+                rec = {
+                    "id": doc_id(int(keys[lo + k]), files),
+                    "kept_id": doc_id(int(keepers[lo + k]), files),
+                    "jaccard_estimate": round(float(est[k]), 4),
+                    "exact_duplicate": bool(exact[lo + k]),  # an earlier document of the cluster has the same text
+                    "source": sources[part][int(src[k])],
+                    "kept_source": sources[kp][int(ksrc[k])],
+                }
+                if cfg.verify == "exact":
+                    j = jaccard_sorted(mapped.shingle_set(part, int(rows[lo + k])),
+                                       mapped.shingle_set(kp, int(krows[lo + k])))
+                    rec["jaccard_exact"] = round(float(np.float32(j)), 4)
+                fh.write(f"{int(keys[lo + k])}\t{json.dumps(rec, ensure_ascii=False)}\n")
+                lines += 1
+            mapped.close()
+    return {"removed": lines}
+
+
+def merge_removed_records(num_parts: int, work: WorkDir, out_path) -> int:
+    """Merge the parts' records into ``removed.jsonl`` in input order (the same file for any task
+    count), streaming: one open file and one line per part in memory."""
+    ensure_open_files(num_parts + 64)
+    handles = [open(work.removed_records(p), encoding="utf-8") for p in range(num_parts)]  # noqa: SIM115
+
+    def keyed(fh) -> Iterator[tuple[int, str]]:
+        for line in fh:
+            k, _, rec = line.partition("\t")
+            yield int(k), rec
+
+    n = 0
+    try:
+        with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            for _, rec in heapq.merge(*(keyed(h) for h in handles)):
+                out.write(rec)
+                n += 1
+    finally:
+        for h in handles:
+            h.close()
+    return n
