@@ -39,7 +39,8 @@ def measure(name: str, a: argparse.Namespace, dist_info) -> dict:
         model.set_activation_checkpointing(a.ac, 2)
         return model
 
-    backend = build_backend(BackendConfig(name="fsdp2", precision=a.precision, activation_checkpointing=a.ac), dist_info)
+    backend = build_backend(BackendConfig(name="fsdp2", precision=a.precision, activation_checkpointing=a.ac),
+                            dist_info)
     backend.setup(make_model, 0, OptimConfig(lr=1e-4, warmup_steps=0), a.micro_batch, 1)
     model = backend.model
     n_params = count_parameters(model)
@@ -78,11 +79,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device dense bf16 peak; default: detected from the GPU name (slimpajama_train.metrics.PEAK_TFLOPS_BF16)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device dense bf16 peak; default: detected from the GPU name "
+                        "(slimpajama_train.metrics.PEAK_TFLOPS_BF16)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("bench_mfu: no CUDA GPU on this machine; nothing measured (use --device cpu --models tiny for a smoke run)")
+        print("bench_mfu: no CUDA GPU on this machine; nothing measured "
+              "(use --device cpu --models tiny for a smoke run)")
         print(json.dumps({"skipped": "no CUDA GPU"}))
         return
     dist_info = init_distributed()
@@ -95,7 +99,8 @@ def main() -> None:
     print("| model | params | tokens/s | TFLOP/s | MFU | peak mem GB |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {r['model']} | {r['params_m']:.0f}M | {r['tokens_s']:,.0f} | {r['tflops_s']:.1f} | {mfu} | {r['peak_mem_gb']:.1f} |")
+        print(f"| {r['model']} | {r['params_m']:.0f}M | {r['tokens_s']:,.0f} | {r['tflops_s']:.1f} | {mfu} "
+              f"| {r['peak_mem_gb']:.1f} |")
     print(json.dumps({"device": device_name, "rows": rows}))
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.callbacks.base import Callback
 from slimpajama_train.callbacks.config import LoggerConfig, WandbConfig
 from slimpajama_train.checkpoint import CheckpointConfig
 from slimpajama_train.config import LoopConfig, TrainConfig
 from slimpajama_train.data import DataConfig
 from slimpajama_train.distributed import destroy_distributed, init_distributed
-from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.model import ModelConfig, Transformer, lm_loss
 from slimpajama_train.optim import OptimConfig, build_optimizer, lr_at
 from slimpajama_train.trainer import Trainer
@@ -106,8 +106,10 @@ def main() -> None:
     ratio = trainer_tps / bare_tps
     print("\n| loop | tokens/s | model | batch x seq | precision | threads |\n|---|---:|---|---|---|---:|")
     shape = f"{trainer.n_params / 1e6:.1f}M ({a.layers}x{a.dim})"
-    for name, tps in (("slimpajama trainer (FSDP2, shard loader)", trainer_tps), ("bare PyTorch loop (in-memory batches)", bare_tps)):
-        print(f"| {name} | {tps:,.0f} | {shape} | {a.micro_batch} x {seq} | {a.precision} | {torch.get_num_threads()} |")
+    for name, tps in (("slimpajama trainer (FSDP2, shard loader)", trainer_tps),
+                      ("bare PyTorch loop (in-memory batches)", bare_tps)):
+        print(f"| {name} | {tps:,.0f} | {shape} | {a.micro_batch} x {seq} | {a.precision} "
+              f"| {torch.get_num_threads()} |")
     print(f"\nratio trainer / bare = {ratio:.3f} (target >= 0.95)")
     print(json.dumps({"trainer_tokens_s": trainer_tps, "bare_loop_tokens_s": bare_tps, "ratio": ratio,
                       "steps_timed": a.steps - a.warmup, "params": trainer.n_params, "precision": a.precision}))

@@ -41,7 +41,9 @@ def eval_texts(files: Iterable[str], text_key: str = "text") -> list[str]:
         stats = PrepStats()
         docs = list(DocumentReader([path], path.parent, text_key=text_key, stats=stats).run())
         if stats.errors:
-            bad = [f"{name}:{e['line']}: {e['reason']}" if e["line"] else f"{name}: {e['reason']}" for e in stats.errors]
+            bad = [
+                f"{name}:{e['line']}: {e['reason']}" if e["line"] else f"{name}: {e['reason']}" for e in stats.errors
+            ]
             raise ValueError(f"prep.decontam.eval_files: {len(bad)} bad record(s): " + "; ".join(bad[:5]))
         texts.extend(d.text for d in docs)
     return texts
@@ -92,7 +94,11 @@ def eval_ngrams(texts: list[str], ngram: int = 13, min_words: int = 8) -> EvalNg
     for length in sorted(set(counts[(counts >= min_words) & (counts < ngram)].tolist())):
         groups[int(length)] = np.nonzero(counts == length)[0]
     for length, docs in groups.items():
-        sel = np.concatenate([words[first[d] : first[d] + counts[d]] for d in docs]) if len(docs) else np.zeros(0, np.uint64)
+        sel = (
+            np.concatenate([words[first[d] : first[d] + counts[d]] for d in docs])
+            if len(docs)
+            else np.zeros(0, np.uint64)
+        )
         wins, _ = window_hashes(sel, counts[docs], length)
         out.hashes[length] = np.unique(wins)
     return out

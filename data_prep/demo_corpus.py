@@ -59,7 +59,9 @@ def code_and_docstrings() -> tuple[list[dict], list[dict], list[dict]]:
         text = _read_text(path)
         if text is None:
             continue
-        github.append({"text": text, "meta": {"redpajama_set_name": "RedPajamaGithub", "path": rel, "language": "Python"}})
+        github.append(
+            {"text": text, "meta": {"redpajama_set_name": "RedPajamaGithub", "path": rel, "language": "Python"}}
+        )
         module = rel[len("stdlib/") : -len(".py")].replace("/", ".").removesuffix(".__init__")
         try:
             with warnings.catch_warnings():
@@ -69,7 +71,9 @@ def code_and_docstrings() -> tuple[list[dict], list[dict], list[dict]]:
             continue
         doc = ast.get_docstring(tree)
         if doc:
-            wiki.append({"text": f"{module}\n\n{doc}\n", "meta": {"redpajama_set_name": "RedPajamaWikipedia", "title": module}})
+            wiki.append(
+                {"text": f"{module}\n\n{doc}\n", "meta": {"redpajama_set_name": "RedPajamaWikipedia", "title": module}}
+            )
         sections = []
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -78,14 +82,21 @@ def code_and_docstrings() -> tuple[list[dict], list[dict], list[dict]]:
                     kind = "class" if isinstance(node, ast.ClassDef) else "function"
                     sections.append(f"{kind} {node.name}\n\n{d}\n")
         if sections:
-            book.append({"text": f"{module}\n\n" + "\n".join(sections), "meta": {"redpajama_set_name": "RedPajamaBook", "title": module}})
+            book.append(
+                {
+                    "text": f"{module}\n\n" + "\n".join(sections),
+                    "meta": {"redpajama_set_name": "RedPajamaBook", "title": module},
+                }
+            )
     return github, wiki, book
 
 
 def distribution_texts() -> list[dict]:
     """License and METADATA texts of installed distributions, sorted by name and file."""
     records = []
-    dists = sorted(importlib.metadata.distributions(), key=lambda d: ((d.metadata["Name"] or "").lower(), d.version or ""))
+    dists = sorted(
+        importlib.metadata.distributions(), key=lambda d: ((d.metadata["Name"] or "").lower(), d.version or "")
+    )
     seen: set[tuple[str, str]] = set()
     for dist in dists:
         name = dist.metadata["Name"] or "unknown"
@@ -127,7 +138,9 @@ def _interleave(groups: list[list[dict]]) -> Iterator[dict]:
         iters = alive
 
 
-def build_demo_corpus(out_dir: Path, max_bytes_per_source: int | None = None, docs_per_file: int = 1000) -> dict[str, int]:
+def build_demo_corpus(
+    out_dir: Path, max_bytes_per_source: int | None = None, docs_per_file: int = 1000
+) -> dict[str, int]:
     """Write the corpus under ``out_dir/train/chunk1`` and return documents per source."""
     github, wiki, book = code_and_docstrings()
     groups = [_cap(g, max_bytes_per_source) for g in (github, wiki, book, distribution_texts())]
@@ -138,7 +151,9 @@ def build_demo_corpus(out_dir: Path, max_bytes_per_source: int | None = None, do
     records = list(_interleave(groups))
     cctx = zstandard.ZstdCompressor(level=10)
     for i in range(0, len(records), docs_per_file):
-        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[i : i + docs_per_file]).encode("utf-8")
+        payload = "".join(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in records[i : i + docs_per_file]
+        ).encode("utf-8")
         path = chunk / f"example_train_{i // docs_per_file}.jsonl.zst"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(cctx.compress(payload))

@@ -39,18 +39,16 @@ def split_summary(ctx: Context, name: str) -> dict[str, Any]:
     }
 
 
-def write_dataset_report(ctx: Context) -> dict[str, Any]:
+def write_dataset_report(ctx: Context, earlier: list[tuple[str, bool]], h: dict[str, str]) -> dict[str, Any]:
     """manifest.json (written last: its presence means the dataset is complete), prep_report.{json,md,png}
-    and prep_stats.json, from the stages' results."""
+    and prep_stats.json, from the results of the ``earlier`` stages ((name, parallel) in order)
+    whose config hashes are ``h``."""
     from data_prep.report import write_report
     from data_prep.shard_format import FORMAT_VERSION, MANIFEST, RecordLayout, token_dtype
-    from data_prep.stages import STAGES, stage_hashes
     from data_prep.tasks import stage_results
 
     cfg = ctx.cfg
-    h = stage_hashes(cfg)
-    res = {s.name: stage_results(ctx.work.root, s.name, ctx.n if s.parallel else 1, h[s.name])
-           for s in STAGES if s.name != "report"}
+    res = {name: stage_results(ctx.work.root, name, ctx.n if parallel else 1, h[name]) for name, parallel in earlier}
     tok = res["tokenizer"][0]
     dtype = token_dtype(tok["vocab_size"])
     splits = {name: split_summary(ctx, name) for name in SPLITS}

@@ -39,11 +39,11 @@ def encode_texts(sp: spm.SentencePieceProcessor, texts: list[str], max_chars: in
     short = [t if len(t) <= max_chars else "" for t in texts]
     ids = sp.encode(short, num_threads=1)
     nl = sp.encode("\n")
-    for t, i in zip(texts, ids):
+    for t, i in zip(texts, ids, strict=True):
         if len(t) > max_chars:
             pieces = split_long(t, max_chars)
             i = list(sp.encode(pieces[0]))
-            for prev, piece in zip(pieces, pieces[1:]):
+            for prev, piece in zip(pieces, pieces[1:], strict=False):
                 if prev.endswith("\n"):
                     j = sp.encode("\n" + piece)
                     if j[: len(nl)] == nl:

@@ -178,7 +178,9 @@ class DocumentReader(PipelineStep):
             self._bad(rel, lineno + 1, "truncated_file", f"truncated: {exc}")
             return
         except (OSError, EOFError, zstandard.ZstdError) as exc:
-            self._bad(rel, lineno + 1 if lineno else None, "unreadable_file", f"unreadable: {type(exc).__name__}: {exc}")
+            self._bad(
+                rel, lineno + 1 if lineno else None, "unreadable_file", f"unreadable: {type(exc).__name__}: {exc}"
+            )
             return
         if lineno == 0:
             self._bad(rel, None, "empty_file", "empty file")
@@ -245,7 +247,9 @@ class DocumentReader(PipelineStep):
             src_top = self.source_key.split(".")[0]
             cols = [c for c in dict.fromkeys([top, src_top]) if c in pf.schema_arrow.names]
             if top not in cols:
-                self._bad(rel, None, "missing_text", f"parquet file has no column {top!r} (prep.text_key={self.text_key!r})")
+                self._bad(
+                    rel, None, "missing_text", f"parquet file has no column {top!r} (prep.text_key={self.text_key!r})"
+                )
                 return
             for batch in pf.iter_batches(batch_size=1024, columns=cols):
                 for record in batch.to_pylist():
@@ -255,7 +259,9 @@ class DocumentReader(PipelineStep):
                         self._bad(rel, row, "missing_text", f"field {self.text_key!r} missing or not a string")
                         continue
                     source = get_field(record, self.source_key)
-                    yield Document(id=f"{rel}:{row}", text=text, source=str(source) if source is not None else self.default_source)
+                    yield Document(
+                        id=f"{rel}:{row}", text=text, source=str(source) if source is not None else self.default_source
+                    )
         except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) on corrupt files
             self._bad(rel, row + 1 if row else None, "unreadable_file", f"unreadable: {type(exc).__name__}: {exc}")
             return
@@ -283,7 +289,9 @@ class DocumentReader(PipelineStep):
     def _document(self, record: Any, rel: str, lineno: int, unit: str = "line") -> Document | None:
         text = get_field(record, self.text_key) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            self._bad(rel, lineno, "missing_text", f"{_where(unit, lineno)}field {self.text_key!r} missing or not a string")
+            self._bad(
+                rel, lineno, "missing_text", f"{_where(unit, lineno)}field {self.text_key!r} missing or not a string"
+            )
             return None
         source = get_field(record, self.source_key)
         meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
@@ -305,7 +313,8 @@ class DocumentReader(PipelineStep):
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
                 self._bad(rel, lineno, "invalid_unicode",
-                          f"{_where(unit, lineno)}lone surrogate {value[exc.start]!r} at character {exc.start} of the {what} field")
+                          f"{_where(unit, lineno)}lone surrogate {value[exc.start]!r} at character {exc.start} "
+                          f"of the {what} field")
                 return False
         return True
 

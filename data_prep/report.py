@@ -34,12 +34,17 @@ def retention_by_stage(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: dict[str, Any], tokenizer: dict[str, Any],
-                 stage_time: dict[str, Any] | None = None, decontam: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: dict[str, Any],
+                 tokenizer: dict[str, Any], stage_time: dict[str, Any] | None = None,
+                 decontam: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``prep_report.json``, ``prep_report.md``, ``prep_report.png`` and ``prep_stats.json``."""
     sd = stats.to_dict()
-    read_bytes = sum(c.get("bytes_out", 0) for s in sd["steps"] if s["step"] == "read" for c in s["per_source"].values())
-    timings = {k: {"seconds": v, "mb_s": round(read_bytes / 1e6 / v, 2) if v else None} for k, v in sd["timings"].items()}
+    read_bytes = sum(
+        c.get("bytes_out", 0) for s in sd["steps"] if s["step"] == "read" for c in s["per_source"].values()
+    )
+    timings = {
+        k: {"seconds": v, "mb_s": round(read_bytes / 1e6 / v, 2) if v else None} for k, v in sd["timings"].items()
+    }
     report = {
         "steps": sd["steps"],
         "retention": retention_by_stage(sd),
@@ -52,7 +57,8 @@ def write_report(out: Path, stats: PrepStats, manifest: dict[str, Any], dedup: d
         "stage_time": stage_time or {},
         "tokenizer": tokenizer,
         "mixture": {name: {"factors": sp.get("mixture_factors"), "proportions": sp["proportions"],
-                           "per_shard": [e.get("proportions") for e in sp["shards"]]} for name, sp in manifest["splits"].items()},
+                           "per_shard": [e.get("proportions") for e in sp["shards"]]}
+                    for name, sp in manifest["splits"].items()},
     }
     write_json(out / "prep_stats.json", {"steps": sd["steps"], "errors": sd["errors"], "timings": sd["timings"]})
     write_json(out / "prep_report.json", report)
@@ -87,7 +93,8 @@ def markdown(stats: PrepStats, report: dict[str, Any]) -> str:
     lines += ["", "## Time per step", "", "| step | seconds | MB/s of input |", "|---|---:|---:|"]
     for k, v in report["timings"].items():
         lines.append(f"| {k} | {v['seconds']:.3f} | {v['mb_s']} |")
-    lines += ["", "## CPU time per stage (all tasks)", "", "| stage | tasks | CPU s | wall s (sum) |", "|---|---:|---:|---:|"]
+    lines += ["", "## CPU time per stage (all tasks)", "",
+              "| stage | tasks | CPU s | wall s (sum) |", "|---|---:|---:|---:|"]
     for k, v in report["stage_time"].items():
         lines.append(f"| {k} | {v['tasks']} | {v['cpu_s']:.2f} | {v['wall_s']:.2f} |")
     if report["skipped_files"]:
@@ -113,7 +120,8 @@ def chart(path: Path, report: dict[str, Any]) -> None:
     ax1, ax2 = fig.subplots(1, 2)
     width = 0.8 / max(1, len(sources))
     for k, src in enumerate(sources):
-        ax1.bar([x + k * width for x in range(len(stages))], [100 * ret[s].get(src, 0) for s in stages], width, label=src)
+        ax1.bar([x + k * width for x in range(len(stages))], [100 * ret[s].get(src, 0) for s in stages], width,
+                label=src)
     ax1.set_xticks([x + 0.4 - width / 2 for x in range(len(stages))], stages, rotation=30, ha="right")
     ax1.set_ylabel("bytes kept (%)")
     ax1.set_title("retention per stage")

@@ -161,7 +161,11 @@ class ShardReader:
     def open(self) -> ShardReader:
         if self._fh is not None:
             return self
-        listed = f"{self.manifest_path} lists {self.path.name}, which" if self.manifest_path is not None else f"shard {self.path.name}"
+        listed = (
+            f"{self.manifest_path} lists {self.path.name}, which"
+            if self.manifest_path is not None
+            else f"shard {self.path.name}"
+        )
         try:
             fh = open(self.path, "rb", buffering=0)
         except FileNotFoundError:
@@ -186,11 +190,16 @@ class ShardReader:
         # holding a copy of this descriptor cannot move it under us).
         raw = os.pread(self._fh.fileno(), n, offset) if hasattr(os, "pread") else self._seek_read(offset, n)
         if len(raw) < n:
-            raise ValueError(f"{self.path}: sample {index} ends at byte {offset + n}, past the end of the file; shard truncated")
+            raise ValueError(
+                f"{self.path}: sample {index} ends at byte {offset + n}, past the end of the file; shard truncated"
+            )
         name = raw[:100].rstrip(b"\0").decode("ascii", "replace")
         expected = member_name(self.shard_index, index)
         if name != expected:
-            raise ValueError(f"{self.path}: sample {index} has member {name!r}, expected {expected!r}; shard corrupt or not of this manifest")
+            raise ValueError(
+                f"{self.path}: sample {index} has member {name!r}, expected {expected!r}; "
+                "shard corrupt or not of this manifest"
+            )
         start = TAR_BLOCK + self.layout.npy_header_bytes
         return np.frombuffer(raw, dtype=self.dtype, count=self.block_size, offset=start)
 

@@ -304,7 +304,8 @@ def report_dataset(ctx: Context, i: int) -> dict[str, Any]:
     """manifest.json (written last), prep_report.{json,md,png}, prep_stats.json."""
     from data_prep.manifest import write_dataset_report
 
-    return write_dataset_report(ctx)
+    earlier = [(s.name, s.parallel) for s in STAGES if s.name != "report"]
+    return write_dataset_report(ctx, earlier, stage_hashes(ctx.cfg))
 
 
 # ---------------------------------------------------------------------------------------------- the list

@@ -101,13 +101,17 @@ class PrepStats:
 
     def markdown(self) -> str:
         """The retention table as Markdown."""
-        lines = ["| step | source | docs in | docs out | bytes in | bytes out | kept bytes % |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| step | source | docs in | docs out | bytes in | bytes out | kept bytes % |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for entry in self.to_dict()["steps"]:
             rows = list(entry["per_source"].items()) + [("**all**", entry["total"])]
             for src, c in rows:
                 bin_, bout = c.get("bytes_in", 0), c.get("bytes_out", 0)
                 pct = f"{100.0 * bout / bin_:.1f}" if bin_ else "-"
                 lines.append(
-                    f"| {entry['step']} | {src} | {c.get('docs_in', 0)} | {c.get('docs_out', 0)} | {bin_} | {bout} | {pct} |"
+                    f"| {entry['step']} | {src} | {c.get('docs_in', 0)} | {c.get('docs_out', 0)} "
+                    f"| {bin_} | {bout} | {pct} |"
                 )
         return "\n".join(lines) + "\n"

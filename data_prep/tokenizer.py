@@ -36,7 +36,9 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.model_path is None and self.vocab_size < 300:
-            raise ValueError(f"prep.tokenizer.vocab_size={self.vocab_size}: must be >= 300 (256 byte pieces + specials)")
+            raise ValueError(
+                f"prep.tokenizer.vocab_size={self.vocab_size}: must be >= 300 (256 byte pieces + specials)"
+            )
 
 
 # SentencePiece's BPE trainer holds the sentences, their pieces and pair statistics: measured at
@@ -56,7 +58,9 @@ def sample_cap(cfg: TokenizerConfig) -> int:
     if cfg.max_memory_mb is not None:
         fit = (cfg.max_memory_mb - TRAINER_BASE_MB) * 1_000_000 // TRAINER_BYTES_PER_SAMPLE_BYTE
         if fit <= 0:
-            raise ValueError(f"prep.tokenizer.max_memory_mb={cfg.max_memory_mb}: below the trainer's base of {TRAINER_BASE_MB} MB")
+            raise ValueError(
+                f"prep.tokenizer.max_memory_mb={cfg.max_memory_mb}: below the trainer's base of {TRAINER_BASE_MB} MB"
+            )
         cap = min(cap, fit)
     return cap
 

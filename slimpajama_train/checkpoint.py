@@ -13,11 +13,11 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -157,7 +157,8 @@ class CheckpointManager:
             return self.latest()
         path = Path(self.cfg.resume)
         if not path.is_dir():
-            raise FileNotFoundError(f"resume_from / checkpoint.resume={self.cfg.resume!r}: no such checkpoint directory")
+            raise FileNotFoundError(f"resume_from / checkpoint.resume={self.cfg.resume!r}: "
+                                    "no such checkpoint directory")
         return path
 
     def save(self, step: int, backend: Backend, meta: dict[str, Any], extra_files: list[Path] = ()) -> float:

@@ -32,7 +32,8 @@ class LoopConfig:
         max_consecutive_skips: stop with an error after this many consecutive steps skipped for
             non-finite loss or gradients.
         peak_tflops: per-device peak for MFU; None looks the GPU up by name in ``metrics.PEAK_TFLOPS_BF16``
-            (dense bf16: H100 SXM 989, PCIe 756, NVL 835, H200, H800, B200, A100, ...); unknown devices log that MFU is off.
+            (dense bf16: H100 SXM 989, PCIe 756, NVL 835, H200, H800, B200, A100, ...); unknown devices
+            log that MFU is off.
         compile: ``torch.compile`` each transformer block.
     """
 
@@ -81,7 +82,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.checkpoint.async_save and self.backend.name != "fsdp2":
-            raise ValueError("checkpoint.async_save=true needs backend=fsdp2 (DeepSpeed writes its own format synchronously)")
+            raise ValueError("checkpoint.async_save=true needs backend=fsdp2 "
+                             "(DeepSpeed writes its own format synchronously)")
 
     @property
     def checkpoint_dir(self) -> str:
@@ -114,7 +116,8 @@ def resolve_config(cfg: TrainConfig, manifest: dict[str, Any], world_size: int) 
     loop = cfg.trainer
     if loop.global_batch_tokens is not None:
         if loop.global_batch_tokens % seq_len:
-            raise ValueError(f"trainer.global_batch_tokens={loop.global_batch_tokens} is not a multiple of the data's seq_len {seq_len}")
+            raise ValueError(f"trainer.global_batch_tokens={loop.global_batch_tokens} is not a multiple of the "
+                             f"data's seq_len {seq_len}")
         loop = replace(loop, global_batch_size=loop.global_batch_tokens // seq_len)
     G, B = loop.global_batch_size, cfg.data.micro_batch_size
     if G % (B * world_size):

@@ -158,8 +158,9 @@ class TokenBlocks(Dataset):
 
     Per shard it keeps only metadata in arrays (name, size in bytes, sample offset: 32 bytes with
     prep's ``train-000000.tar`` names, 2.4 MB at 75k shards) and opens shards lazily, keeping at
-    most ``max_open_shards`` open in an LRU per process (each DataLoader worker has its own). Nothing is opened or stat-ed at construction: a
-    missing or truncated shard fails when first read, naming ``manifest.json`` and the shard.
+    most ``max_open_shards`` open in an LRU per process (each DataLoader worker has its own). Nothing is
+    opened or stat-ed at construction: a missing or truncated shard fails when first read, naming
+    ``manifest.json`` and the shard.
     """
 
     def __init__(self, data_dir: Path, manifest: dict[str, Any], split: str, seed: int, shuffle: bool,
@@ -229,12 +230,15 @@ class TokenBlocks(Dataset):
 class RankBatchSampler(Sampler[list[int]]):
     """Yields this rank's micro-batches of global positions, starting at ``start`` (samples consumed)."""
 
-    def __init__(self, start: int, global_batch: int, micro_batch: int, rank: int, world_size: int, limit: int | None = None) -> None:
+    def __init__(self, start: int, global_batch: int, micro_batch: int, rank: int, world_size: int,
+                 limit: int | None = None) -> None:
         if global_batch % (micro_batch * world_size):
-            raise ValueError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} x world size {world_size}")
+            raise ValueError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} "
+                             f"x world size {world_size}")
         if start % global_batch:
             raise ValueError(f"resume position {start} is not at a global batch boundary ({global_batch})")
-        self.start, self.G, self.B, self.rank, self.W, self.limit = start, global_batch, micro_batch, rank, world_size, limit
+        self.start, self.G, self.B = start, global_batch, micro_batch
+        self.rank, self.W, self.limit = rank, world_size, limit
 
     def __iter__(self) -> Iterator[list[int]]:
         per_rank = self.G // self.W
@@ -251,16 +255,19 @@ class RankBatchSampler(Sampler[list[int]]):
         return self.limit // self.G * (self.G // self.W // self.B)
 
 
-def check_manifest(manifest: dict[str, Any], data_dir: Path, seq_len: int | None, vocab_size: int | None, tokenizer_sha256: str | None) -> None:
+def check_manifest(manifest: dict[str, Any], data_dir: Path, seq_len: int | None, vocab_size: int | None,
+                   tokenizer_sha256: str | None) -> None:
     """Refuse shards that do not match the model/tokenizer the trainer was configured with."""
     where = f"{data_dir}/manifest.json"
     if seq_len is not None and manifest["seq_len"] != seq_len:
-        raise ValueError(f"{where}: shards have seq_len {manifest['seq_len']} but model.max_seq_len={seq_len}; re-run prep or fix the override")
+        raise ValueError(f"{where}: shards have seq_len {manifest['seq_len']} but model.max_seq_len={seq_len}; "
+                         "re-run prep or fix the override")
     tok = manifest["tokenizer"]
     if vocab_size is not None and vocab_size < tok["vocab_size"]:
         raise ValueError(f"{where}: tokenizer has {tok['vocab_size']} ids but model.vocab_size={vocab_size}")
     if tokenizer_sha256 is not None and tok["sha256"] != tokenizer_sha256:
-        raise ValueError(f"{where}: tokenizer sha256 {tok['sha256'][:12]}… does not match data.tokenizer_sha256={tokenizer_sha256[:12]}…")
+        raise ValueError(f"{where}: tokenizer sha256 {tok['sha256'][:12]}… does not match "
+                         f"data.tokenizer_sha256={tokenizer_sha256[:12]}…")
 
 
 def open_dataset(cfg: DataConfig) -> tuple[dict[str, Any], Path]:
@@ -315,7 +322,7 @@ def _sigterm_from_parent_only(parents: frozenset[int]) -> None:
 # spawn/forkserver, native threads started by importing torch may swallow it. So the workers of
 # these loaders are first shut down the ordinary way (done event, sentinel, join), by a hook that
 # runs before multiprocessing's and torch's own (atexit runs the last registered first).
-_LOADERS_WITH_WORKERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+_LOADERS_WITH_WORKERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
 
 
 def _shut_down_loader_workers() -> None:
@@ -342,23 +349,26 @@ def _collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
 
 
-def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, start: int, global_batch: int, rank: int, world_size: int) -> DataLoader:
+def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, start: int, global_batch: int, rank: int,
+                 world_size: int) -> DataLoader:
     """Infinite loader of (inputs, targets) micro-batches of this rank, from position ``start``."""
     ds = TokenBlocks(data_dir, manifest, "train", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards)
     sampler = RankBatchSampler(start, global_batch, cfg.micro_batch_size, rank, world_size)
     if not cfg.num_workers:
         return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=_collate)
     return _track_loader_workers(DataLoader(
-        ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate, persistent_workers=True, prefetch_factor=4,
-        worker_init_fn=partial(_ignore_preemption_signals, loader_pid=os.getpid())))
+        ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate, persistent_workers=True,
+        prefetch_factor=4, worker_init_fn=partial(_ignore_preemption_signals, loader_pid=os.getpid())))
 
 
-def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batches: int, global_batch: int, rank: int, world_size: int) -> DataLoader:
+def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batches: int, global_batch: int, rank: int,
+               world_size: int) -> DataLoader:
     """The first ``batches`` global batches of the holdout split, in file order: the same samples every
     evaluation and on any world size (each rank takes its slice of every global batch)."""
     ds = TokenBlocks(data_dir, manifest, "val", cfg.seed, shuffle=False, max_open_shards=cfg.max_open_shards)
     n = min(batches * global_batch, (len(ds) // global_batch) * global_batch)
     if n == 0:
-        raise ValueError(f"{data_dir}: the val split has {len(ds)} samples, fewer than one global batch of {global_batch}")
+        raise ValueError(f"{data_dir}: the val split has {len(ds)} samples, fewer than one global batch of "
+                         f"{global_batch}")
     sampler = RankBatchSampler(0, global_batch, cfg.micro_batch_size, rank, world_size, limit=n)
     return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=_collate)

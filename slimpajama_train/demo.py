@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     _run([py, "-m", "data_prep.prep", f"inputs=[{corpus}/train]", f"input_root={corpus}", f"output_dir={shards}"])
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains from scratch
     summary = _last_json(_run([
-        py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}", "-m", "slimpajama_train.train",
-        "experiment=demo", f"data.path={shards}", f"run_dir={run_dir}", *a.overrides,
+        py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
+        "-m", "slimpajama_train.train", "experiment=demo", f"data.path={shards}", f"run_dir={run_dir}", *a.overrides,
     ]))
     generated = _last_json(_run([py, "-m", "slimpajama_train.generate", summary["checkpoint"], "--prompt", a.prompt,
                                  "--max-new-tokens", "48", "--json"]))["generated"]
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"val loss:   {summary['first_val_loss']:.3f} -> {summary['last_val_loss']:.3f}", file=sys.stderr)
     print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
     print(f"generated:\n{generated}\n", file=sys.stderr, flush=True)
-    result = {k: summary[k] for k in ("first_train_loss", "last_train_loss", "first_val_loss", "last_val_loss", "checkpoint")}
+    result = {k: summary[k]
+              for k in ("first_train_loss", "last_train_loss", "first_val_loss", "last_val_loss", "checkpoint")}
     result["generated"] = generated
     print(json.dumps(result), flush=True)
 

@@ -33,7 +33,8 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         if self.init_timeout_s <= 0 or self.step_timeout_s <= 0:
-            raise ValueError(f"dist.init_timeout_s={self.init_timeout_s} and dist.step_timeout_s={self.step_timeout_s} must be > 0")
+            raise ValueError(f"dist.init_timeout_s={self.init_timeout_s} and "
+                             f"dist.step_timeout_s={self.step_timeout_s} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def init_distributed(cfg: DistConfig | None = None) -> DistInfo:
     timeout = timedelta(seconds=cfg.init_timeout_s)
     backend = process_group_backend(cuda)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:
             torch.cuda.set_device(local)
         if not dist.is_initialized():

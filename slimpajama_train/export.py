@@ -89,7 +89,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg, special), indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": special["bos_id"], "eos_token_id": special["eos_id"]}, indent=2))
+    generation_config = {"bos_token_id": special["bos_id"], "eos_token_id": special["eos_id"]}
+    (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(ckpt / "tokenizer.model", tmp / "tokenizer.model")
     # Training packs documents joined by EOS with no BOS, so the exported tokenizer adds neither.

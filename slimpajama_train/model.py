@@ -63,11 +63,13 @@ class ModelConfig:
         if self.n_heads % kv:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={kv}")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE: change model.dim or model.n_heads")
+            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE: "
+                             "change model.dim or model.n_heads")
         if self.position_encoding not in ("rope", "alibi"):
             raise ValueError(f"model.position_encoding={self.position_encoding!r}: choose rope or alibi")
         if self.share_layers_every < 1 or self.n_layers % self.share_layers_every:
-            raise ValueError(f"model.share_layers_every={self.share_layers_every} must be >= 1 and divide model.n_layers={self.n_layers}")
+            raise ValueError(f"model.share_layers_every={self.share_layers_every} must be >= 1 and divide "
+                             f"model.n_layers={self.n_layers}")
         if self.embedding_rank is not None and not 0 < self.embedding_rank < self.dim:
             raise ValueError(f"model.embedding_rank={self.embedding_rank}: must be in (0, model.dim={self.dim})")
 
@@ -138,7 +140,8 @@ def _shard_offset(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in p.placements):
-        raise NotImplementedError(f"initializing a DTensor with placements {p.placements}; only Shard(0)/Replicate are used here")
+        raise NotImplementedError(f"initializing a DTensor with placements {p.placements}; "
+                                  "only Shard(0)/Replicate are used here")
     _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     row = math.prod(p.shape[1:]) if p.ndim > 1 else 1
     return p.to_local(), (offset[0] if offset else 0) * row
@@ -181,7 +184,8 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, seq_len: int, theta: float,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (T, head_dim) in the rotate-half layout."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, hd/2)
@@ -205,7 +209,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                bias: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
@@ -249,7 +254,8 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                bias: torch.Tensor | None) -> torch.Tensor:
         if self.checkpoint_activations and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, bias, use_reentrant=False)
         return self._forward(x, cos, sin, bias)
@@ -263,7 +269,8 @@ class Transformer(nn.Module):
         meta device and initializing each shard after sharding: :meth:`init_weights`)."""
         super().__init__()
         if cfg.vocab_size is None or cfg.max_seq_len is None:
-            raise ValueError("model.vocab_size and model.max_seq_len must be resolved (from the data manifest) before building")
+            raise ValueError("model.vocab_size and model.max_seq_len must be resolved (from the data manifest) "
+                             "before building")
         self.cfg = cfg
         r = cfg.embedding_rank
         self.embed_tokens = nn.Embedding(cfg.vocab_size, r or cfg.dim)

@@ -85,5 +85,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     fused = cfg.fused and device.type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.decay_embeddings), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+        param_groups(model, cfg.weight_decay, cfg.decay_embeddings), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps, fused=fused,
     )

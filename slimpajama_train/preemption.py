@@ -23,7 +23,7 @@ class StopRequest:
         self.signum: int | None = None
         self.received_at: float | None = None
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         """Handle SIGTERM and SIGUSR1 from now on (only the main thread can install handlers)."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:

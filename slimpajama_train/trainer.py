@@ -57,7 +57,8 @@ class Trainer:
         if cfg.trainer.compile and (problem := compile_problem(dist_info.device)):
             raise RuntimeError(f"trainer.compile=true: {problem}; set trainer.compile=false")
         self.config_hash = config_hash(cfg)
-        check_manifest(self.manifest, self.data_dir, cfg.model.max_seq_len, cfg.model.vocab_size, cfg.data.tokenizer_sha256)
+        check_manifest(self.manifest, self.data_dir, cfg.model.max_seq_len, cfg.model.vocab_size,
+                       cfg.data.tokenizer_sha256)
         seq_len = self.manifest["seq_len"]
         G, B, W = cfg.trainer.global_batch_size, cfg.data.micro_batch_size, dist_info.world_size
         self.grad_accum = G // (B * W)
@@ -73,10 +74,11 @@ class Trainer:
         self.backend = build_backend(cfg.backend, dist_info)
         self.backend.build_model(lambda: build_model(cfg), cfg.seed, cfg.optim, B, self.grad_accum)
         self.n_params = count_parameters(self.backend.model)
+        zero = "" if cfg.backend.name == "fsdp2" else f" ZeRO-{cfg.backend.zero_stage}"
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOPs/token "
                  f"({cfg.model.n_layers} layers, dim {cfg.model.dim}, vocab {cfg.model.vocab_size}, seq {seq_len}); "
-                 f"backend {cfg.backend.name}{'' if cfg.backend.name == 'fsdp2' else f' ZeRO-{cfg.backend.zero_stage}'} "
-                 f"{cfg.backend.precision}; world {W}; global batch {G} = {B} micro x {self.grad_accum} accum x {W} ranks; "
+                 f"backend {cfg.backend.name}{zero} {cfg.backend.precision}; world {W}; "
+                 f"global batch {G} = {B} micro x {self.grad_accum} accum x {W} ranks; "
                  f"host peak RSS after sharded init {host_peak_rss_bytes() / 2**30:.2f} GiB (rank 0)")
         self.backend.build_optimizer()
 
@@ -95,7 +97,8 @@ class Trainer:
         # Start-up and resume ran under the long init timeout; steps get the short one.
         set_collective_timeout(cfg.dist.step_timeout_s)
 
-        self.train_data = train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G, dist_info.rank, W)
+        self.train_data = train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G,
+                                       dist_info.rank, W)
         self.train_iter = iter(self.train_data)
         self.val_data = (
             val_loader(cfg.data, self.manifest, self.data_dir, cfg.trainer.eval_batches, G, dist_info.rank, W)
@@ -107,7 +110,8 @@ class Trainer:
             return
         path = Path(self.cfg.run_dir) / "config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"config_hash": self.config_hash, "config": asdict(self.cfg)}, indent=1, default=str))
+        path.write_text(json.dumps({"config_hash": self.config_hash, "config": asdict(self.cfg)}, indent=1,
+                                   default=str))
         self.log(f"config (resolved, hash {self.config_hash}): {path}")
 
     def log(self, msg: str) -> None:
@@ -139,12 +143,13 @@ class Trainer:
             self._emit({**metrics, **carried})
             carried = {} if self.preempted else self.checkpointer.step_end(self.step)
         if self.preempted:
-            self.log(f"stop requested ({self.stop.describe()} on some rank): saving at step {self.step} and exiting for requeue")
+            self.log(f"stop requested ({self.stop.describe()} on some rank): saving at step {self.step} "
+                     "and exiting for requeue")
         t0 = time.perf_counter()
         self.checkpointer.finish(self.step)
         if self.preempted and self.stop.received_at is not None:
-            self.log(f"saved in {time.perf_counter() - t0:.1f} s, {time.monotonic() - self.stop.received_at:.1f} s after "
-                     f"the signal (SLURM sends SIGKILL after KillWait, 30 s by default)")
+            self.log(f"saved in {time.perf_counter() - t0:.1f} s, {time.monotonic() - self.stop.received_at:.1f} s "
+                     f"after the signal (SLURM sends SIGKILL after KillWait, 30 s by default)")
         last = self.checkpointer.last_checkpoint
         self.summary.update(checkpoint=str(last) if last else None, step=self.step, preempted=self.preempted)
         marker = Path(self.cfg.run_dir) / PREEMPTED_MARKER
@@ -217,7 +222,8 @@ class Trainer:
                      f"Batch = global positions [{batch_start}, {batch_start + G}); its samples are in {path}")
         if self.consecutive_skips >= self.cfg.trainer.max_consecutive_skips:
             raise RuntimeError(
-                f"{self.consecutive_skips} consecutive steps had non-finite loss or gradients (last: step {self.step}); "
+                f"{self.consecutive_skips} consecutive steps had non-finite loss or gradients "
+                f"(last: step {self.step}); "
                 f"stopping. Lower optim.lr, check the data listed in {self.cfg.run_dir}/skipped_batches.jsonl, "
                 f"or raise trainer.max_consecutive_skips"
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_prep.config import PrepConfig
+from data_prep.config import DecontamConfig, HoldoutConfig, PrepConfig, RunConfig
 from data_prep.demo_corpus import build_demo_corpus
 from data_prep.prep import run_prep
 from data_prep.tokenizer import TokenizerConfig
@@ -25,6 +25,13 @@ def write_jsonl_zst(path: Path, records: list[dict]) -> Path:
     return path
 
 
+# Test shorthand for nested PrepConfig fields: num_tasks=2 means run.num_tasks=2.
+_NESTED = {"num_tasks": ("run", "num_tasks"), "workers": ("run", "workers"), "force": ("run", "force"),
+           "holdout_ratio": ("holdout", "ratio"), "holdout_count": ("holdout", "count"),
+           "eval_files": ("decontam", "eval_files")}
+_GROUPS = {"run": RunConfig, "holdout": HoldoutConfig, "decontam": DecontamConfig}
+
+
 def small_prep_config(corpus: Path, out: Path, **overrides) -> PrepConfig:
     base = dict(
         inputs=[str(corpus / "train")],
@@ -36,7 +43,11 @@ def small_prep_config(corpus: Path, out: Path, **overrides) -> PrepConfig:
         tokenizer=TokenizerConfig(vocab_size=1000, max_sample_bytes=2_000_000, threads=2),
     )
     base.update(overrides)
-    return PrepConfig(**base)
+    groups: dict[str, dict] = {g: {} for g in _GROUPS}
+    for flat, (group, name) in _NESTED.items():
+        if flat in base:
+            groups[group][name] = base.pop(flat)
+    return PrepConfig(**base, **{g: _GROUPS[g](**kw) for g, kw in groups.items() if kw})
 
 
 @pytest.fixture(scope="session")
@@ -71,14 +82,16 @@ def losses_by_step(run_dir: Path) -> dict[int, tuple]:
     return {m["step"]: (m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)}
 
 
-def run_torchrun(nproc: int, overrides: list[str], cwd: Path, timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, overrides: list[str], cwd: Path, timeout: int = 600,
+                 extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Launch the trainer under torchrun with gloo on CPU; raise with its output when it fails."""
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "slimpajama_train.train", *overrides]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n"
+                             f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
     return proc
 
 

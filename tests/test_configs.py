@@ -40,7 +40,8 @@ def test_prep_tokenizer_option_composes(option):
 def test_model_sizes_have_the_advertised_parameter_counts():
     from slimpajama_train.model import ModelConfig, Transformer, count_parameters
 
-    expected = {"125m": (0.10e9, 0.20e9), "350m": (0.30e9, 0.45e9), "1.3b": (1.1e9, 1.6e9), "3b": (2.4e9, 3.3e9), "7b": (6.0e9, 7.5e9)}
+    expected = {"125m": (0.10e9, 0.20e9), "350m": (0.30e9, 0.45e9), "1.3b": (1.1e9, 1.6e9), "3b": (2.4e9, 3.3e9),
+                "7b": (6.0e9, 7.5e9)}
     import torch
 
     for name, (lo, hi) in expected.items():

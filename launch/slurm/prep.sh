@@ -4,6 +4,11 @@
 #       output_dir=/data/shards prep_mixture=slimpajama tokenizer=bpe_32k seq_len=2048
 # Parallel stages get --array=0-(N-1), single-task stages --array=0-0; each waits for the previous
 # with --dependency=afterok:<job>. Prints the job ids. SBATCH_EXTRA adds sbatch options (partition...).
+# The stage list comes from data_prep/stages.py (STAGES), so this script never falls out of step.
+# Memory: parallel tasks fit prep.sbatch's 8 GB at SlimPajama scale (590 M documents, 64 tasks; see
+# benchmarks/bench_prep_scale.py). The single-task stages that hold a number per document of the
+# whole corpus (components, plan) and the tokenizer trainer (up to ~10 GB for bpe_32k, 16 threads)
+# get BIG_STAGE_OPTS instead (default: 64 GB, 16 CPUs for the tokenizer).
 set -euo pipefail
 if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ ]]; then
   echo "usage: $0 NUM_TASKS [hydra overrides...]" >&2
@@ -14,15 +19,24 @@ shift
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SBATCH=${SBATCH:-sbatch}
 mkdir -p logs  # prep.sbatch writes logs/%x-%A_%a.out; SLURM opens it before the script runs
-PARALLEL=" clean signatures buckets clusters tokenize shards "
+PYTHON=${PYTHON:-python}
+BIG_MEM=${BIG_MEM:---mem=64G}
+TOKENIZER_CPUS=${TOKENIZER_CPUS:-16}
+STAGES=$("$PYTHON" -c 'from data_prep.stages import STAGES; print(" ".join(f"{s.name}:{int(s.parallel)}" for s in STAGES))')
 prev=""
-for stage in clean signatures buckets clusters split tokenizer tokenize plan shards report; do
-  if [[ $PARALLEL == *" $stage "* ]]; then last=$((N - 1)); else last=0; fi
+for entry in $STAGES; do
+  stage=${entry%%:*}
+  if [[ ${entry##*:} == 1 ]]; then last=$((N - 1)); else last=0; fi
+  res=()
+  case $stage in
+    components|plan) res=("$BIG_MEM") ;;
+    tokenizer) res=("$BIG_MEM" --cpus-per-task="$TOKENIZER_CPUS") ;;
+  esac
   dep=()
   if [[ -n $prev ]]; then dep=(--dependency="afterok:$prev"); fi
   # shellcheck disable=SC2086  # SBATCH_EXTRA is a list of options
-  prev=$($SBATCH --parsable ${SBATCH_EXTRA:-} --job-name="prep-$stage" --array="0-$last" "${dep[@]}" \
-    "$HERE/prep.sbatch" "$stage" "num_tasks=$N" "$@")
+  prev=$($SBATCH --parsable ${SBATCH_EXTRA:-} "${res[@]}" --job-name="prep-$stage" --array="0-$last" "${dep[@]}" \
+    "$HERE/prep.sbatch" "$stage" "run.num_tasks=$N" "$@")
   prev=${prev%%;*}  # --parsable prints "jobid[;cluster]"
   echo "$stage: job $prev (tasks 0-$last)"
 done

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -53,7 +53,8 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         if self.name not in ("fsdp2", "deepspeed"):
-            raise ValueError(f"backend.name={self.name!r}: choose fsdp2 or deepspeed (or backend=zero1|zero2|zero3|zero3_offload)")
+            raise ValueError(f"backend.name={self.name!r}: choose fsdp2 or deepspeed "
+                             "(or backend=zero1|zero2|zero3|zero3_offload)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"backend.precision={self.precision!r}: choose one of {sorted(PRECISIONS)}")
         if self.zero_stage not in (1, 2, 3):
@@ -61,7 +62,8 @@ class BackendConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("backend.offload_params=true needs backend.zero_stage=3")
         if self.activation_checkpointing not in AC_MODES:
-            raise ValueError(f"backend.activation_checkpointing={self.activation_checkpointing!r}: choose one of {AC_MODES}")
+            raise ValueError(f"backend.activation_checkpointing={self.activation_checkpointing!r}: "
+                             f"choose one of {AC_MODES}")
         if self.ac_every < 1:
             raise ValueError(f"backend.ac_every={self.ac_every}: must be >= 1")
 
@@ -124,14 +126,14 @@ class Backend(ABC):
     @abstractmethod
     def _load(self, path: Path) -> None: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release hooks and helper threads before the process group goes away."""
 
     def extra_state(self) -> dict:
         """Small JSON-able state kept in ``meta.json`` (e.g. FSDP2's fp16 loss scale)."""
         return {}
 
-    def load_extra_state(self, state: dict) -> None:
+    def load_extra_state(self, state: dict) -> None:  # noqa: B027 - optional hook, paired with extra_state()
         """Restore :meth:`extra_state`."""
 
     def save(self, path: Path) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ from slimpajama_train.backends.base import Backend, BackendConfig, StepResult  #
 from slimpajama_train.checkpoint import weights_only_loads  # noqa: E402
 from slimpajama_train.model import Transformer, lm_loss  # noqa: E402
 from slimpajama_train.optim import OptimConfig, build_optimizer, param_groups  # noqa: E402
+
 
 def _safe_globals() -> list:
     """The only non-tensor classes DeepSpeed's checkpoints hold (found by loading them with the safe
@@ -98,10 +100,12 @@ def grad_accum_dtype(cfg: BackendConfig) -> str:
     return "fp32"
 
 
-def deepspeed_config(cfg: BackendConfig, optim: OptimConfig, micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: BackendConfig, optim: OptimConfig, micro_batch: int, grad_accum: int,
+                     world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for this run, so batch sizes, precision, reduction dtype and clipping agree
     with the trainer's."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": torch.cuda.is_available(),
+                            "contiguous_gradients": True}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.offload_params:
@@ -203,8 +207,9 @@ def merge_user_config(ds: dict[str, Any], path: Path, owners: dict[str, str] = O
         raise ValueError(f"{path}: a DeepSpeed config must be a JSON object, not {type(user).__name__}")
     found = _contradictions(user, ds, "", owners)
     if found:
-        raise ValueError(f"{path} (backend.deepspeed_config) contradicts the trainer's DeepSpeed config; remove these "
-                         "keys (or set them to \"auto\") and change the trainer's setting instead:\n  " + "\n  ".join(found))
+        raise ValueError(f"{path} (backend.deepspeed_config) contradicts the trainer's DeepSpeed config; remove "
+                         "these keys (or set them to \"auto\") and change the trainer's setting instead:\n  "
+                         + "\n  ".join(found))
 
     def merge(base: dict, over: dict) -> dict:
         out = dict(base)
@@ -251,7 +256,8 @@ class DeepSpeedBackend(Backend):
     def build_optimizer(self) -> None:
         model, optim_cfg = self.model, self.optim_cfg
         client_optim = None if self.cfg.offload_optimizer else build_optimizer(model, optim_cfg, self.dist.device)
-        params = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_embeddings) if client_optim is None else None
+        params = (param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_embeddings)
+                  if client_optim is None else None)
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=client_optim, model_parameters=params, config=self.ds_config
         )
@@ -311,7 +317,7 @@ class DeepSpeedBackend(Backend):
             load_path, _ = self.model.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
         self.model._config.load_universal_checkpoint = False
-        for group, saved in zip(self.optimizer.param_groups, hypers):
+        for group, saved in zip(self.optimizer.param_groups, hypers, strict=True):
             group.update(saved)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         for state in inner.state.values():

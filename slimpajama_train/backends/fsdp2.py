@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -56,7 +56,8 @@ class FSDP2Backend(Backend):
         self.grad_clip = optim_cfg.grad_clip
         self.grad_accum = grad_accum
         self.scaler = (
-            DynamicLossScaler(self.cfg.initial_loss_scale, self.cfg.loss_scale_window) if self.cfg.precision == "fp16" else None
+            DynamicLossScaler(self.cfg.initial_loss_scale, self.cfg.loss_scale_window)
+            if self.cfg.precision == "fp16" else None
         )
 
     def build_optimizer(self) -> None:

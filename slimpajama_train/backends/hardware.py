@@ -1,8 +1,8 @@
 """Start-up checks that this machine can run the configured backend, precision and compile option.
 
 Each probe returns None when the path can run, or a sentence naming what is missing; the checks turn
-them into one ValueError that also names the fix, before the model or the DeepSpeed engine is built (instead of a library traceback minutes later). Tests use the same probes to skip
-with the reason.
+them into one ValueError that also names the fix, before the model or the DeepSpeed engine is built
+(instead of a library traceback minutes later). Tests use the same probes to skip with the reason.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def deepspeed_op_problem(op_name: str) -> str | None:
                if not ok]
     if not missing:
         return None
-    return f"DeepSpeed's {op_name} op is not prebuilt and building it needs {' and '.join(missing)}, which this machine lacks"
+    return (f"DeepSpeed's {op_name} op is not prebuilt and building it needs {' and '.join(missing)}, "
+            "which this machine lacks")
 
 
 def check_backend_hardware(cfg: BackendConfig, device: torch.device) -> None:
@@ -113,7 +114,8 @@ def compile_problem(device: torch.device) -> str | None:
         if any(shutil.which(c) for c in candidates):
             return None
         return (f"trainer.compile=true on CPU needs a C++ compiler for TorchInductor (looked for "
-                f"{' or '.join(candidates)} on PATH: not found); install one (e.g. g++) or set CXX, or set trainer.compile=false")
+                f"{' or '.join(candidates)} on PATH: not found); install one (e.g. g++) or set CXX, "
+                "or set trainer.compile=false")
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return "trainer.compile=true on GPU needs triton (pip install triton), or set trainer.compile=false"

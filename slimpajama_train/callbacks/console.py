@@ -15,11 +15,11 @@ if TYPE_CHECKING:
 class ConsoleCallback(Callback):
     name = "console"
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         self.bar = tqdm(total=trainer.cfg.trainer.max_steps, initial=trainer.step, desc="train", unit="step",
                         dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
-    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.bar.update(metrics["step"] - self.bar.n)  # the step-0 evaluation does not advance the bar
         if "loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", refresh=False)
@@ -33,7 +33,8 @@ class ConsoleCallback(Callback):
                 parts.append(f"val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.1f}")
             self.bar.write(" | ".join(parts), file=sys.stderr)
         elif "val_loss" in metrics:
-            self.bar.write(f"step {metrics['step']:>6} | val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.1f}", file=sys.stderr)
+            self.bar.write(f"step {metrics['step']:>6} | "
+                           f"val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.1f}", file=sys.stderr)
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         self.bar.close()

@@ -31,7 +31,7 @@ def last_logged_step(path: Path) -> int | None:
 class MetricsFileCallback(Callback):
     name = "metrics_file"
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         self.path = Path(trainer.cfg.run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         reached = last_logged_step(self.path)
@@ -42,11 +42,11 @@ class MetricsFileCallback(Callback):
                   f"{reached - trainer.step} step(s) lost since its last checkpoint", file=sys.stderr, flush=True)
         self.fh = open(self.path, "a")
 
-    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.fh.write(json.dumps(metrics) + "\n")
         self.fh.flush()
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()

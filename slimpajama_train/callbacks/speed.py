@@ -20,10 +20,10 @@ class SpeedMonitor(Callback):
     def __init__(self) -> None:
         self._t0 = 0.0
 
-    def on_step_start(self, trainer: "Trainer") -> None:
+    def on_step_start(self, trainer: Trainer) -> None:
         self._t0 = time.perf_counter()
 
-    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if "loss" not in metrics:
             return
         dt = time.perf_counter() - self._t0

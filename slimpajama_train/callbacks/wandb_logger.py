@@ -45,7 +45,7 @@ class WandbCallback(Callback):
         os.replace(tmp, path)
         return run_id
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         import wandb
 
         if self.run_id is None:
@@ -57,7 +57,7 @@ class WandbCallback(Callback):
             config=asdict(trainer.cfg), resume="allow",
         )
 
-    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if self.run is None:
             return
         try:
@@ -65,7 +65,7 @@ class WandbCallback(Callback):
         except Exception as exc:  # noqa: BLE001 - an observer must never stop the run
             self._lost(exc)
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         if self.run is None:
             return
         try:

@@ -13,8 +13,9 @@ def _last_json(cmd, cwd):
 
 
 def test_bench_train_prints_ratio(demo_shards, tmp_path):
-    out = _last_json([sys.executable, str(REPO / "benchmarks/bench_train.py"), "--data", str(demo_shards), "--steps", "6",
-                      "--warmup", "2", "--dim", "64", "--layers", "2", "--run-dir", str(tmp_path / "run")], tmp_path)
+    out = _last_json([sys.executable, str(REPO / "benchmarks/bench_train.py"), "--data", str(demo_shards),
+                      "--steps", "6", "--warmup", "2", "--dim", "64", "--layers", "2",
+                      "--run-dir", str(tmp_path / "run")], tmp_path)
     assert {"trainer_tokens_s", "bare_loop_tokens_s", "ratio"} <= set(out)
     assert out["ratio"] == out["trainer_tokens_s"] / out["bare_loop_tokens_s"] > 0
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from data_prep.config import PrepConfig
+from data_prep.config import DecontamConfig, PrepConfig
 from data_prep.decontam import eval_ngrams
-from data_prep.minhash_dedup import word_hashes
+from data_prep.text_hash import word_hashes
 
 FILLER = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
@@ -46,8 +46,8 @@ def test_short_examples_are_matched_whole_and_shorter_ones_counted():
 def test_no_examples_and_bad_min_words():
     ev = eval_ngrams([], 13, 8)
     assert ev.examples == 0 and _hits(ev, ["a b c d e f g h i j k l m n"]) == [False]
-    with pytest.raises(ValueError, match="decontam_min_words"):
-        PrepConfig(decontam_min_words=14)
+    with pytest.raises(ValueError, match="decontam.min_words"):
+        PrepConfig(decontam=DecontamConfig(min_words=14))
     assert np.array_equal(eval_ngrams(["a b c"], 13, 3).hashes[3], eval_ngrams(["A, b. C!"], 13, 3).hashes[3])
 
 
@@ -60,7 +60,9 @@ def test_eval_files_are_read_like_the_inputs(tmp_path):
 
     from data_prep.decontam import eval_texts
 
-    (tmp_path / "arr.json").write_text(json.dumps([{"q": {"text": "first question"}}, {"q": {"text": "second question"}}], indent=2))
+    (tmp_path / "arr.json").write_text(
+        json.dumps([{"q": {"text": "first question"}}, {"q": {"text": "second question"}}], indent=2)
+    )
     pq.write_table(pa.table({"q": [{"text": "parquet question"}]}), tmp_path / "p.parquet")
     (tmp_path / "l.JSONL.GZ").write_bytes(gzip.compress(b'{"q": {"text": "gz line"}}\n\n'))
     (tmp_path / "t.txt").write_text("plain one\n\nplain two\n")
@@ -74,7 +76,9 @@ def test_bad_eval_files_name_file_and_line(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": "lone \\ud800"}\n{"nope": 1}\n')
-    with pytest.raises(ValueError, match=r"2 bad record\(s\): .*bad.jsonl:2: lone surrogate.*bad.jsonl:3: field 'text'"):
+    with pytest.raises(
+        ValueError, match=r"2 bad record\(s\): .*bad.jsonl:2: lone surrogate.*bad.jsonl:3: field 'text'"
+    ):
         eval_texts([str(bad)])
     (tmp_path / "cut.json").write_text('[{"text": "a"},\n{"text": ')
     with pytest.raises(ValueError, match=r"cut.json:2: invalid json array"):

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.mixture import MixtureConfig, copies, source_factors
+from data_prep.mixture import MixtureConfig, copies, mixture_draws, source_factors
 from data_prep.prep import run_prep
 from data_prep.tokenizer import TokenizerConfig
 from tests.conftest import REPO, small_prep_config, write_jsonl_zst
@@ -94,10 +94,10 @@ def test_mixture_subsample_hits_the_token_target():
     ids = [f"d{i}" for i in range(3000)]
     tok = rng.integers(10, 5000, len(ids))
     for f in (0.3, 1.37, 2.9):
-        c = copies(ids, f, seed=1, tokens=tok)
+        c = copies(mixture_draws(ids, 1), f, tokens=tok)
         assert abs(int((c * tok).sum()) - f * tok.sum()) <= tok.max() / 2
-        assert set(c.tolist()) == {int(f), int(f) + 1} and (copies(ids, f, seed=1, tokens=tok) == c).all()
-    assert (copies(ids, 1 - 1e-12, seed=1, tokens=tok) == 1).all()
+        assert set(c.tolist()) == {int(f), int(f) + 1} and (copies(mixture_draws(ids, 1), f, tokens=tok) == c).all()
+    assert (copies(mixture_draws(ids, 1), 1 - 1e-12, tokens=tok) == 1).all()
 
 
 def _two_source_corpus(root: Path, cc_docs: int = 2400, gh_docs: int = 300, seed: int = 0) -> Path:
@@ -121,8 +121,10 @@ def test_mixture_total_tokens_hits_dc3_targets(tmp_path):
     assert avail[CC] > 6 * avail[GH]
     model = shutil.copy(tmp_path / "a/tokenizer.model", tmp_path / "fixed.model")  # same token counts again
     total = int(1.5 * avail[GH] / 0.242)  # GitHub 1.5x, CommonCrawl well under one epoch
-    m = run_prep(small_prep_config(corpus, tmp_path / "b", **kw, tokenizer=TokenizerConfig(model_path=str(model)),
-                                   mixture=MixtureConfig(proportions=DC_TABLE["dc3"], total_tokens=total)))["splits"]["train"]
+    m = run_prep(
+        small_prep_config(corpus, tmp_path / "b", **kw, tokenizer=TokenizerConfig(model_path=str(model)),
+                          mixture=MixtureConfig(proportions=DC_TABLE["dc3"], total_tokens=total))
+    )["splits"]["train"]
     assert m["tokens_available"] == avail
     f = m["mixture_factors"]
     assert f[GH] == pytest.approx(1.5, abs=1e-6) and 0.4 < f[CC] < 0.9

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from data_prep.config import PrepConfig
+from data_prep.dedup_core import DedupConfig
 from data_prep.filters import QualityConfig
-from data_prep.minhash_dedup import DedupConfig
-from data_prep.mixture import MixtureConfig, copies, source_factors
+from data_prep.mixture import MixtureConfig, copies, mixture_draws, source_factors
 from data_prep.prep import run_prep, run_task
 from data_prep.stages import STAGES
 from data_prep.tokenizer import TokenizerConfig
@@ -67,7 +67,9 @@ def test_plain_webdataset_and_tar_read_the_shards(demo_shards):
     sh = m["splits"]["train"]["shards"][0]
     samples = list(wds.WebDataset(str(demo_shards / sh["name"]), shardshuffle=False).decode())
     assert len(samples) == sh["samples"] and samples[0]["tokens.npy"].shape == (m["block_size"],)
-    names = subprocess.run(["tar", "tf", str(demo_shards / sh["name"])], capture_output=True, text=True, check=True).stdout.split()
+    names = subprocess.run(
+        ["tar", "tf", str(demo_shards / sh["name"])], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert len(names) == sh["samples"]
 
 
@@ -107,16 +109,19 @@ echo $((n + 1))
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "SBATCH": str(fake), "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
-    overrides = [f"inputs=[{corpus}/train/chunk*/example_train_*.jsonl.zst]", f"input_root={corpus}", f"output_dir={out}",
-                 "seq_len=32", "samples_per_shard=40", "tokenizer.vocab_size=300", "tokenizer.threads=1"]
+    overrides = [f"inputs=[{corpus}/train/chunk*/example_train_*.jsonl.zst]", f"input_root={corpus}",
+                 f"output_dir={out}", "seq_len=32", "samples_per_shard=40", "tokenizer.vocab_size=300",
+                 "tokenizer.threads=1"]
     proc = subprocess.run(["bash", str(REPO / "launch/slurm/prep.sh"), "2", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     calls = log.read_text().splitlines()
     assert len(calls) == len(STAGES)
-    assert "--array=0-1" in calls[0] and "--dependency" not in calls[0] and " clean num_tasks=2" in calls[0]
-    assert "--array=0-1" in calls[3] and "--dependency=afterok:103" in calls[3] and " clusters " in calls[3]
-    assert "--array=0-0" in calls[4] and " split " in calls[4]
+    assert "--array=0-1" in calls[0] and "--dependency" not in calls[0] and " clean run.num_tasks=2" in calls[0]
+    assert "--array=0-0" in calls[3] and "--dependency=afterok:103" in calls[3] and " components " in calls[3]
+    assert "--mem=64G" in calls[3] and "--mem=64G" not in calls[2]  # the big single-task stage asks for more
+    assert "--array=0-1" in calls[4] and " removals " in calls[4]
+    assert "--array=0-0" in calls[5] and " split " in calls[5]
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["train"]["samples"] > 0
     # the same config run locally as one pool gives the same shards
@@ -131,14 +136,16 @@ def test_rerun_skips_finished_tasks_and_cli_runs_one_task(tmp_path):
     cfg = _cfg(corpus, tmp_path / "out", num_tasks=2)
     for stage in STAGES[:2]:
         for i in range(2):
-            run_task(cfg, stage, i)
+            run_task(cfg, stage.name, i)
     marker = tmp_path / "out/work/markers/signatures/00001-of-00002.json"
     stamp = marker.stat().st_mtime_ns
-    proc = subprocess.run([sys.executable, "-m", "data_prep.prep", "stage=signatures", "task_index=1", "num_tasks=2",
+    proc = subprocess.run([sys.executable, "-m", "data_prep.prep", "run.stage=signatures", "run.task_index=1",
+                           "run.num_tasks=2",
                            f"inputs=[{corpus}/train]", f"input_root={corpus}", f"output_dir={tmp_path / 'out'}",
-                           "seq_len=32", "samples_per_shard=40", "holdout_ratio=0.1", "tokenizer.vocab_size=300",
+                           "seq_len=32", "samples_per_shard=40", "holdout.ratio=0.1", "tokenizer.vocab_size=300",
                            "tokenizer.max_sample_bytes=500000", "tokenizer.threads=1"],
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.stat().st_mtime_ns == stamp  # same config: the finished task was skipped
     with pytest.raises(RuntimeError, match="has not finished"):
@@ -156,7 +163,9 @@ def test_bad_input_end_to_end_nothing_valid_lost(tmp_path):
     (chunk / "no_text.jsonl").write_text('{"meta": {}}\n')
     (chunk / "empty.jsonl").write_text("")
     rng = np.random.default_rng(5)
-    trunc = write_jsonl_zst(chunk / "trunc.jsonl.zst", [{"text": " ".join(rng.choice(WORDS, 60)), "meta": {}} for _ in range(800)])
+    trunc = write_jsonl_zst(
+        chunk / "trunc.jsonl.zst", [{"text": " ".join(rng.choice(WORDS, 60)), "meta": {}} for _ in range(800)]
+    )
     trunc.write_bytes(trunc.read_bytes()[:-300])
     (chunk / "gone.jsonl").symlink_to(chunk / "missing.jsonl")
     cfg = _cfg(corpus, tmp_path / "out", inputs=[str(chunk / "*")], dedup=DedupConfig(enabled=False), num_tasks=2)
@@ -207,8 +216,9 @@ def test_mixture_proportions_with_epoch_cap():
     f = source_factors(MixtureConfig(proportions={"cc": 1.0}), tokens)  # DC-1-like: other sources left out
     assert f["wiki"] == 0 and f["cc"] == 1.0  # no total: one epoch of the scarcest source, not max_epochs
     ids = [f"d{i}" for i in range(2000)]
-    c = copies(ids, 1.3, seed=0)
-    assert set(c.tolist()) == {1, 2} and 0.25 < (c == 2).mean() < 0.35 and (copies(ids, 1.3, seed=0) == c).all()
+    c = copies(mixture_draws(ids, 0), 1.3)
+    assert (set(c.tolist()) == {1, 2} and 0.25 < (c == 2).mean() < 0.35
+            and (copies(mixture_draws(ids, 0), 1.3) == c).all())
     with pytest.raises(ValueError, match="sum to"):
         MixtureConfig(proportions={"cc": 0.5})
 
@@ -238,8 +248,8 @@ def test_holdout_count(tmp_path):
 
 
 def test_hash_and_ngram_decontamination(tmp_path):
-    from data_prep.document import hash_fraction
     from data_prep.stages import read_clean
+    from data_prep.text_hash import hash_fraction
 
     corpus = synthetic_corpus(tmp_path / "corpus", docs_per_source=20, files=2)
     base = _cfg(corpus, tmp_path / "a", holdout_ratio=0.1, dedup=DedupConfig(enabled=False))
@@ -250,13 +260,20 @@ def test_hash_and_ngram_decontamination(tmp_path):
     assert val and train
     # A copy of a holdout document, shouted and punctuated (same normalized text), in a file whose
     # line lands in train; and an evaluation set quoting 20 words of a training document.
-    name = next(f"train/chunk1/copy_{k}.jsonl" for k in range(100) if hash_fraction(f"train/chunk1/copy_{k}.jsonl:1") >= 0.1)
-    (corpus / name).write_text(json.dumps({"text": val[0].text.upper() + " !!!", "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n")
+    name = next(
+        f"train/chunk1/copy_{k}.jsonl" for k in range(100) if hash_fraction(f"train/chunk1/copy_{k}.jsonl:1") >= 0.1
+    )
+    (corpus / name).write_text(
+        json.dumps({"text": val[0].text.upper() + " !!!", "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n"
+    )
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(json.dumps({"text": "Question: " + " ".join(train[3].text.split()[20:40]) + " ?"}) + "\n")
-    run_prep(_cfg(corpus, tmp_path / "b", holdout_ratio=0.1, dedup=DedupConfig(enabled=False), eval_files=[str(eval_file)]))
+    run_prep(_cfg(corpus, tmp_path / "b", holdout_ratio=0.1, dedup=DedupConfig(enabled=False),
+                  eval_files=[str(eval_file)]))
     report = json.loads((tmp_path / "b/prep_report.json").read_text())
-    assert {s["step"]: s for s in report["steps"]}["decontam"]["drop_reasons"] == {"holdout_hash_match": 1, "eval_ngram_match": 1}
+    assert {s["step"]: s for s in report["steps"]}["decontam"]["drop_reasons"] == {
+        "holdout_hash_match": 1, "eval_ngram_match": 1
+    }
     assert report["decontam"] == {"eval_examples": 1, "eval_examples_too_short": 0, "ngram": 13, "min_words": 8}
     assert "## Decontamination" in (tmp_path / "b/prep_report.md").read_text()
     clean = [d.id for _, d in read_clean(tmp_path / "b/work/clean/part-00000.jsonl.zst")]
@@ -285,19 +302,23 @@ def test_shard_divisor_and_quality_filter(tmp_path):
 
 def test_stream_is_planned_once_and_shards_need_the_plan(tmp_path, monkeypatch):
     """The plan stage computes each split's stream once; shards tasks and the report only load it."""
-    import data_prep.stages as stages
+    import data_prep.plan as plan_module
+    from data_prep.plan import SplitPlan
+    from data_prep.stages import Context
 
     corpus = synthetic_corpus(tmp_path / "corpus", docs_per_source=10, files=3)
     cfg = _cfg(corpus, tmp_path / "out", num_tasks=3, workers=1)
     calls = []
-    real = stages.plan_split
-    monkeypatch.setattr(stages, "plan_split", lambda ctx, code: calls.append(code) or real(ctx, code))
-    for stage in STAGES[: STAGES.index("plan")]:
-        for i in range(1 if stage in stages.SINGLE_TASK else 3):
-            run_task(cfg, stage, i)
+    real = plan_module.plan_split
+    monkeypatch.setattr(plan_module, "plan_split",
+                        lambda work, n, code, *a: calls.append(code) or real(work, n, code, *a))
+    names = [s.name for s in STAGES]
+    for stage in STAGES[: names.index("plan")]:
+        for i in range(3 if stage.parallel else 1):
+            run_task(cfg, stage.name, i)
     with pytest.raises(RuntimeError, match="stage 'plan' task 0 of 1 has not finished"):
         run_task(cfg, "shards", 0)
     run_prep(cfg)
     assert calls == [0, 1]  # train and val, once each, for 3 shards tasks and the report
-    plan = stages.load_plan(stages.Context(cfg), 0)
-    assert plan.shards == len(list((tmp_path / "out").glob("train-*.tar"))) and plan.count.dtype == np.int64
+    plan = SplitPlan.load(Context(cfg).work, "train")
+    assert plan.shards == len(list((tmp_path / "out").glob("train-*.tar"))) and isinstance(plan.count, np.memmap)

@@ -15,7 +15,8 @@ def test_manifest_describes_the_shards(demo_shards):
     m = json.loads((demo_shards / "manifest.json").read_text())
     assert m["seq_len"] == 64 and m["block_size"] == 65 and m["dtype"] == "uint16"
     tok = m["tokenizer"]
-    assert tok["file"] == "tokenizer.model" and tok["vocab_size"] == 1000 and tok["eos_id"] == 2 and len(tok["sha256"]) == 64
+    assert (tok["file"] == "tokenizer.model" and tok["vocab_size"] == 1000 and tok["eos_id"] == 2
+            and len(tok["sha256"]) == 64)
     assert set(m["splits"]) == {"train", "val"} and m["splits"]["val"]["samples"] > 0
     train = m["splits"]["train"]
     assert set(train["tokens_per_source"]) == SOURCES
@@ -34,7 +35,8 @@ def test_manifest_describes_the_shards(demo_shards):
 def test_stats_report_every_step_per_source(demo_shards):
     stats = json.loads((demo_shards / "prep_stats.json").read_text())
     steps = {s["step"]: s for s in stats["steps"]}
-    assert {"read", "normalize", "short_filter", "exact_dedup", "split", "holdout_val", "tokenize_train", "tokenize_val"} <= set(steps)
+    assert {"read", "normalize", "short_filter", "exact_dedup", "split", "holdout_val", "tokenize_train",
+            "tokenize_val"} <= set(steps)
     assert set(steps["read"]["per_source"]) == SOURCES
     f = steps["short_filter"]["total"]
     assert f["docs_in"] - f["docs_out"] == sum(steps["short_filter"]["drop_reasons"].values()) > 0

@@ -44,7 +44,9 @@ def test_bad_lines_are_counted_with_file_and_line_and_the_rest_is_kept(tmp_path)
     assert [d.text for d in docs] == ["good 1", "good 2"]
     reasons = stats.to_dict()["steps"][0]["drop_reasons"]
     assert reasons == {"invalid_json": 1, "missing_text": 2, "invalid_utf8": 1}
-    assert [(e["file"], e["line"]) for e in stats.errors] == [("x.jsonl", 2), ("x.jsonl", 3), ("x.jsonl", 4), ("x.jsonl", 6)]
+    assert [(e["file"], e["line"]) for e in stats.errors] == [
+        ("x.jsonl", 2), ("x.jsonl", 3), ("x.jsonl", 4), ("x.jsonl", 6)
+    ]
 
 
 def test_truncated_zst_keeps_what_was_read(tmp_path):
@@ -117,7 +119,9 @@ def test_bad_input_invalid_utf8(tmp_path):
 
 def test_bad_input_missing_or_non_string_text(tmp_path):
     p = tmp_path / "a.jsonl"
-    p.write_text("\n".join([json.dumps({"meta": {}}), json.dumps({"text": ["x"]}), json.dumps(_rec("ok")), "[1, 2]"]) + "\n")
+    p.write_text(
+        "\n".join([json.dumps({"meta": {}}), json.dumps({"text": ["x"]}), json.dumps(_rec("ok")), "[1, 2]"]) + "\n"
+    )
     docs, reasons, where = _read(tmp_path, p)
     assert [d.text for d in docs] == ["ok"] and reasons == {"missing_text": 3}
     assert where == [("a.jsonl", 1), ("a.jsonl", 2), ("a.jsonl", 4)]
@@ -157,8 +161,10 @@ def test_bad_input_unreadable_file(tmp_path):
 def test_bad_input_lone_surrogate_is_counted_and_the_rest_kept(tmp_path):
     # json.loads accepts "\ud800" and returns a str that UTF-8 cannot encode (every later step encodes).
     p = tmp_path / "a.jsonl"
-    p.write_text("\n".join([json.dumps(_rec("ok 1")), '{"text": "bad \\ud800 here"}', json.dumps(_rec("pair \U0001F600")),
-                            '{"text": "fine", "meta": {"redpajama_set_name": "x\\udc00"}}', json.dumps(_rec("ok 2"))]) + "\n")
+    p.write_text("\n".join([json.dumps(_rec("ok 1")), '{"text": "bad \\ud800 here"}',
+                            json.dumps(_rec("pair \U0001F600")),
+                            '{"text": "fine", "meta": {"redpajama_set_name": "x\\udc00"}}',
+                            json.dumps(_rec("ok 2"))]) + "\n")
     assert "\\ud83d\\ude00" in p.read_text()  # a valid surrogate pair escape is kept
     docs, reasons, where = _read(tmp_path, p)
     assert [d.text for d in docs] == ["ok 1", "pair \U0001F600", "ok 2"] and [d.nbytes for d in docs] == [4, 9, 4]
@@ -170,7 +176,8 @@ def test_json_arrays_json_lines_bz2_and_any_case_suffixes(tmp_path):
 
     d = tmp_path / "in"
     d.mkdir()
-    (d / "a.json").write_text(json.dumps([_rec("arr 1"), {"meta": {}}, _rec("arr 3")], indent=1))  # an array on many lines
+    # an array on many lines
+    (d / "a.json").write_text(json.dumps([_rec("arr 1"), {"meta": {}}, _rec("arr 3")], indent=1))
     (d / "b.json").write_text(json.dumps(_rec("json line 1")) + "\n" + json.dumps(_rec("json line 2")) + "\n")
     (d / "C.JSONL").write_text(json.dumps(_rec("upper")) + "\n")
     with bz2.open(d / "d.jsonl.bz2", "wt") as fh:
@@ -180,12 +187,14 @@ def test_json_arrays_json_lines_bz2_and_any_case_suffixes(tmp_path):
     (d / "g.json").write_text("\n  []\n")
     (d / "h.json").write_text('[{"text": "cut"')
     files = expand_inputs([str(d)])
-    assert [f.name for f in files] == ["C.JSONL", "a.json", "b.json", "d.jsonl.bz2", "e.Json.GZ", "f.json", "g.json", "h.json"]
+    assert [f.name for f in files] == [
+        "C.JSONL", "a.json", "b.json", "d.jsonl.bz2", "e.Json.GZ", "f.json", "g.json", "h.json"
+    ]
     docs, reasons, where = _read(d, *files)
     assert [(x.id, x.text) for x in docs] == [
         ("C.JSONL:1", "upper"), ("a.json:1", "arr 1"), ("a.json:3", "arr 3"), ("b.json:1", "json line 1"),
-        ("b.json:2", "json line 2"), ("d.jsonl.bz2:1", "bz2 1"), ("d.jsonl.bz2:2", "bz2 2"), ("e.Json.GZ:1", "gz arr \U0001F600"),
-        ("f.json:2", "kept")]
+        ("b.json:2", "json line 2"), ("d.jsonl.bz2:1", "bz2 1"), ("d.jsonl.bz2:2", "bz2 2"),
+        ("e.Json.GZ:1", "gz arr \U0001F600"), ("f.json:2", "kept")]
     assert reasons == {"missing_text": 1, "invalid_unicode": 1, "empty_file": 1, "invalid_json": 1}
     assert where == [("a.json", 2), ("f.json", 1), ("g.json", None), ("h.json", 1)]
 
@@ -204,17 +213,18 @@ def test_unsupported_files_are_returned_as_skipped(tmp_path):
 
 
 def test_clean_stage_and_report_list_skipped_files(tmp_path):
-    from data_prep.config import PrepConfig
+    from data_prep.config import PrepConfig, RunConfig
     from data_prep.report import markdown
-    from data_prep.stages import Context, clean
+    from data_prep.stages import Context, clean_inputs
 
     chunk = tmp_path / "corpus/train"
     chunk.mkdir(parents=True)
     (chunk / "a.jsonl").write_text(json.dumps(_rec("a document long enough to be kept " * 10)) + "\n")
     (chunk / "b.jsonl.xz").write_bytes(b"\xfd7zXZ")
     (chunk / "README").write_text("about this corpus")
-    cfg = PrepConfig(inputs=["train"], input_root=str(tmp_path / "corpus"), output_dir=str(tmp_path / "out"), num_tasks=2)
-    results = [clean(Context(cfg), i) for i in range(2)]
+    cfg = PrepConfig(inputs=["train"], input_root=str(tmp_path / "corpus"), output_dir=str(tmp_path / "out"),
+                     run=RunConfig(num_tasks=2))
+    results = [clean_inputs(Context(cfg), i) for i in range(2)]
     stats = PrepStats()
     for r in results:
         stats.merge(PrepStats.from_dict(r["stats"]))
@@ -224,6 +234,6 @@ def test_clean_stage_and_report_list_skipped_files(tmp_path):
     assert all(e["reason"].startswith("skipped: no reader") for e in sd["errors"])
     # write_report's JSON lists them as skipped_files, the Markdown in their own section
     skipped = [e for e in sd["errors"] if e["reason"].startswith("skipped:")]
-    md = markdown(stats, {"dedup": {"rate_by_source": {}}, "decontam": {}, "steps": sd["steps"], "mixture": {}, "timings": {},
-                          "stage_time": {}, "errors": sd["errors"], "skipped_files": skipped})
+    md = markdown(stats, {"dedup": {"rate_by_source": {}}, "decontam": {}, "steps": sd["steps"], "mixture": {},
+                          "timings": {}, "stage_time": {}, "errors": sd["errors"], "skipped_files": skipped})
     assert "## Skipped input files (2)" in md and "- `train/b.jsonl.xz`: skipped: no reader" in md

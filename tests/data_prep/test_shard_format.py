@@ -12,7 +12,7 @@ def _write(path, n, block_size, dtype, shard_index=3):
     w = ShardWriter(path, shard_index, dtype)
     rng = np.random.default_rng(0)
     blocks = [rng.integers(0, 60000, block_size).astype(dtype) for _ in range(n)]
-    for i, b in enumerate(blocks):
+    for _i, b in enumerate(blocks):
         w.add(b, {"src": block_size})
     return blocks, w.close(block_size)
 
@@ -29,7 +29,7 @@ def test_random_access_matches_plain_webdataset(tmp_path, vocab):
     for i in (36, 0, 17):
         assert np.array_equal(reader.read(i), blocks[i])
     from_wds = [s["tokens.npy"] for s in wds.WebDataset(str(path), shardshuffle=False).decode()]
-    assert len(from_wds) == 37 and all(np.array_equal(a, b) for a, b in zip(from_wds, blocks))
+    assert len(from_wds) == 37 and all(np.array_equal(a, b) for a, b in zip(from_wds, blocks, strict=True))
     names = subprocess.run(["tar", "tf", str(path)], capture_output=True, text=True, check=True).stdout.split()
     assert names[0] == "000003-000000000.tokens.npy" and len(names) == 37
 
@@ -64,6 +64,8 @@ def test_writer_bytes_equal_tarfile(tmp_path):
         for i, b in enumerate(blocks):
             data = npy_bytes(b)
             info = tarfile.TarInfo(member_name(7, i))
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data), 0, 0o644, 0, 0, "", ""
+            )
             tf.addfile(info, io.BytesIO(data))
     assert (tmp_path / "fast.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()

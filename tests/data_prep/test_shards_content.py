@@ -3,7 +3,7 @@
 The expected stream is rebuilt here from the clean documents' text (``work/clean``), the split codes
 (``work/split``, cross-checked against ``removed.jsonl`` and the holdout hash rule), the trained
 tokenizer and the mixture's public functions, not from the ``tokens``/``plan`` files the shards
-stage reads, so it checks ``stages._shard_tokens`` and ``stages.plan_split`` end to end.
+stage reads, so it checks ``plan.stream_tokens`` and ``plan.plan_split`` end to end.
 """
 import io
 import json
@@ -14,10 +14,11 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from data_prep.document import hash_fraction
-from data_prep.mixture import MixtureConfig, copies, source_factors
+from data_prep.holdout import DUP, SPLITS, TRAIN, VAL
+from data_prep.mixture import MixtureConfig, copies, mixture_draws, source_factors
 from data_prep.prep import run_prep
-from data_prep.stages import DUP, SPLITS, TRAIN, VAL, Context, read_clean
+from data_prep.stages import Context, read_clean
+from data_prep.text_hash import hash_fraction
 from tests.conftest import write_jsonl_zst
 from tests.data_prep.test_pipeline import _cfg, synthetic_corpus
 
@@ -32,11 +33,13 @@ def _shard_blocks(path) -> list[np.ndarray]:
 def _expected_stream(docs, factors, seed, eos) -> tuple[list[int], list[str]]:
     """Documents in order (key order), pass after pass for repeats; tokens and source per token."""
     by_source: dict[str, list[int]] = {}
-    for k, (_, doc_id, src, ids) in enumerate(docs):
+    for k, (_, _doc_id, src, _ids) in enumerate(docs):
         by_source.setdefault(src, []).append(k)
     n = np.zeros(len(docs), np.int64)
     for src, idx in by_source.items():
-        n[idx] = copies([docs[k][1] for k in idx], factors[src], seed, [len(docs[k][3]) + 1 for k in idx])
+        n[idx] = copies(
+            mixture_draws([docs[k][1] for k in idx], seed), factors[src], [len(docs[k][3]) + 1 for k in idx]
+        )
     toks: list[int] = []
     srcs: list[str] = []
     for p in range(int(n.max()) if len(n) else 0):
@@ -67,16 +70,16 @@ def test_shard_blocks_are_the_kept_documents_in_stream_order(tmp_path, num_tasks
     kept: dict[int, list] = {TRAIN: [], VAL: []}
     seen = 0
     for p in range(ctx.n):
-        codes = np.load(ctx.split_codes(p))
-        rows = list(read_clean(ctx.clean_part(p)))
+        codes = np.load(ctx.work.split_codes(p))
+        rows = list(read_clean(ctx.work.clean_part(p)))
         assert len(rows) == len(codes)
-        for code, (key, doc) in zip(codes.tolist(), rows):
+        for code, (key, doc) in zip(codes.tolist(), rows, strict=True):
             seen += 1
             # The split codes are what removed.jsonl and the holdout rule say (no eval files, distinct texts).
             if doc.id in removed:
                 assert code == DUP
                 continue
-            assert code == (VAL if hash_fraction(doc.id) < cfg.holdout_ratio else TRAIN), doc.id
+            assert code == (VAL if hash_fraction(doc.id) < cfg.holdout.ratio else TRAIN), doc.id
             kept[code].append((key, doc.id, doc.source, sp.encode(doc.text)))
     assert seen == 123 and len(removed) >= 3 and kept[TRAIN] and kept[VAL]
 

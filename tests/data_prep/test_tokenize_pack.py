@@ -1,13 +1,13 @@
+import argparse
+import inspect
+import json.decoder
+import textwrap
+
 import pytest
 import sentencepiece as spm
 
 from data_prep.pack import encode_texts
 from data_prep.tokenizer import TokenizerConfig, obtain_tokenizer, tokenizer_info
-
-import inspect
-import json.decoder
-import textwrap
-import argparse
 
 TEXTS = [inspect.getsource(m) for m in (json.decoder, textwrap, argparse)] + [f"naïve café {i}" for i in range(50)]
 
@@ -50,7 +50,7 @@ def test_encode_texts_preserves_order(model_file):
 
 
 def test_weighted_reservoir_respects_cap_and_weights():
-    from data_prep.document import hash_fraction
+    from data_prep.text_hash import hash_fraction
     from data_prep.tokenizer import WeightedReservoir
 
     res = WeightedReservoir(cap_bytes=20_000)

@@ -38,12 +38,15 @@ def cluster_env() -> dict[str, str]:
     env = {**os.environ, "SLURM_CONF": str(conf)}
     running = _controller_cmdlines()
     if running and not all(str(conf) in line for line in running):
-        raise ClusterUnavailable(f"a SLURM controller these tests did not start is running ({running[0]}); not touching it")
+        raise ClusterUnavailable(f"a SLURM controller these tests did not start is running ({running[0]}); "
+                                 "not touching it")
     if running and _node_ready(env):
         return env
-    proc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(CLUSTER_DIR)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(CLUSTER_DIR)], capture_output=True, text=True,
+                          timeout=300)
     if proc.returncode != 0 or not _node_ready(env):
-        raise ClusterUnavailable(f"the local SLURM cluster did not start: {(proc.stdout + proc.stderr).strip()[-1500:]}")
+        output = (proc.stdout + proc.stderr).strip()
+        raise ClusterUnavailable(f"the local SLURM cluster did not start: {output[-1500:]}")
     return env
 
 
@@ -61,7 +64,8 @@ def job_env(env: dict[str, str], **extra: str) -> dict[str, str]:
 
 
 def submit(env: dict[str, str], args: list[str], cwd: Path) -> int:
-    proc = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
     if proc.returncode != 0:
         raise AssertionError(f"sbatch failed: {proc.stderr}")
     return int(proc.stdout.strip().split(";")[0])
@@ -72,7 +76,8 @@ def job_fields(env: dict[str, str], job: int) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def wait_for_state(env: dict[str, str], job: int, states: tuple[str, ...], timeout: float, log: Path | None = None) -> dict[str, str]:
+def wait_for_state(env: dict[str, str], job: int, states: tuple[str, ...], timeout: float,
+                   log: Path | None = None) -> dict[str, str]:
     deadline = time.time() + timeout
     fields: dict[str, str] = {}
     while time.time() < deadline:

@@ -43,7 +43,8 @@ def _cluster(cmd: str, directory: Path, env: dict[str, str]) -> None:
 
 
 def _node_up(directory: Path) -> bool:
-    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env={**os.environ, "SLURM_CONF": str(directory / "slurm.conf")},
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"],
+                          env={**os.environ, "SLURM_CONF": str(directory / "slurm.conf")},
                           capture_output=True, text=True, timeout=60)
     return proc.returncode == 0 and any(s in ("idle", "mix", "alloc") for s in proc.stdout.split())
 

@@ -21,7 +21,8 @@ def _submit_train(slurm_env: dict, work: Path, shards: Path) -> tuple[int, Path]
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
     args = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=10", f"--output={work}/job-%j.out", str(TRAIN_SBATCH),
-            *tiny_train_overrides(shards, run_dir, "logger.wandb.enabled=true", "logger.wandb.mode=offline", steps=STEPS)]
+            *tiny_train_overrides(shards, run_dir, "logger.wandb.enabled=true", "logger.wandb.mode=offline",
+                                  steps=STEPS)]
     env = job_env(slurm_env, NPROC_PER_NODE="2", LOG_DIR=str(work / "logs"))
     return submit(env, args, cwd=work), run_dir
 
@@ -34,7 +35,8 @@ def _wandb_runs(run_dir: Path) -> list[str]:
 def uninterrupted(slurm_env, demo_shards, tmp_path_factory) -> tuple[int, Path, Path]:
     work = tmp_path_factory.mktemp("sbatch_straight")
     job, run_dir = _submit_train(slurm_env, work, demo_shards)
-    fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600, work / f"job-{job}.out")
+    fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600,
+                            work / f"job-{job}.out")
     assert fields["JobState"] == "COMPLETED", (work / f"job-{job}.out").read_text()[-4000:]
     return job, run_dir, work
 
@@ -53,15 +55,17 @@ def test_train_sbatch_runs_checkpoints_and_logs_per_rank(uninterrupted, slurm_en
 
 def _wait_for_step(run_dir: Path, step: int, log: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
-    while not ((run_dir / "metrics.jsonl").is_file() and any(m["step"] >= step and "loss" in m for m in read_metrics(run_dir))):
-        assert time.time() < deadline, f"no step {step} within {timeout} s: {log.read_text()[-3000:] if log.is_file() else ''}"
+    while not ((run_dir / "metrics.jsonl").is_file()
+               and any(m["step"] >= step and "loss" in m for m in read_metrics(run_dir))):
+        assert time.time() < deadline, (
+            f"no step {step} within {timeout} s: {log.read_text()[-3000:] if log.is_file() else ''}")
         time.sleep(0.2)
 
 
 @pytest.mark.parametrize("scancel_args", [["--signal=USR1"], ["--signal=TERM"], ["--full", "--signal=TERM"]],
                          ids=["USR1", "TERM", "TERM-full"])
-def test_signalled_job_requeues_resumes_and_matches_the_uninterrupted_run(uninterrupted, slurm_env, demo_shards, tmp_path,
-                                                                          scancel_args):
+def test_signalled_job_requeues_resumes_and_matches_the_uninterrupted_run(uninterrupted, slurm_env, demo_shards,
+                                                                          tmp_path, scancel_args):
     """USR1: what SLURM sends ahead of a time limit (--signal=USR1@120). TERM: what it sends to every
     process of the job, loader workers included, on scancel and preemption. Without --full only the
     job steps get the signal; with it the batch shell and srun get it too, and srun answers a SIGTERM
@@ -80,7 +84,8 @@ def test_signalled_job_requeues_resumes_and_matches_the_uninterrupted_run(uninte
         assert "this shell got SIGTERM" in text, text[-4000:]
         # srun SIGKILLs its tasks at once; the trainer almost never saves first, but either way the
         # job must requeue and resume from what is on disk
-        assert ("the trainer did not save" in text and "are lost" in text) or "preempted after saving" in text, text[-4000:]
+        assert (("the trainer did not save" in text and "are lost" in text)
+                or "preempted after saving" in text), text[-4000:]
     else:
         preempted_at = json.loads(text.split("preempted after saving (")[1].split(")")[0])["step"]
         assert 3 <= preempted_at < STEPS
@@ -118,15 +123,16 @@ def test_prep_sbatch_array_jobs_make_the_shards_of_a_local_run(slurm_env, tmp_pa
     corpus = synthetic_corpus(tmp_path / "corpus")
     pattern = f"{corpus}/train/chunk*/example_train_*.jsonl.zst"
     out = tmp_path / "slurm"
-    overrides = [f"inputs=[{pattern}]", f"input_root={corpus}", f"output_dir={out}", "seq_len=32", "samples_per_shard=40",
-                 "holdout_ratio=0.02", "tokenizer.vocab_size=300", "tokenizer.threads=1"]
+    overrides = [f"inputs=[{pattern}]", f"input_root={corpus}", f"output_dir={out}", "seq_len=32",
+                 "samples_per_shard=40", "holdout.ratio=0.02", "tokenizer.vocab_size=300", "tokenizer.threads=1"]
     env = job_env(slurm_env, PYTHON=sys.executable,
-                  SBATCH_EXTRA=f"--output={tmp_path}/prep-%x-%A_%a.out --cpus-per-task=1 --mem-per-cpu=1G --time=10")
+                  SBATCH_EXTRA=f"--output={tmp_path}/prep-%x-%A_%a.out --cpus-per-task=1 --mem-per-cpu=1G --time=10",
+                  BIG_MEM="--mem-per-cpu=1G", TOKENIZER_CPUS="1")  # a one-node test cluster, not a 64 GB node
     proc = subprocess.run(["bash", str(REPO / "launch/slurm/prep.sh"), "2", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = dict(line.split(": job ")[0:2] for line in proc.stdout.splitlines() if ": job " in line)
-    assert tuple(jobs) == STAGES  # every stage, in order
+    assert tuple(jobs) == tuple(s.name for s in STAGES)  # every stage, in order
     last = int(jobs["report"].split()[0])
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("prep-*.out")))
     fields = wait_for_state(slurm_env, last, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)

@@ -40,7 +40,8 @@ def measured(inputs, targets, last_micro):
 
 trainer.backend.forward_backward = measured
 trainer.fit()
-unsharded = sum(p.numel() * 4 for p in trainer.backend.model.parameters()) * (dist_info.world_size if trainer.backend.sharded else 1)
+unsharded = (sum(p.numel() * 4 for p in trainer.backend.model.parameters())
+             * (dist_info.world_size if trainer.backend.sharded else 1))
 Path(f"{os.environ['ACCUM_OUT']}.rank{dist_info.rank}").write_text(json.dumps(
     {"max_growth_bytes": max(growth), "unsharded_grad_bytes": unsharded, "grad_accum": trainer.grad_accum}))
 trainer.close()

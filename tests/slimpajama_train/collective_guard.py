@@ -79,7 +79,8 @@ def _guard(name, fn):
         devices = {t.device.type for t in _tensors(args, kwargs)} or {"cpu"}
         bad = devices - allowed
         if bad:
-            frames = [f for f in traceback.extract_stack()[:-1] if "slimpajama_train" in f.filename or "deepspeed" in f.filename]
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if "slimpajama_train" in f.filename or "deepspeed" in f.filename]
             where = [f"{f.filename.split('/site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames[-3:]]
             violations.append({"collective": name, "group_backend_on_gpu": spec, "tensor_devices": sorted(devices),
                                "where": where})

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimpajama_train.backends import build_backend
-from slimpajama_train.backends import hardware
+from slimpajama_train.backends import build_backend, hardware
 from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.backends.deepspeed import deepspeed_config
 from slimpajama_train.distributed import DistInfo
@@ -68,7 +67,7 @@ def test_same_loss_curve_within_1e_5(reference, demo_shards, tmp_path, nproc, ex
                                    "backend.precision=fp32"), cwd=REPO)
     losses = _train_losses(tmp_path)
     assert len(losses) == EQUIV_STEPS
-    worst = max(abs(a - b) for a, b in zip(losses, reference))
+    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
     print(f"{extra[0]} on {nproc} process(es): max |loss - reference| over {EQUIV_STEPS} steps = {worst:.2e}")
     assert worst < 1e-5
 
@@ -76,10 +75,12 @@ def test_same_loss_curve_within_1e_5(reference, demo_shards, tmp_path, nproc, ex
 def test_deepspeed_config_is_derived_from_ours(tmp_path):
     cfg = BackendConfig(name="deepspeed", zero_stage=3, precision="bf16", offload_optimizer=True, offload_params=True)
     ds = deepspeed_config(cfg, OptimConfig(grad_clip=0.5), micro_batch=4, grad_accum=3, world_size=8)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (96, 4, 3)
+    batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert batch == (96, 4, 3)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 3
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" == ds["zero_optimization"]["offload_param"]["device"]
+    zero = ds["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" == zero["offload_param"]["device"]
     fp16 = deepspeed_config(BackendConfig(name="deepspeed", precision="fp16"), OptimConfig(), 1, 1, 1)
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0 and fp16["fp16"]["initial_scale_power"] == 16
 
@@ -119,7 +120,8 @@ def test_user_deepspeed_json_overrides_but_cannot_contradict(tmp_path):
         deepspeed_config(cfg, OptimConfig(), 4, 3, 2)
     assert str(user) in str(err.value)
     user.write_text('{"fp16": {"enabled": true}}')
-    with pytest.raises(ValueError, match=r"fp16.enabled=true disagrees with the trainer's false \(from backend.precision=bf16\)"):
+    with pytest.raises(ValueError,
+                       match=r"fp16.enabled=true disagrees with the trainer's false \(from backend.precision=bf16\)"):
         deepspeed_config(cfg, OptimConfig(), 4, 3, 2)
     user.write_text('{\n  "zero_optimization": {,}\n}')
     with pytest.raises(ValueError, match=r"ds.json:2: invalid JSON"):
@@ -127,20 +129,27 @@ def test_user_deepspeed_json_overrides_but_cannot_contradict(tmp_path):
 
 
 @pytest.mark.parametrize("user,expected", [
-    ({"zero_optimization": {"stage": 3}}, r"zero_optimization.stage=3 disagrees with the trainer's 2 \(from backend.zero_stage=2\)"),
+    ({"zero_optimization": {"stage": 3}},
+     r"zero_optimization.stage=3 disagrees with the trainer's 2 \(from backend.zero_stage=2\)"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
-     r"zero_optimization.offload_optimizer={\"device\": \"cpu\"}: the trainer sets no such key \(it follows backend.offload_optimizer=false\)"),
-    ({"zero_optimization": {"offload_param": {"device": "nvme"}}}, r"zero_optimization.offload_param=.*backend.offload_params=false"),
-    ({"bf16": {"check_grad_overflow": False}}, r"bf16.check_grad_overflow=false disagrees with the trainer's true \(from backend.precision=bf16\)"),
+     r"zero_optimization.offload_optimizer={\"device\": \"cpu\"}: the trainer sets no such key "
+     r"\(it follows backend.offload_optimizer=false\)"),
+    ({"zero_optimization": {"offload_param": {"device": "nvme"}}},
+     r"zero_optimization.offload_param=.*backend.offload_params=false"),
+    ({"bf16": {"check_grad_overflow": False}},
+     r"bf16.check_grad_overflow=false disagrees with the trainer's true \(from backend.precision=bf16\)"),
     ({"bfloat16": {"enabled": True}}, r"bfloat16=.*the trainer sets no such key"),  # DeepSpeed's older name of bf16
-    ({"data_types": {"grad_accum_dtype": "bf16"}}, r"data_types.grad_accum_dtype=\"bf16\" disagrees with the trainer's \"fp32\""),
+    ({"data_types": {"grad_accum_dtype": "bf16"}},
+     r"data_types.grad_accum_dtype=\"bf16\" disagrees with the trainer's \"fp32\""),
     ({"communication_data_type": "bf16"}, r"communication_data_type=\"bf16\" disagrees with the trainer's \"fp32\""),
     ({"optimizer": {"type": "Adam"}}, r"optimizer=.*DeepSpeed would ignore this section"),
     ({"scheduler": {"type": "WarmupLR"}}, r"scheduler=.*the trainer sets the learning rate every step"),
-    ({"gradient_clipping": 0.5}, r"gradient_clipping=0.5 disagrees with the trainer's 1.0 \(from optim.grad_clip=1.0\)"),
+    ({"gradient_clipping": 0.5},
+     r"gradient_clipping=0.5 disagrees with the trainer's 1.0 \(from optim.grad_clip=1.0\)"),
 ])
 def test_user_deepspeed_json_refuses_every_contradiction_at_any_depth(tmp_path, user, expected):
-    cfg = BackendConfig(name="deepspeed", zero_stage=2, precision="bf16", deepspeed_config=str(_user_json(tmp_path, user)))
+    cfg = BackendConfig(name="deepspeed", zero_stage=2, precision="bf16",
+                        deepspeed_config=str(_user_json(tmp_path, user)))
     with pytest.raises(ValueError, match=expected) as err:
         deepspeed_config(cfg, OptimConfig(grad_clip=1.0), 4, 3, 2)
     assert str(tmp_path / "ds.json") in str(err.value)
@@ -157,9 +166,12 @@ def test_user_deepspeed_json_checks_offload_sub_keys_and_the_generated_optimizer
         deepspeed_config(cfg, OptimConfig(lr=3e-4), 4, 1, 2)
     msg = str(err.value)
     # every contradiction in one message, each with its path, both values and the setting to change
-    assert 'zero_optimization.offload_optimizer.device="nvme" disagrees with the trainer\'s "cpu" (from backend.offload_optimizer=true)' in msg
-    assert "zero_optimization.offload_param.buffer_count=8: the trainer sets no such key (it follows backend.offload_params=true)" in msg
-    assert "optimizer.params.lr=0.1 disagrees with the trainer's 0.0003 (from optim.lr/beta1/beta2/eps/weight_decay" in msg
+    assert ('zero_optimization.offload_optimizer.device="nvme" disagrees with the trainer\'s "cpu" '
+            "(from backend.offload_optimizer=true)") in msg
+    assert ("zero_optimization.offload_param.buffer_count=8: the trainer sets no such key "
+            "(it follows backend.offload_params=true)") in msg
+    assert ("optimizer.params.lr=0.1 disagrees with the trainer's 0.0003 "
+            "(from optim.lr/beta1/beta2/eps/weight_decay") in msg
     assert "fp16" not in msg  # disabled on both sides: its other keys are inert
     assert "pin_memory" not in msg and "weight_decay=" not in msg  # "auto"
 
@@ -181,7 +193,8 @@ def test_build_backend_refuses_deepspeed_fp16_where_the_cpu_has_no_fp16(monkeypa
 def test_offload_is_refused_where_deepspeed_cpu_adam_cannot_be_built(monkeypatch):
     monkeypatch.setattr(hardware, "deepspeed_op_problem", lambda op: f"DeepSpeed's {op} op is not prebuilt (patched)")
     cfg = BackendConfig(name="deepspeed", zero_stage=3, precision="bf16", offload_optimizer=True, offload_params=True)
-    with pytest.raises(ValueError, match=r"backend=zero3_offload .*cpu_adam op is not prebuilt.*backend.offload_optimizer=false"):
+    with pytest.raises(ValueError,
+                       match=r"backend=zero3_offload .*cpu_adam op is not prebuilt.*backend.offload_optimizer=false"):
         hardware.check_backend_hardware(cfg, torch.device("cpu"))
 
 
@@ -196,7 +209,8 @@ def test_compile_problem_names_the_missing_compiler(monkeypatch):
 @skip_because(None if NO_DEEPSPEED_FP16 else f"DeepSpeed supports fp16 on this {DEVICE.type}: nothing to refuse")
 def test_deepspeed_fp16_run_fails_fast_naming_the_missing_cpu_feature(demo_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "slimpajama_train.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "slimpajama_train.train",
            *_overrides(demo_shards, tmp_path, "backend=zero2", "backend.precision=fp16", "trainer.max_steps=2")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
@@ -210,18 +224,19 @@ def test_deepspeed_fp16_run_fails_fast_naming_the_missing_cpu_feature(demo_shard
 def test_deepspeed_bf16_with_fp32_reduction_trains(demo_shards, tmp_path, backend):
     """The generated data_types / communication_data_type are accepted by each ZeRO stage in bf16
     (2 ranks, 2 accumulated micro-batches per step)."""
-    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=bf16", "trainer.max_steps=3",
-                               "optim.lr=3e-3", "optim.warmup_steps=1"), cwd=REPO)
+    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=bf16",
+                               "trainer.max_steps=3", "optim.lr=3e-3", "optim.warmup_steps=1"), cwd=REPO)
     losses = _train_losses(tmp_path)
-    assert len(losses) == 3 and all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", pytest.param("zero2", marks=skip_because(
     NO_DEEPSPEED_FP16 and f"DeepSpeed refuses fp16 on this {DEVICE.type}: {NO_DEEPSPEED_FP16}"))])
 def test_fp16_dynamic_loss_scaling_counts_skipped_steps(demo_shards, tmp_path, backend):
     # An initial scale of 2**24 overflows fp16 at once: the first steps are skipped while it halves.
-    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp16", "trainer.max_steps=14",
-                               "backend.initial_loss_scale=16777216", "trainer.max_consecutive_skips=20", "data.micro_batch_size=4"), cwd=REPO)
+    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp16",
+                               "trainer.max_steps=14", "backend.initial_loss_scale=16777216",
+                               "trainer.max_consecutive_skips=20", "data.micro_batch_size=4"), cwd=REPO)
     metrics = [m for m in read_metrics(tmp_path) if "loss" in m]
     assert metrics[-1]["skipped_steps"] >= 1
     assert metrics[-1]["loss_scale"] < 2.0**24
@@ -260,11 +275,11 @@ def _inject(demo_shards: Path, run_dir: Path, nproc: int, nan_steps: str, *extra
 def test_nonfinite_step_is_skipped_and_its_samples_logged(demo_shards, tmp_path, backend):
     out = _inject(demo_shards, tmp_path, 2, "3", f"backend={backend}", "trainer.max_steps=6")
     assert out["ok"] and out["skipped_steps"] == 1
-    records = [json.loads(l) for l in (tmp_path / "skipped_batches.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "skipped_batches.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["step"] == 3 and records[0]["positions"] == [16, 24]
     assert len(records[0]["samples"]) == 8 and records[0]["samples"][0][0].startswith("train-")
     losses = [m["loss"] for m in read_metrics(tmp_path) if "loss" in m]
-    assert math.isnan(losses[2]) and all(math.isfinite(l) for i, l in enumerate(losses) if i != 2)
+    assert math.isnan(losses[2]) and all(math.isfinite(loss) for i, loss in enumerate(losses) if i != 2)
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(demo_shards, tmp_path):
@@ -274,7 +289,8 @@ def test_consecutive_nonfinite_steps_stop_the_run(demo_shards, tmp_path):
 
 @skip_because(NO_COMPILE)
 def test_torch_compile_option_gives_the_same_losses(reference, demo_shards, tmp_path):
-    run_torchrun(1, _overrides(demo_shards, tmp_path, "trainer.max_steps=3", "trainer.compile=true"), cwd=REPO, timeout=900)
+    run_torchrun(1, _overrides(demo_shards, tmp_path, "trainer.max_steps=3", "trainer.compile=true"), cwd=REPO,
+                 timeout=900)
     assert _train_losses(tmp_path) == pytest.approx(reference[:3], abs=1e-4)
 
 
@@ -285,14 +301,15 @@ def test_zero3_offload_trains_in_bf16(demo_shards, tmp_path):
     run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=zero3_offload", "backend.precision=bf16",
                                "trainer.max_steps=4", "optim.lr=3e-3"), cwd=REPO, timeout=900)
     losses = _train_losses(tmp_path)
-    assert len(losses) == 4 and all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
 
 
 def test_bf16_keeps_fp32_master_weights_and_optimizer_state(demo_shards, tmp_path):
     import torch
     from torch.distributed.checkpoint import FileSystemReader
 
-    run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=fsdp2", "backend.precision=bf16", "trainer.max_steps=2"), cwd=REPO)
+    run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=fsdp2", "backend.precision=bf16", "trainer.max_steps=2"),
+                 cwd=REPO)
     meta = FileSystemReader(str(tmp_path / "checkpoints/step_00000002/state")).read_metadata().state_dict_metadata
     dtypes = {k: v.properties.dtype for k, v in meta.items() if hasattr(v, "properties") and v.size}
     weights = {k: d for k, d in dtypes.items() if k.startswith("model.")}

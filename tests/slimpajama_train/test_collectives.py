@@ -18,7 +18,8 @@ def test_gpu_default_group_serves_cpu_tensors_with_gloo():
     assert process_group_backend(cuda=False) == "gloo"
 
 
-def _guarded_run(shards: Path, run_dir: Path, backend: str, *extra: str, env: dict | None = None) -> tuple[list[dict], int]:
+def _guarded_run(shards: Path, run_dir: Path, backend: str, *extra: str,
+                 env: dict | None = None) -> tuple[list[dict], int]:
     out = run_dir / "guard"
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(GUARD),

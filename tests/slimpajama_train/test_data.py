@@ -13,8 +13,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from slimpajama_train.data import (DataConfig, GlobalSampleOrder, RankBatchSampler, TokenBlocks, _ignore_preemption_signals,
-                                   open_dataset, train_loader, val_loader)
+from slimpajama_train.data import (
+    DataConfig,
+    GlobalSampleOrder,
+    RankBatchSampler,
+    TokenBlocks,
+    _ignore_preemption_signals,
+    open_dataset,
+    train_loader,
+    val_loader,
+)
 from tests.conftest import REPO
 
 
@@ -156,7 +164,8 @@ def test_workers_keep_few_shards_open_and_flat_memory_over_100k_shards(tmp_path)
         max_open = max(m for m, _ in s)
         rss_warm, rss_end = s[warmup][1], s[-1][1]
         print(f"worker {pid}: {len(s)} batches ({len(s) * 128} samples), max {max_open} shards open, "
-              f"RSS {rss_warm / 2**20:.1f} MiB after warm-up -> {rss_end / 2**20:.1f} MiB (+{(rss_end - rss_warm) / 2**20:.2f})")
+              f"RSS {rss_warm / 2**20:.1f} MiB after warm-up -> {rss_end / 2**20:.1f} MiB "
+              f"(+{(rss_end - rss_warm) / 2**20:.2f})")
         assert max_open == 16  # filled up and evicted (a random order touches a new shard per sample)
         assert rss_end - rss_warm < 4 * 2**20
         assert rss_warm - parent_rss < 128 * 2**20  # a materialized permutation of the epoch alone: 3.3 GB
@@ -166,7 +175,8 @@ def test_workers_keep_few_shards_open_and_flat_memory_over_100k_shards(tmp_path)
 def _signal_from_another_process(pids: list[int], *signals: int) -> None:
     # As slurmstepd / the kubelet do: a SIGTERM from the worker's own parent is the DataLoader
     # shutting it down, and is honoured.
-    code = "import os, sys\nfor p in sys.argv[2:]:\n    for s in sys.argv[1].split(','):\n        os.kill(int(p), int(s))"
+    code = ("import os, sys\n"
+            "for p in sys.argv[2:]:\n    for s in sys.argv[1].split(','):\n        os.kill(int(p), int(s))")
     subprocess.run([sys.executable, "-c", code, ",".join(str(int(s)) for s in signals), *map(str, pids)], check=True)
 
 

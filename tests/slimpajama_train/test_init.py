@@ -17,8 +17,8 @@ def _build(nproc: int, shards: Path, out: Path, *overrides: str, compare: bool =
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "INIT_COMPARE": "1" if compare else "0",
            "INIT_OUT": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(HELPER),
-           f"data.path={shards}", "logger.wandb.enabled=false", "data.micro_batch_size=1", "trainer.global_batch_size=2",
-           *overrides]
+           f"data.path={shards}", "logger.wandb.enabled=false", "data.micro_batch_size=1",
+           "trainer.global_batch_size=2", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(nproc)]
@@ -27,8 +27,8 @@ def _build(nproc: int, shards: Path, out: Path, *overrides: str, compare: bool =
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3", "zero1"])
 def test_initial_weights_equal_a_single_process_build(demo_shards, tmp_path, backend):
     # ffn_hidden=101 and 3 heads of 32: dim-0 shards of unequal size on 2 ranks
-    shape = ["model.dim=96", "model.n_layers=3", "model.n_heads=3", "model.n_kv_heads=1", "model.ffn_hidden=101", "backend.precision=fp32",
-             f"backend={backend}"]
+    shape = ["model.dim=96", "model.n_layers=3", "model.n_heads=3", "model.n_kv_heads=1", "model.ffn_hidden=101",
+             "backend.precision=fp32", f"backend={backend}"]
     for nproc in (1, 2):
         reports = _build(nproc, demo_shards, tmp_path / f"n{nproc}", *shape, compare=True)
         assert len(reports) == nproc

@@ -12,7 +12,7 @@ def test_warmup_then_cosine_to_floor():
     assert lr_at(60, cfg, 110) == pytest.approx(0.55)
     assert lr_at(110, cfg, 110) == pytest.approx(0.1) == lr_at(500, cfg, 110)
     lrs = [lr_at(s, cfg, 110) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 def test_no_decay_for_norms_and_embeddings():

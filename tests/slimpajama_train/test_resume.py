@@ -71,7 +71,8 @@ def test_exact_resume_after_clean_stop(straight, demo_shards, tmp_path, backend)
 
 def _crash(demo_shards: Path, run_dir: Path, backend: str, at: str, step: int, rank: int, *extra: str) -> None:
     env = _env(CRASH_AT=at, CRASH_STEP=str(step), CRASH_RANK=str(rank))
-    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"), *_overrides(demo_shards, run_dir, backend, *extra)], env)
+    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"),
+                       *_overrides(demo_shards, run_dir, backend, *extra)], env)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode != 0, "the run should have died"
     assert "SIGKILL" in err or "Signal 9" in err or "-9" in err, err[-3000:]
@@ -100,14 +101,16 @@ def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_sha
 def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, demo_shards, tmp_path):
     env = _env(CRASH_AT="signal", CRASH_STEP="3", CRASH_RANK="1")
     proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"),
-                       *_overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true", "logger.wandb.mode=offline")], env)
+                       *_overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
+                                   "logger.wandb.mode=offline")], env)
     _, err = proc.communicate(timeout=600)
     assert "exitcode  : 75" in err  # both ranks exit with the requeue status
     marker = json.loads((tmp_path / "preempted.json").read_text())
     # the signal arrived during step 3 on rank 1 only; both ranks stopped after step 4 at the latest
     assert marker["step"] in (3, 4) and marker["checkpoint"].endswith(f"step_0000000{marker['step']}")
     run_id = read_meta(Path(marker["checkpoint"]))["callbacks"]["wandb"]["run_id"]
-    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true", "logger.wandb.mode=offline"), cwd=REPO)
+    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
+                               "logger.wandb.mode=offline"), cwd=REPO)
     assert losses_by_step(tmp_path) == losses_by_step(straight["fsdp2"])
     assert not (tmp_path / "preempted.json").exists()
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # same W&B run continued
@@ -116,7 +119,8 @@ def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, dem
 def test_single_process_sigterm_exits_for_requeue(demo_shards, tmp_path):
     env = _env(CRASH_AT="signal", CRASH_STEP="2", CRASH_RANK="0")
     proc = subprocess.run([sys.executable, str(REPO / "tests/slimpajama_train/crash_helper.py"),
-                           *_overrides(demo_shards, tmp_path, "fsdp2")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           *_overrides(demo_shards, tmp_path, "fsdp2")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 75, proc.stderr[-3000:]
     # the signal lands after step 2; the trainer notices it in the next step and stops after step 3
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000003"
@@ -132,7 +136,7 @@ def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second)
     got, ref = losses_by_step(tmp_path), losses_by_step(straight[backend])
     assert sorted(got) == sorted(ref)
     for step in ref:
-        for a, b in zip(got[step], ref[step]):
+        for a, b in zip(got[step], ref[step], strict=True):
             assert (a is None and b is None) or abs(a - b) < 1e-5, (step, got[step], ref[step])
 
 
@@ -195,7 +199,8 @@ def test_keep_last_and_keep_every(tmp_path):
     mgr = CheckpointManager(CheckpointConfig(keep_last=2, keep_every=4), tmp_path)
     for step in range(1, 11):
         mgr.save(step, _FakeBackend(), {})
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000009",
+                                                               "step_00000010"]
     assert mgr.latest().name == "step_00000010" and read_meta(mgr.latest())["state_files"] == {"shard.bin": 10}
 
 
@@ -264,7 +269,8 @@ def test_sigterm_to_every_process_saves_exits_75_and_resumes_bitwise(straight_lo
     _, err = proc.communicate(timeout=300)
     assert "DataLoader worker" not in err, err[-3000:]
     marker = json.loads((tmp_path / "preempted.json").read_text())
-    assert 3 <= marker["step"] < LONG and marker["checkpoint"].endswith(f"step_{marker['step']:08d}"), (marker, err[-3000:])
+    assert 3 <= marker["step"] < LONG, (marker, err[-3000:])
+    assert marker["checkpoint"].endswith(f"step_{marker['step']:08d}"), (marker, err[-3000:])
     assert (tmp_path / "checkpoints/latest").read_text().strip() == f"step_{marker['step']:08d}"
     if launcher == "torchrun_ignores":
         assert "exitcode  : 75" in err, err[-3000:]
@@ -283,7 +289,8 @@ def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
     exit 75 for requeue; the requeued run then finishes with the uninterrupted run's losses."""
     run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "trainer.halt_at_step=4"), cwd=REPO)
     env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="1", CRASH_SIGNAL="SIGTERM")
-    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"), *_overrides(demo_shards, tmp_path, "fsdp2")], env)
+    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"),
+                       *_overrides(demo_shards, tmp_path, "fsdp2")], env)
     _, err = proc.communicate(timeout=600)
     assert "exitcode  : 75" in err, err[-3000:]
     marker = json.loads((tmp_path / "preempted.json").read_text())
@@ -297,7 +304,8 @@ def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
 def test_signal_during_build_of_a_fresh_run_exits_without_a_checkpoint(demo_shards, tmp_path):
     env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="0", CRASH_SIGNAL="SIGTERM")
     proc = subprocess.run([sys.executable, str(REPO / "tests/slimpajama_train/crash_helper.py"),
-                           *_overrides(demo_shards, tmp_path, "fsdp2")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           *_overrides(demo_shards, tmp_path, "fsdp2")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert json.loads((tmp_path / "preempted.json").read_text()) == {"step": 0, "checkpoint": None}
     assert not (tmp_path / "checkpoints").exists()

@@ -100,5 +100,6 @@ def test_slimpajama_scale_order_is_a_uniform_bijection_in_constant_memory():
         return (time.perf_counter() - t0) / 2000
 
     at0, at1e9 = min(per_lookup(0) for _ in range(3)), min(per_lookup(10**9) for _ in range(3))
-    print(f"sample_id: {at0 * 1e6:.1f} us at position 0, {at1e9 * 1e6:.1f} us at 1e9; traced peak of 1000 lookups {peak} bytes")
+    print(f"sample_id: {at0 * 1e6:.1f} us at position 0, {at1e9 * 1e6:.1f} us at 1e9; "
+          f"traced peak of 1000 lookups {peak} bytes")
     assert peak < 256 * 1024 and at1e9 < 3 * at0 + 1e-4

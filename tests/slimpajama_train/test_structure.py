@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 
 from slimpajama_train.checkpoint import CheckpointConfig, Checkpointer
 from slimpajama_train.config import TrainConfig, batch_suggestions, config_hash, resolve_config
@@ -68,7 +67,8 @@ def test_configs_import_no_callback_module():
         assert not graph[config_module] & callback_modules, (config_module, graph[config_module])
     # and at run time: importing the root config loads none of them
     code = ("import sys, slimpajama_train.config; "
-            "print([m for m in sys.modules if m.startswith('slimpajama_train.callbacks.') and not m.endswith('.config')])")
+            "print([m for m in sys.modules "
+            "if m.startswith('slimpajama_train.callbacks.') and not m.endswith('.config')])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -97,7 +97,8 @@ def test_batch_that_does_not_divide_names_values_that_would():
     with pytest.raises(ValueError) as err:
         resolve_config(cfg, MANIFEST, world_size=384)
     msg = str(err.value)
-    assert "global batch of 512" in msg and "world size 384" in msg and "trainer.global_batch_size in [1536]" in msg, msg
+    assert "global batch of 512" in msg and "world size 384" in msg, msg
+    assert "trainer.global_batch_size in [1536]" in msg, msg
     assert "a world size in [16, 32, 64, 128]" in msg, msg  # 512 = 4 x 128: the nearest that divide
     assert "[384, 768]" in batch_suggestions(512, 4, 96)
     assert "data.micro_batch_size in [1, 2]" in batch_suggestions(64, 4, 32)  # 64 = 2 x 32
@@ -179,5 +180,6 @@ print(backend.options._timeout.total_seconds())
 set_collective_timeout(99)
 print(backend.options._timeout.total_seconds())
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
     assert out == ["1234.0", "99.0"]

@@ -74,7 +74,8 @@ def assert_hf_parity(checkpoint: Path, out_dir: Path) -> None:
     from slimpajama_train.generate import sample
 
     out = export_checkpoint(checkpoint, out_dir)
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model",
+                                               "tokenizer_config.json"}
     ours, _, _ = load_model(checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
@@ -85,7 +86,8 @@ def assert_hf_parity(checkpoint: Path, out_dir: Path) -> None:
         x = torch.tensor([ids])
         with torch.no_grad():
             assert torch.allclose(ours(x), hf(x).logits, atol=1e-4, rtol=0)
-        greedy_hf = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        generated = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        greedy_hf = generated[0, len(ids):].tolist()
         assert sample(ours, ids, 12, temperature=0.0) == greedy_hf
 
 
@@ -95,7 +97,8 @@ def test_export_from_fsdp2_checkpoint_matches_transformers(straight_run, tmp_pat
 
 def test_export_from_zero3_checkpoint_matches_transformers(demo_shards, tmp_path):
     run_dir = tmp_path / "z3"
-    run_torchrun(2, _overrides(demo_shards, run_dir, "backend=zero3", "trainer.max_steps=3", "trainer.eval_interval=0"), cwd=REPO)
+    run_torchrun(2, _overrides(demo_shards, run_dir, "backend=zero3", "trainer.max_steps=3", "trainer.eval_interval=0"),
+                 cwd=REPO)
     assert_hf_parity(run_dir, tmp_path / "hf")
 
 
@@ -113,7 +116,7 @@ def test_bf16_run_trains(demo_shards, tmp_path):
     run_torchrun(1, _overrides(demo_shards, run_dir, "backend.precision=bf16", "trainer.max_steps=4",
                                "checkpoint.interval=0", "trainer.eval_interval=0"), cwd=REPO)
     losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
-    assert len(losses) == 4 and all(l == l and l < 8.0 for l in losses) and losses[-1] < losses[0]
+    assert len(losses) == 4 and all(loss == loss and loss < 8.0 for loss in losses) and losses[-1] < losses[0]
 
 
 def test_batch_in_tokens_metrics_and_wandb_naming(demo_shards, tmp_path):
@@ -121,8 +124,9 @@ def test_batch_in_tokens_metrics_and_wandb_naming(demo_shards, tmp_path):
     are logged; W&B gets the configured name, tags and config offline."""
     run_dir = tmp_path / "tok"
     proc = run_torchrun(2, _overrides(demo_shards, run_dir, "trainer.global_batch_tokens=1024", "trainer.max_steps=2",
-                                      "trainer.peak_tflops=1.0", "logger.wandb.enabled=true", "logger.wandb.name=unit-run",
-                                      "logger.wandb.tags=[ci,tiny]", "logger.wandb.id=fixedid123"), cwd=REPO)
+                                      "trainer.peak_tflops=1.0", "logger.wandb.enabled=true",
+                                      "logger.wandb.name=unit-run", "logger.wandb.tags=[ci,tiny]",
+                                      "logger.wandb.id=fixedid123"), cwd=REPO)
     assert "global batch 16 = 2 micro x 4 accum x 2 ranks" in proc.stderr and "MFLOPs/token" in proc.stderr
     m = [x for x in read_metrics(run_dir) if "loss" in x][-1]
     assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"] / 2)
@@ -145,9 +149,9 @@ def test_export_refuses_what_llama_cannot_express():
 
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
 def test_model_options_train_on_both_backends(demo_shards, tmp_path, backend):
-    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp32", "trainer.max_steps=3",
-                               "model.n_layers=4", "model.share_layers_every=2", "model.embedding_rank=16",
-                               "model.position_encoding=alibi", "model.tie_embeddings=true", "checkpoint.interval=0",
-                               "trainer.eval_interval=0"), cwd=REPO)
+    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp32",
+                               "trainer.max_steps=3", "model.n_layers=4", "model.share_layers_every=2",
+                               "model.embedding_rank=16", "model.position_encoding=alibi", "model.tie_embeddings=true",
+                               "checkpoint.interval=0", "trainer.eval_interval=0"), cwd=REPO)
     losses = [x["loss"] for x in read_metrics(tmp_path) if "loss" in x]
     assert len(losses) == 3 and losses[-1] < losses[0]

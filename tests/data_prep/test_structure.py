@@ -1,0 +1,69 @@
+"""data_prep's shape: no import cycles, one stage list, and a shard format the trainer imports alone."""
+import ast
+import subprocess
+import sys
+
+from data_prep.stages import STAGES
+from tests.conftest import REPO
+
+
+def _imports(path) -> set[str]:
+    """data_prep modules a file imports anywhere (module level or inside functions), except the
+    ones under ``if TYPE_CHECKING:`` (annotations only)."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("data_prep."):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("data_prep."))
+    return out
+
+
+def test_no_import_cycles_in_data_prep():
+    graph = {f"data_prep.{p.stem}": _imports(p) for p in (REPO / "data_prep").glob("*.py") if p.stem != "__init__"}
+    state: dict[str, int] = {}
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = 1
+        for dep in sorted(graph.get(mod, ())):
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join(path + [mod, dep])
+            if dep not in state:
+                visit(dep, path + [mod])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [])
+
+
+def test_one_declarative_stage_list():
+    names = [s.name for s in STAGES]
+    assert len(set(names)) == len(names)
+    assert names[0] == "clean" and names[-1] == "report"
+    assert all(callable(s.run) and s.run.__module__ == "data_prep.stages" for s in STAGES)
+    # the stage functions are named as verbs, the stages as nouns
+    assert all(s.run.__name__.split("_")[0] in {"clean", "compute", "verify", "find", "record", "split", "train",
+                                                "tokenize", "plan", "write", "report"} for s in STAGES)
+
+
+def test_trainer_imports_the_shard_format_without_the_prep_package():
+    code = ("import sys, slimpajama_train.data\n"
+            "print(sorted(m for m in sys.modules if m.startswith('data_prep')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['data_prep', 'data_prep.shard_format']"
+
+
+def test_changing_how_a_run_executes_never_changes_a_config_hash():
+    from data_prep.config import PrepConfig, RunConfig
+    from data_prep.stages import stage_hashes
+
+    base = stage_hashes(PrepConfig())
+    assert stage_hashes(PrepConfig(run=RunConfig(workers=7, force=True, stage="plan", task_index=3,
+                                                 bucket_memory_mb=100))) == base
+    assert stage_hashes(PrepConfig(run=RunConfig(num_tasks=4)))["clean"] != base["clean"]  # it sets the parts
