@@ -31,7 +31,13 @@ class DedupConfig:
         ngram: shingle length (SlimPajama: 13).
         num_perm: MinHash permutations.
         threshold: target Jaccard similarity.
-        bands / rows: LSH layout; derived from ``threshold`` and ``num_perm`` when left null.
+        lsh_threshold: with ``verify=exact``, the Jaccard the derived band layout targets: below
+            ``threshold``, so pairs right at the threshold are still found (the exact check keeps
+            precision). 0.7 gives 21 x 6 at 128 permutations: P(found | J=0.80) = 0.998, where
+            targeting 0.8 itself (16 x 8) finds only 0.947 (benchmarks/bench_lsh_layout.py).
+            Null: target ``threshold``.
+        bands / rows: LSH layout; derived from ``lsh_threshold`` (or ``threshold``) and
+            ``num_perm`` when left null.
         verify: ``exact`` (Jaccard of the shingle sets, default), ``estimate`` (MinHash estimate) or
             ``none`` (every LSH candidate is a duplicate, as SlimPajama did).
         seed: MinHash seed.
@@ -43,6 +49,7 @@ class DedupConfig:
     ngram: int = 13
     num_perm: int = 128
     threshold: float = 0.8
+    lsh_threshold: float | None = 0.7
     bands: int | None = None
     rows: int | None = None
     verify: str = "exact"
@@ -58,6 +65,9 @@ class DedupConfig:
             raise ValueError(f"prep.dedup.threshold={self.threshold}: must be in (0, 1]")
         if self.ngram < 1 or self.num_perm < 1:
             raise ValueError("prep.dedup.ngram and prep.dedup.num_perm must be >= 1")
+        if self.lsh_threshold is not None and not 0.0 < self.lsh_threshold <= self.threshold:
+            raise ValueError(f"prep.dedup.lsh_threshold={self.lsh_threshold}: must be in "
+                             f"(0, threshold={self.threshold}]")
         if (self.bands is None) != (self.rows is None):
             raise ValueError("prep.dedup.bands and prep.dedup.rows: set both or neither")
         if self.bands is not None and self.bands * self.rows > self.num_perm:
@@ -68,10 +78,13 @@ class DedupConfig:
         if self.bands is not None:
             return self.bands, self.rows  # type: ignore[return-value]
         # With an exact check, a false positive costs one verification while a false negative is a
-        # missed duplicate, so misses weigh 0.95; without a check both errors count equally (this
-        # gives SlimPajama's b=9, r=13 for threshold 0.8 and 128 permutations).
-        fn_weight = 0.95 if self.verify == "exact" else 0.5
-        return optimal_bands(self.threshold, self.num_perm, 1.0 - fn_weight, fn_weight)
+        # missed duplicate, so misses weigh 0.95 and the layout targets the lower lsh_threshold.
+        # Without a check both errors count equally at the threshold itself (SlimPajama's b=9, r=13
+        # for 0.8 and 128 permutations): a lower target would remove documents below it.
+        if self.verify == "exact":
+            target = self.lsh_threshold if self.lsh_threshold is not None else self.threshold
+            return optimal_bands(target, self.num_perm, 0.05, 0.95)
+        return optimal_bands(self.threshold, self.num_perm, 0.5, 0.5)
 
 
 @functools.lru_cache(maxsize=64)
@@ -240,26 +253,41 @@ def exact_copies(nodes: np.ndarray, keeper: np.ndarray, digest: np.ndarray) -> n
     return out
 
 
-def dedup_texts(texts: list[str], cfg: DedupConfig) -> set[int]:
+def dedup_texts(texts: list[str], cfg: DedupConfig, counts: dict[str, int] | None = None,
+                batch_bytes: int = 2 << 20) -> set[int]:
     """Indices of the texts fuzzy dedup removes, computed in memory (tests, benchmarks).
 
-    The same functions and decisions as the on-disk stages, with the text index as the key.
+    The same functions and decisions as the on-disk stages, with the text index as the key:
+    shingles and signatures in batches of ``batch_bytes`` (one huge batch spends its time in page
+    faults), exact checks on the 32-bit shingle sets the stages store. ``counts`` receives the
+    candidate and verified pair counts.
     """
     from data_prep.text_hash import content_digest
 
     if not cfg.enabled or not texts:
         return set()
     bands, rows = cfg.band_layout()
-    hashes, offsets, _ = shingle_hashes(texts, cfg)
-    sigs = signatures(hashes, offsets, cfg)
-    keys = band_keys(sigs, bands, rows)
+    sigs, sets = [], []
+    lo = 0
+    while lo < len(texts):
+        hi, size = lo, 0
+        while hi < len(texts) and size < batch_bytes:
+            size += len(texts[hi])
+            hi += 1
+        hashes, offsets, _ = shingle_hashes(texts[lo:hi], cfg)
+        sigs.append(signatures(hashes, offsets, cfg))
+        if cfg.verify == "exact":
+            sets += [sorted_unique(hashes[offsets[k] : offsets[k + 1]] >> np.uint64(32)) for k in range(hi - lo)]
+        lo = hi
+    sig = np.concatenate(sigs)
+    keys = band_keys(sig, bands, rows)
     docs = np.repeat(np.arange(len(texts), dtype=np.uint64), bands)
     pairs = candidate_pairs(keys.reshape(-1), docs, cfg.max_bucket_all_pairs)
     a, b = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
     digests = np.array([content_digest(t) for t in texts], np.uint64)
-    sets = [sorted_unique(hashes[offsets[i] : offsets[i + 1]] >> np.uint64(32)) for i in range(len(texts))] \
-        if cfg.verify == "exact" else []
-    keep, _ = verify_pairs(cfg, (sigs[a] == sigs[b]).mean(axis=1), digests[a] == digests[b],
+    keep, _ = verify_pairs(cfg, (sig[a] == sig[b]).mean(axis=1), digests[a] == digests[b],
                            lambda k: jaccard_sorted(sets[a[k]], sets[b[k]]))
     nodes, keeper = components(pairs[keep, 0], pairs[keep, 1])
+    if counts is not None:
+        counts.update(candidate_pairs=len(pairs), verified_pairs=int(keep.sum()), bands=bands, rows=rows)
     return set(nodes[nodes != keeper].astype(np.int64).tolist())

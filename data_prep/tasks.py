@@ -63,7 +63,8 @@ def run_tasks(fn: Callable[[int, int], dict[str, Any]], num_tasks: int, workers:
     # rayon pool, SentencePiece) can deadlock. The server preloads the stage modules once, so each
     # worker still starts without re-importing them.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["data_prep.stages", "data_prep.dedup_tasks", "numpy", "sentencepiece", "rensa"])
+    ctx.set_forkserver_preload(["data_prep.stages", "data_prep.dedup_tasks", "numpy", "sentencepiece", "rensa",
+                                 "scipy.sparse.csgraph"])
     with ProcessPoolExecutor(max_workers=min(workers, num_tasks), mp_context=ctx) as pool:
         futures = [pool.submit(fn, i, num_tasks) for i in range(num_tasks)]
         for f in futures:
