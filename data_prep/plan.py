@@ -1,10 +1,15 @@
 """The token stream of a split, planned once and cut into shards by many tasks.
 
-The stream holds the split's documents in input order, each followed by EOS, pass after pass for
-mixture repeats (pass ``k`` holds the documents with more than ``k`` copies). The plan stage writes
-it as ``.npy`` columns (part, offset and count of each document's tokens, its source, and the
-stream offset ``cum`` of every document); a shards task memory-maps them and reads only the rows
-of its own shards, so its memory does not grow with the corpus.
+The train stream holds the split's documents in input order, each followed by EOS, pass after pass
+for mixture repeats (pass ``k`` holds the documents with more than ``k`` copies), cut into shards of
+``samples_per_shard`` blocks. The validation stream is grouped by source (input order within each),
+and every source is cut into its own shards (its last partial block dropped): each validation
+sample then comes from one source, which is what per-domain validation loss needs.
+
+The plan stage writes a stream as ``.npy`` columns (part, offset and count of each document's
+tokens, its source, the stream offset ``cum`` of every document, and each shard's first token and
+block count); a shards task memory-maps them and reads only the rows of its own shards, so its
+memory does not grow with the corpus.
 """
 from __future__ import annotations
 
@@ -18,19 +23,23 @@ from data_prep.doc_table import column
 from data_prep.layout import WorkDir
 from data_prep.mixture import MixtureConfig, copies, source_factors
 
-_ARRAYS = {"part": np.int32, "offset": np.int64, "count": np.int32, "source": np.int32, "cum": np.int64}
+_ARRAYS = {"part": np.int32, "offset": np.int64, "count": np.int32, "source": np.int32, "cum": np.int64,
+           "shard_start": np.int64, "shard_blocks": np.int32}
 
 
 @dataclass
 class SplitPlan:
     """Documents of a split's stream (``part``/``offset``/``count`` of their tokens, ``source``
-    index into ``sources``) and ``cum``, the stream offset of each (one more entry: the total)."""
+    index into ``sources``), ``cum``, the stream offset of each (one more entry: the total), and
+    per shard the stream offset of its first token and its number of blocks."""
 
     part: np.ndarray
     offset: np.ndarray
     count: np.ndarray
     source: np.ndarray
     cum: np.ndarray
+    shard_start: np.ndarray
+    shard_blocks: np.ndarray
     sources: list[str]
     blocks: int  # blocks written
     shards: int
@@ -103,21 +112,37 @@ def plan_split(work: WorkDir, num_parts: int, split_code: int, mixture: MixtureC
     passes = [np.nonzero(n_copies > p)[0] for p in range(int(n_copies.max()) if len(n_copies) else 0)]
     idx = np.concatenate(passes) if passes else np.zeros(0, np.int64)
     part, offset, count, src = part[idx], offset[idx], count[idx], src[idx]
+    if split_code != 0:  # validation: grouped by source, each source cut into its own shards
+        by_source = np.argsort(src, kind="stable")
+        part, offset, count, src = part[by_source], offset[by_source], count[by_source], src[by_source]
     cum = np.zeros(len(count) + 1, np.int64)
     np.cumsum(count.astype(np.int64) + 1, out=cum[1:])
-    total_blocks = int(cum[-1]) // block_size
-    sps = samples_per_shard
-    if split_code == 0 and shard_divisor > 1:
-        full = total_blocks // sps
-        shards = full - full % shard_divisor
-        if shards == 0:
-            raise ValueError(f"{total_blocks} train blocks make {full} full shards of samples_per_shard={sps}, fewer "
-                             f"than shard_divisor={shard_divisor}: lower samples_per_shard")
-        blocks = shards * sps
+    B, sps = block_size, samples_per_shard
+    if split_code == 0:
+        total_blocks = int(cum[-1]) // B
+        if shard_divisor > 1:
+            full = total_blocks // sps
+            shards = full - full % shard_divisor
+            if shards == 0:
+                raise ValueError(f"{total_blocks} train blocks make {full} full shards of samples_per_shard={sps}, "
+                                 f"fewer than shard_divisor={shard_divisor}: lower samples_per_shard")
+            blocks = shards * sps
+        else:
+            blocks = total_blocks
+        first = np.arange(0, blocks, sps, dtype=np.int64)
+        starts, sizes = first * B, np.minimum(sps, blocks - first)
     else:
-        shards = -(-total_blocks // sps)
-        blocks = total_blocks
-    return SplitPlan(part, offset, count, src, cum, sources, blocks, shards, factors, available)
+        seg = np.searchsorted(src, np.arange(len(sources) + 1))  # each source's documents
+        starts_l, sizes_l = [], []
+        for k in range(len(sources)):
+            lo, n_blocks = int(cum[seg[k]]), int(cum[seg[k + 1]] - cum[seg[k]]) // B
+            first = np.arange(0, n_blocks, sps, dtype=np.int64)
+            starts_l.append(lo + first * B)
+            sizes_l.append(np.minimum(sps, n_blocks - first))
+        starts = np.concatenate(starts_l) if starts_l else np.zeros(0, np.int64)
+        sizes = np.concatenate(sizes_l) if sizes_l else np.zeros(0, np.int64)
+        blocks = int(sizes.sum())
+    return SplitPlan(part, offset, count, src, cum, starts, sizes, sources, blocks, len(starts), factors, available)
 
 
 def stream_tokens(work: WorkDir, plan: SplitPlan, start: int, stop: int, dtype: np.dtype,

@@ -281,15 +281,15 @@ def write_shards(ctx: Context, i: int) -> dict[str, Any]:
     tok = ctx.result("tokenizer")
     ctx.result("plan")  # fails clearly if the plan stage has not run with this config
     dtype = token_dtype(tok["vocab_size"])
-    B, sps = cfg.block_size, cfg.samples_per_shard
+    B = cfg.block_size
     written = 0
     for split_name in SPLITS:
         plan = SplitPlan.load(ctx.work, split_name)
         for s in range(i, plan.shards, ctx.n):
-            start, stop = s * sps, min((s + 1) * sps, plan.blocks)
-            toks, srcs = stream_tokens(ctx.work, plan, start * B, stop * B, dtype, tok["eos_id"])
+            start, n_blocks = int(plan.shard_start[s]), int(plan.shard_blocks[s])
+            toks, srcs = stream_tokens(ctx.work, plan, start, start + n_blocks * B, dtype, tok["eos_id"])
             writer = ShardWriter(ctx.out / shard_name(split_name, s), s, dtype)
-            for b in range(stop - start):
+            for b in range(n_blocks):
                 sl = slice(b * B, (b + 1) * B)
                 c = np.bincount(srcs[sl], minlength=len(plan.sources))
                 writer.add(toks[sl], {plan.sources[k]: int(v) for k, v in enumerate(c) if v})

@@ -164,7 +164,7 @@ class TokenBlocks(Dataset):
     """
 
     def __init__(self, data_dir: Path, manifest: dict[str, Any], split: str, seed: int, shuffle: bool,
-                 max_open_shards: int = 16) -> None:
+                 max_open_shards: int = 16, with_source: bool = False) -> None:
         entry = manifest["splits"].get(split)
         if not entry or not entry["shards"]:
             raise ValueError(f"{data_dir}: manifest has no {split!r} shards")
@@ -181,6 +181,10 @@ class TokenBlocks(Dataset):
         # No manifest dicts, Path or reader objects per shard: fixed-width name bytes and sizes.
         self.shard_names = np.array([s["name"].encode() for s in shards], dtype=np.bytes_)
         self.shard_bytes = np.array([s["bytes"] for s in shards], dtype=np.int64)
+        # With ``with_source`` an item is (tokens, source index): the source of a shard that holds one
+        # source (prep writes validation shards that way), -1 for a mixed shard.
+        self.with_source = with_source
+        self.sources, self.shard_source = shard_sources(shards)
         self._open: OrderedDict[int, Any] = OrderedDict()  # shard -> open reader, least recent first
         self._pid = os.getpid()
 
@@ -215,9 +219,10 @@ class TokenBlocks(Dataset):
         while self._open:
             self._open.popitem()[1].close()
 
-    def __getitem__(self, position: int) -> torch.Tensor:
+    def __getitem__(self, position: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         shard, index = self.order.locate(self.order.sample_id(position))
-        return torch.from_numpy(self._reader(shard).read(index).astype(np.int64))
+        tokens = torch.from_numpy(self._reader(shard).read(index).astype(np.int64))
+        return (tokens, int(self.shard_source[shard])) if self.with_source else tokens
 
     def __getstate__(self) -> dict:
         # Open files do not cross process boundaries (spawned workers open their own).
@@ -225,6 +230,16 @@ class TokenBlocks(Dataset):
         state["_open"] = OrderedDict()
         state["_pid"] = None
         return state
+
+
+def shard_sources(shards: list[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
+    """The sources that have a shard of their own (sorted), and per shard the index of its one
+    source in that list, or -1 where a shard mixes sources."""
+    single = [next(iter(s["tokens_per_source"])) if len(s.get("tokens_per_source", {})) == 1 else None
+              for s in shards]
+    names = sorted({x for x in single if x is not None})
+    index = {x: k for k, x in enumerate(names)}
+    return names, np.array([index[x] if x is not None else -1 for x in single], dtype=np.int16)
 
 
 class RankBatchSampler(Sampler[list[int]]):
@@ -349,6 +364,11 @@ def _collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
 
 
+def _collate_with_source(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    inputs, targets = _collate([t for t, _ in samples])
+    return inputs, targets, torch.tensor([s for _, s in samples], dtype=torch.long)
+
+
 def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, start: int, global_batch: int, rank: int,
                  world_size: int) -> DataLoader:
     """Infinite loader of (inputs, targets) micro-batches of this rank, from position ``start``."""
@@ -363,12 +383,14 @@ def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, star
 
 def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batches: int, global_batch: int, rank: int,
                world_size: int) -> DataLoader:
-    """The first ``batches`` global batches of the holdout split, in file order: the same samples every
+    """(inputs, targets, source index) of the first ``batches`` global batches of the holdout split in
+    a fixed shuffled order (seeded, so it draws from every source's shards): the same samples every
     evaluation and on any world size (each rank takes its slice of every global batch)."""
-    ds = TokenBlocks(data_dir, manifest, "val", cfg.seed, shuffle=False, max_open_shards=cfg.max_open_shards)
+    ds = TokenBlocks(data_dir, manifest, "val", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards,
+                     with_source=True)
     n = min(batches * global_batch, (len(ds) // global_batch) * global_batch)
     if n == 0:
         raise ValueError(f"{data_dir}: the val split has {len(ds)} samples, fewer than one global batch of "
                          f"{global_batch}")
     sampler = RankBatchSampler(0, global_batch, cfg.micro_batch_size, rank, world_size, limit=n)
-    return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=_collate)
+    return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=_collate_with_source)

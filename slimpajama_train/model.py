@@ -357,6 +357,9 @@ class Transformer(nn.Module):
             block.checkpoint_activations = mode == "full" or (mode == "selective" and i % every == 0)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32: one number, or one per sample (evaluation
+    attributes each sample to its source)."""
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction="none" if per_sample else "mean")
+    return flat.view(targets.shape).mean(dim=-1) if per_sample else flat

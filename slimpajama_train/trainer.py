@@ -230,17 +230,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss and perplexity over the fixed holdout batches."""
-        total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        count = 0
-        for inputs, targets in self.val_data:
-            total += self.backend.eval_loss(inputs, targets).double()
-            count += 1
-        total_sum, count_sum = all_reduce_sum([total.item(), float(count)], self.dist.device)
-        val = total_sum / count_sum
+        """Mean loss and perplexity over the fixed holdout batches, overall and per source (where the
+        validation shards are single-source), with the target tokens behind each per-source figure."""
+        sources: list[str] = self.val_data.dataset.sources
+        n = len(sources)
+        # Per source (and a last slot for samples of mixed shards): loss sum and sample count, on
+        # the device; one all-reduce at the end.
+        sums = torch.zeros(2 * (n + 1), dtype=torch.float64, device=self.dist.device)
+        for inputs, targets, src in self.val_data:
+            losses = self.backend.eval_loss(inputs, targets).double()
+            slot = torch.where(src >= 0, src, n).to(self.dist.device)
+            sums[: n + 1].index_add_(0, slot, losses)
+            sums[n + 1 :].index_add_(0, slot, torch.ones_like(losses))
+        total = all_reduce_sum(sums.tolist(), self.dist.device)
+        loss, count = total[: n + 1], total[n + 1 :]
+        val = sum(loss) / sum(count)
         self.summary.setdefault("first_val_loss", val)
         self.summary["last_val_loss"] = val
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        out = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        tokens_per_sample = int(self.manifest["seq_len"])
+        for k, name in enumerate(sources):
+            if count[k]:
+                out[f"val_loss/{name}"] = loss[k] / count[k]
+                out[f"val_ppl/{name}"] = math.exp(min(loss[k] / count[k], 50.0))
+                out[f"val_tokens/{name}"] = int(count[k]) * tokens_per_sample
+        return out
 
     def _emit(self, metrics: dict[str, Any]) -> None:
         for cb in self.callbacks:

@@ -118,7 +118,7 @@ class Backend(ABC):
 
     @abstractmethod
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean loss of one batch without gradients."""
+        """Mean loss of each sample of one batch (shape ``(batch,)``), without gradients."""
 
     @abstractmethod
     def _save(self, path: Path) -> None: ...

@@ -286,7 +286,7 @@ class DeepSpeedBackend(Backend):
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return lm_loss(self.model(inputs.to(self.dist.device)), targets.to(self.dist.device))
+        return lm_loss(self.model(inputs.to(self.dist.device)), targets.to(self.dist.device), per_sample=True)
 
     def close(self) -> None:
         # ZeRO-3 keeps module hooks and prefetch state; tearing them down before the process group

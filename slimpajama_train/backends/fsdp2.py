@@ -63,11 +63,11 @@ class FSDP2Backend(Backend):
     def build_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model, self.optim_cfg, self.dist.device)
 
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
         autocast = not self.sharded and self.compute_dtype != torch.float32
         with torch.autocast(self.dist.device.type, dtype=self.compute_dtype, enabled=autocast):
             logits = self.model(inputs.to(self.dist.device, non_blocking=True))
-        return lm_loss(logits, targets.to(self.dist.device, non_blocking=True))
+        return lm_loss(logits, targets.to(self.dist.device, non_blocking=True), per_sample)
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, last_micro: bool) -> torch.Tensor:
         self.model.train()
@@ -104,7 +104,7 @@ class FSDP2Backend(Backend):
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return self._forward_loss(inputs, targets)
+        return self._forward_loss(inputs, targets, per_sample=True)
 
     def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)

@@ -12,6 +12,12 @@ if TYPE_CHECKING:
     from slimpajama_train.trainer import Trainer
 
 
+def per_source_val(metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """(source, validation loss, target tokens) of each source evaluated at this step."""
+    return [(k.split("/", 1)[1], v, int(metrics.get(f"val_tokens/{k.split('/', 1)[1]}", 0)))
+            for k, v in sorted(metrics.items()) if k.startswith("val_loss/")]
+
+
 class ConsoleCallback(Callback):
     name = "console"
 
@@ -35,6 +41,10 @@ class ConsoleCallback(Callback):
         elif "val_loss" in metrics:
             self.bar.write(f"step {metrics['step']:>6} | "
                            f"val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.1f}", file=sys.stderr)
+        per_source = per_source_val(metrics)
+        if per_source:
+            self.bar.write(f"step {metrics['step']:>6} | val_loss by source: " + ", ".join(
+                f"{name} {loss:.4f} ({tokens / 1e3:.0f}k tok)" for name, loss, tokens in per_source), file=sys.stderr)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.bar.close()

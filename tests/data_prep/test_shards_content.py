@@ -92,17 +92,24 @@ def test_shard_blocks_are_the_kept_documents_in_stream_order(tmp_path, num_tasks
         split = m["splits"][name]
         assert split["tokens_available"] == available
         assert split["mixture_factors"] == {s: round(f, 6) for s, f in sorted(factors.items())}
-        stream, sources = _expected_stream(docs, factors, mixture.seed, eos)
-
-        total_blocks = len(stream) // B
         if code == TRAIN:
+            stream, sources = _expected_stream(docs, factors, mixture.seed, eos)
+            total_blocks = len(stream) // B
             full = total_blocks // sps
             n_blocks = (full - full % cfg.shard_divisor) * sps
             assert len(split["shards"]) % cfg.shard_divisor == 0
+            expected = [(stream[: n_blocks * B], sources[: n_blocks * B])]
         else:
-            n_blocks = total_blocks
-            assert len(split["shards"]) == -(-n_blocks // sps)
+            # validation: each source (sorted by name) is its own stream, cut into its own shards
+            expected = []
+            for src in sorted(available):
+                part, _ = _expected_stream([d for d in docs if d[2] == src], {src: 1.0}, mixture.seed, eos)
+                expected.append((part[: len(part) // B * B], [src] * (len(part) // B * B)))
+            n_blocks = sum(len(toks) for toks, _ in expected) // B
+            assert len(split["shards"]) == sum(-(-len(toks) // (B * sps)) for toks, _ in expected)
         assert split["samples"] == n_blocks > 0
+        stream = [t for toks, _ in expected for t in toks]
+        sources = [x for _, srcs in expected for x in srcs]
 
         got = []
         for s, entry in enumerate(split["shards"]):
@@ -113,9 +120,11 @@ def test_shard_blocks_are_the_kept_documents_in_stream_order(tmp_path, num_tasks
             for src in sources[lo:hi]:
                 per_source[src] = per_source.get(src, 0) + 1
             assert entry["tokens_per_source"] == dict(sorted(per_source.items())), (name, s)
+            if code == VAL:
+                assert len(per_source) == 1  # a validation shard holds one source
             got += blocks
         assert len(got) == n_blocks
-        assert np.concatenate(got).tolist() == stream[: n_blocks * B], name
+        assert np.concatenate(got).tolist() == stream, name
 
     # The mixture really repeats and subsamples, and shard_divisor really drops train blocks.
     train = m["splits"]["train"]
