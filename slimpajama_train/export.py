@@ -6,7 +6,9 @@ Usage::
     python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('exported/demo')"
 
 Our parameter names and RoPE layout already follow HF Llama, so export is a prefix rename; tied
-embeddings are stored once, as HF expects.
+embeddings are stored once, as HF expects. ``AutoTokenizer`` on the folder gives the ids training used,
+``sp.encode(text)``; ``add_special_tokens=True`` adds nothing, because training never put a BOS before a document
+(``hf_tokenizer`` has the details).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from slimpajama_train.checkpoint_io import load_model
+from slimpajama_train.hf_tokenizer import write_hf_tokenizer
 from slimpajama_train.model import ModelConfig, Transformer
 
 
@@ -92,20 +95,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     generation_config = {"bos_token_id": special["bos_id"], "eos_token_id": special["eos_id"]}
     (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(ckpt / "tokenizer.model", tmp / "tokenizer.model")
-    # Training packs documents joined by EOS with no BOS, so the exported tokenizer adds neither.
-    tok_cfg = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "legacy": True,
-        "bos_token": sp.id_to_piece(special["bos_id"]),
-        "eos_token": sp.id_to_piece(special["eos_id"]),
-        "unk_token": sp.id_to_piece(special["unk_id"]),
-        "model_max_length": model.cfg.max_seq_len,
-        "clean_up_tokenization_spaces": False,
-    }
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    # tokenizer.json mirrors the .model's normalizer, so transformers gives the ids training used (see hf_tokenizer).
+    write_hf_tokenizer(ckpt / "tokenizer.model", tmp, model_max_length=model.cfg.max_seq_len)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
