@@ -164,34 +164,71 @@ def jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def candidate_pairs(keys: np.ndarray, docs: np.ndarray, all_pairs_up_to: int) -> np.ndarray:
-    """Unique (a, b) document pairs, a < b, that share a band key.
+    """Unique (a, b) document pairs, a < b, that share a band key (see :func:`candidate_pair_index`)."""
+    idx = candidate_pair_index(keys, docs, all_pairs_up_to)
+    return docs[idx].astype(np.uint64).reshape(-1, 2)
+
+
+def candidate_pair_index(keys: np.ndarray, docs: np.ndarray, all_pairs_up_to: int) -> np.ndarray:
+    """Record indices ``(i, j)`` of the unique document pairs ``docs[i] < docs[j]`` that share a band
+    key, sorted by document pair. Indices rather than documents, so a caller can read any other
+    field of the two records (the buckets stage reads their rows) without a lookup table.
 
     Small buckets give all their pairs; a large bucket (usually many copies of one text) gives a star
     from its first document plus a chain, which keeps the pair count linear in the bucket size.
+    Memory: three 8-byte arrays per record (the sort order and the sorted keys and documents).
     """
     if len(keys) < 2:
-        return np.zeros((0, 2), np.uint64)
+        return np.zeros((0, 2), np.int64)
     order = np.lexsort((docs, keys))
     k, d = keys[order], docs[order]
-    cut = np.nonzero(k[1:] != k[:-1])[0] + 1
-    bounds = np.concatenate(([0], cut, [len(k)]))
-    sizes = np.diff(bounds)
-    pairs: list[np.ndarray] = []
-    for g in np.nonzero(sizes >= 2)[0]:
-        members = np.unique(d[bounds[g] : bounds[g + 1]])
-        m = len(members)
-        if m < 2:
-            continue
+    new_key = np.concatenate(([True], k[1:] != k[:-1]))
+    first = new_key | np.concatenate(([True], d[1:] != d[:-1]))  # one record per (key, document)
+    del k, d
+    sel = order[first]  # sorted by key, then document
+    group = (np.cumsum(new_key) - 1)[first]
+    del order, new_key, first
+    starts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
+    sizes = np.diff(np.append(starts, len(sel)))
+    del group
+    kept = np.zeros((0, 2), np.int64)  # unique pairs so far
+    pending: list[np.ndarray] = []
+    n_pending = 0
+
+    def add(pairs: np.ndarray) -> None:
+        # A pair of near duplicates shares many bands, so it comes back once per shared band: fold
+        # the pending pairs into the unique ones whenever they outnumber them, which keeps memory
+        # proportional to the unique pairs rather than to pairs x bands.
+        nonlocal kept, pending, n_pending
+        pending.append(pairs)
+        n_pending += len(pairs)
+        if n_pending > max(1 << 18, len(kept)):
+            kept = _unique_pairs(np.concatenate([kept, *pending]), docs)
+            pending, n_pending = [], 0
+
+    # Buckets of equal size at once: all pairs of every size-m bucket come from one index matrix.
+    for m in np.unique(sizes[sizes >= 2]).tolist():
+        group_starts = starts[sizes == m]
         if m <= all_pairs_up_to:
             i, j = np.triu_indices(m, 1)
-            pairs.append(np.stack([members[i], members[j]], 1))
+            step = max(1, (1 << 18) // len(i))
+            for lo in range(0, len(group_starts), step):
+                members = sel[group_starts[lo : lo + step, None] + np.arange(m)]  # (buckets, m)
+                add(np.stack([members[:, i].ravel(), members[:, j].ravel()], 1))
         else:
-            pairs.append(np.stack([np.repeat(members[0], m - 1), members[1:]], 1))
-            pairs.append(np.stack([members[1:-1], members[2:]], 1))
-    if not pairs:
-        return np.zeros((0, 2), np.uint64)
-    allp = np.concatenate(pairs).astype(np.uint64)
-    return np.unique(allp, axis=0)
+            for s0 in group_starts.tolist():
+                members = sel[s0 : s0 + m]
+                add(np.stack([np.repeat(members[0], m - 1), members[1:]], 1))
+                add(np.stack([members[1:-1], members[2:]], 1))
+    return _unique_pairs(np.concatenate([kept, *pending]).astype(np.int64), docs)
+
+
+def _unique_pairs(idx: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """The first of the record pairs with the same two documents, sorted by document pair."""
+    if not len(idx):
+        return idx
+    _, first = np.unique(np.stack([docs[idx[:, 0]], docs[idx[:, 1]]], 1), axis=0, return_index=True)
+    return idx[first]
 
 
 def verify_pairs(cfg: DedupConfig, estimate: np.ndarray, same_text: np.ndarray,

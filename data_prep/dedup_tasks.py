@@ -16,14 +16,15 @@ memory is bounded per task.
    (ids, kept ids, Jaccard estimate and exact value), merged in input order by
    :func:`merge_removed_records`.
 
-Signatures, shingles and table columns of other parts are memory-mapped for one chunk of pairs at a
-time, so what a task touches of them is bounded by the chunk, not by the corpus.
+Signatures, shingles and table columns of other parts are read row by row (``pread``) for one
+chunk of pairs at a time, so what a task holds of them is bounded by the chunk, not by the corpus.
 """
 from __future__ import annotations
 
 import heapq
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from data_prep.atomic import FileGroup, atomic_path, save_npy, save_npz
 from data_prep.dedup_core import (
     DedupConfig,
     band_keys,
-    candidate_pairs,
+    candidate_pair_index,
     components,
     exact_copies,
     jaccard_sorted,
@@ -52,8 +53,11 @@ if TYPE_CHECKING:
 
 # One record per (document, band): the band key, the document's key and its row in its part.
 BAND_RECORD = np.dtype([("key", "<u8"), ("doc", "<u8"), ("row", "<u4")])
-_PAIR_CHUNK = 1 << 16  # pairs verified at once: bounds the gathered signatures to ~64 MB
-_BYTES_PER_RECORD_IN_MEMORY = 64  # a band record plus the sort and pair arrays built from it
+# Pairs verified at once: their two signature rows (512 B each) are read for the chunk, ~8 MiB.
+_PAIR_CHUNK = 1 << 13
+# A band record (20 B) plus the sort order and sorted keys and documents built from it (24 B), and
+# the temporaries of the lexsort: measured ~60 B per record at the peak; with margin.
+_BYTES_PER_RECORD_IN_MEMORY = 80
 
 
 def ensure_open_files(needed: int) -> None:
@@ -173,50 +177,67 @@ def _spill_bands(keys: np.ndarray, doc_keys: np.ndarray, rows: np.ndarray, band_
 # ---------------------------------------------------------------------------------------------- buckets
 
 
-class _Mapped:
-    """Signatures, shingle sets and table columns of any part, memory-mapped until :meth:`close`.
+class _Rows:
+    """Reads single rows of signatures, shingle sets and table columns of any part with ``pread``.
 
-    A task maps what one chunk of pairs needs and closes it after, so the pages it touched are
-    released: its resident memory follows the chunk, not the parts it has visited.
+    Nothing is memory-mapped: a task's resident memory is the rows it asked for (one chunk of
+    pairs), never pages of files it visited, and it does not grow with the parts' sizes. One file
+    descriptor per (file, part) is kept until :meth:`close`.
     """
 
     def __init__(self, work: WorkDir, num_perm: int) -> None:
         self.work, self.num_perm = work, num_perm
-        self._maps: dict[tuple[str, int], np.ndarray] = {}
+        self._files: dict[tuple[str, int], tuple[int, int, np.dtype, int]] = {}  # fd, data offset, dtype, row items
+        self._sets: dict[tuple[int, int], np.ndarray] = {}  # shingle sets read for this chunk
 
-    def _get(self, what: str, part: int) -> np.ndarray:
-        m = self._maps.get((what, part))
-        if m is None:
+    def _file(self, what: str, part: int) -> tuple[int, int, np.dtype, int]:
+        f = self._files.get((what, part))
+        if f is None:
             if what == "sigs":
-                m = _raw(self.work.sigs(part), np.uint32).reshape(-1, self.num_perm)
+                path, offset, dtype, items = self.work.sigs(part), 0, np.dtype(np.uint32), self.num_perm
             elif what == "shingles":
-                m = _raw(self.work.shingles(part), np.uint32)
-            elif what == "shingle_offsets":
-                m = np.load(self.work.shingle_offsets(part), mmap_mode="r")
+                path, offset, dtype, items = self.work.shingles(part), 0, np.dtype(np.uint32), 1
             else:
-                m = column(self.work.docs(part), what, mmap=True)
-            self._maps[(what, part)] = m
-        return m
+                path = (self.work.shingle_offsets(part) if what == "shingle_offsets"
+                        else self.work.docs(part) / f"{what}.npy")
+                with open(path, "rb") as fh:  # the .npy header says where the data starts
+                    major, _ = np.lib.format.read_magic(fh)
+                    header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    _, _, dtype = header(fh)
+                    offset = fh.tell()
+                items = 1
+            f = self._files[(what, part)] = (os.open(path, os.O_RDONLY), offset, np.dtype(dtype), items)
+        return f
+
+    def _read(self, what: str, part: int, first: int, count: int) -> np.ndarray:
+        fd, offset, dtype, items = self._file(what, part)
+        size = dtype.itemsize * items
+        buf = os.pread(fd, size * count, offset + first * size)
+        return np.frombuffer(buf, dtype).reshape(count, items) if items > 1 else np.frombuffer(buf, dtype)
 
     def gather(self, what: str, parts: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` of ``what`` (``sigs`` or a table column) in parts ``parts``."""
-        out: np.ndarray | None = None
-        for p in np.unique(parts).tolist():
-            sel = parts == p
-            src = self._get(what, p)
-            if out is None:
-                out = np.empty((len(rows),) + src.shape[1:], src.dtype)
-            out[sel] = src[rows[sel]]
-        if out is None:
+        if not len(rows):
             return np.zeros((0, self.num_perm) if what == "sigs" else 0, np.uint32 if what == "sigs" else np.uint64)
-        return out
+        # A document of a cluster is in several pairs of a chunk: read each row once.
+        where, inverse = np.unique((parts.astype(np.uint64) << np.uint64(32)) | rows.astype(np.uint64),
+                                   return_inverse=True)
+        values = [self._read(what, int(w >> np.uint64(32)), int(w & np.uint64(0xFFFFFFFF)), 1) for w in where]
+        return np.concatenate(values)[inverse]
 
     def shingle_set(self, part: int, row: int) -> np.ndarray:
-        offs = self._get("shingle_offsets", part)
-        return np.asarray(self._get("shingles", part)[offs[row] : offs[row + 1]])
+        got = self._sets.get((part, row))
+        if got is None:
+            lo, hi = self._read("shingle_offsets", part, row, 2).tolist()
+            got = self._sets[(part, row)] = self._read("shingles", part, lo, hi - lo)
+        return got
 
     def close(self) -> None:
-        self._maps.clear()
+        """Drop the chunk's cached shingle sets and close the files."""
+        for fd, *_ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        self._sets.clear()
 
 
 def _raw(path, dtype: Any) -> np.ndarray:
@@ -227,19 +248,27 @@ def _raw(path, dtype: Any) -> np.ndarray:
 
 
 def _bucket_records(work: WorkDir, bucket: int, num_parts: int, passes: int, j: int) -> np.ndarray:
-    """The band records of bucket shard ``bucket`` whose sub-bucket is ``j`` of ``passes``."""
-    chunk = 1 << 22
-    out: list[np.ndarray] = []
-    for p in range(num_parts):
-        with open(work.bands(bucket, p), "rb") as fh:
-            while True:
-                rec = np.fromfile(fh, BAND_RECORD, count=chunk)
-                if not len(rec):
-                    break
-                if passes > 1:  # all records of one band key land in the same sub-bucket
-                    rec = rec[(rec["key"] // np.uint64(num_parts)) % np.uint64(passes) == np.uint64(j)]
-                out.append(rec)
-    return np.concatenate(out) if out else np.zeros(0, BAND_RECORD)
+    """The band records of bucket shard ``bucket`` whose sub-bucket is ``j`` of ``passes``.
+
+    In one pass the shard is read straight into one preallocated array (no second copy); in
+    several, each file is read in chunks and only the records of sub-bucket ``j`` are kept.
+    """
+    paths = [work.bands(bucket, p) for p in range(num_parts)]
+    if passes == 1:
+        out = np.empty(sum(p.stat().st_size for p in paths) // BAND_RECORD.itemsize, BAND_RECORD)
+        view, pos = memoryview(out.view(np.uint8)), 0
+        for path in paths:
+            with open(path, "rb") as fh:
+                pos += fh.readinto(view[pos:])
+        return out
+    chunk = 1 << 20
+    kept: list[np.ndarray] = []
+    for path in paths:
+        with open(path, "rb") as fh:
+            while len(rec := np.fromfile(fh, BAND_RECORD, count=chunk)):
+                # all records of one band key land in the same sub-bucket
+                kept.append(rec[(rec["key"] // np.uint64(num_parts)) % np.uint64(passes) == np.uint64(j)])
+    return np.concatenate(kept) if kept else np.zeros(0, BAND_RECORD)
 
 
 def verify_bucket(bucket: int, num_parts: int, cfg: DedupConfig, work: WorkDir,
@@ -258,18 +287,17 @@ def verify_bucket(bucket: int, num_parts: int, cfg: DedupConfig, work: WorkDir,
     found: list[np.ndarray] = []  # (a, b, row_a, row_b) per candidate pair
     for j in range(passes):
         rec = _bucket_records(work, bucket, num_parts, passes, j)
-        pairs = candidate_pairs(rec["key"], rec["doc"], cfg.max_bucket_all_pairs)
-        if len(pairs):
-            docs, first = np.unique(rec["doc"], return_index=True)
-            row_of = rec["row"][first].astype(np.uint64)
-            found.append(np.column_stack([pairs, row_of[np.searchsorted(docs, pairs[:, 0])],
-                                          row_of[np.searchsorted(docs, pairs[:, 1])]]))
-        del rec
+        idx = candidate_pair_index(rec["key"], rec["doc"], cfg.max_bucket_all_pairs)
+        if len(idx):
+            found.append(np.column_stack([rec["doc"][idx[:, 0]], rec["doc"][idx[:, 1]],
+                                          rec["row"][idx[:, 0]].astype(np.uint64),
+                                          rec["row"][idx[:, 1]].astype(np.uint64)]))
+        del rec, idx
     quads = np.concatenate(found) if found else np.zeros((0, 4), np.uint64)
     if passes > 1 and len(quads):  # a pair can share keys of several sub-buckets
         quads = quads[np.unique(quads[:, :2], axis=0, return_index=True)[1]]
     keep = np.zeros(len(quads), bool)
-    mapped = _Mapped(work, cfg.num_perm)
+    mapped = _Rows(work, cfg.num_perm)
     for lo in range(0, len(quads), _PAIR_CHUNK):
         q = quads[lo : lo + _PAIR_CHUNK]
         pa, pb = part_of(q[:, 0], num_parts), part_of(q[:, 1], num_parts)
@@ -345,7 +373,7 @@ def record_removals(part: int, num_parts: int, cfg: DedupConfig, work: WorkDir) 
         rows, keys, keepers, krows, exact = (z[k] for k in ("row", "key", "keeper", "keeper_row", "exact"))
     files = work.input_files() if len(rows) else []
     sources: dict[int, list[str]] = {}
-    mapped = _Mapped(work, cfg.num_perm)
+    mapped = _Rows(work, cfg.num_perm)
     lines = 0
     with atomic_path(work.removed_records(part)) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for lo in range(0, len(rows), _PAIR_CHUNK):

@@ -198,7 +198,8 @@ def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
         # Mixture weights from bytes (tokens are not known before the tokenizer exists). Only the
         # relative weights matter for the sample, so the total (in tokens) is left out here.
         relative = dataclasses.replace(cfg.mixture, total_tokens=None)
-        factors = source_factors(relative, train_bytes, "bytes") if train_bytes else {}
+        use = cfg.tokenizer.sample_by_mixture and train_bytes
+        factors = source_factors(relative, train_bytes, "bytes") if use else {}
         cap = sample_cap(cfg.tokenizer)
         info["sample_cap_bytes"] = cap
         info["estimated_trainer_memory_mb"] = trainer_memory_mb(min(cap, sum(train_bytes.values())))
@@ -332,9 +333,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("components", find_clusters, False, lambda c: []),
     Stage("removals", record_removals, True, lambda c: []),
     Stage("split", split_holdout, False, lambda c: [dataclasses.asdict(c.holdout)]),
-    Stage("tokenizer", train_tokenizer, False, lambda c: [dataclasses.asdict(c.tokenizer),
-                                                          dataclasses.asdict(c.mixture), c.seed]),
-    Stage("tokenize", tokenize_docs, True, lambda c: [c.long_doc_chars]),
+    Stage("tokenizer", train_tokenizer, False, lambda c: [
+        dataclasses.asdict(c.tokenizer), dataclasses.asdict(c.mixture) if c.tokenizer.sample_by_mixture else None,
+        c.seed]),
+    Stage("tokenize", tokenize_docs, True, lambda c: [c.long_doc_chars, c.mixture.seed]),  # seeds the draws
     Stage("plan", plan_streams, False, lambda c: [dataclasses.asdict(c.mixture), c.seq_len, c.samples_per_shard,
                                                   c.shard_divisor]),
     Stage("shards", write_shards, True, lambda c: []),

@@ -24,6 +24,10 @@ class TokenizerConfig:
         max_sentence_length: longest line (bytes) used for training; longer lines are split.
         threads: trainer threads.
         max_memory_mb: when set, the sample is shrunk so the trainer's estimated memory fits.
+        sample_by_mixture: weight the training sample by the mixture. Off, the sample follows the
+            post-dedup corpus and the tokenizer (and the tokenized corpus) no longer depend on the
+            mixture, so several mixtures share them (``slimpajama-study`` does this, as
+            SlimPajama-DC kept one tokenizer for all its configurations).
     """
 
     model_path: str | None = None
@@ -33,6 +37,7 @@ class TokenizerConfig:
     max_sentence_length: int = 16384
     threads: int = 2
     max_memory_mb: int | None = None
+    sample_by_mixture: bool = True
 
     def __post_init__(self) -> None:
         if self.model_path is None and self.vocab_size < 300:

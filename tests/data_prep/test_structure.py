@@ -67,3 +67,22 @@ def test_changing_how_a_run_executes_never_changes_a_config_hash():
     assert stage_hashes(PrepConfig(run=RunConfig(workers=7, force=True, stage="plan", task_index=3,
                                                  bucket_memory_mb=100))) == base
     assert stage_hashes(PrepConfig(run=RunConfig(num_tasks=4)))["clean"] != base["clean"]  # it sets the parts
+
+
+def test_mixture_independent_work_is_shared_when_the_tokenizer_sample_ignores_the_mixture():
+    """With tokenizer.sample_by_mixture=false every stage before ``plan`` has the same hash for any
+    mixture (what slimpajama-study reuses); by default the tokenizer follows the mixture."""
+    from data_prep.config import PrepConfig
+    from data_prep.mixture import MixtureConfig
+    from data_prep.stages import stage_hashes
+    from data_prep.tokenizer import TokenizerConfig
+
+    def hashes(mixture: MixtureConfig, by_mixture: bool) -> dict[str, str]:
+        return stage_hashes(PrepConfig(mixture=mixture, tokenizer=TokenizerConfig(sample_by_mixture=by_mixture)))
+
+    a, b = MixtureConfig(), MixtureConfig(weights={"RedPajamaGithub": 2.0})
+    names = [s.name for s in STAGES]
+    before_plan = names[: names.index("plan")]
+    assert [hashes(a, False)[n] for n in before_plan] == [hashes(b, False)[n] for n in before_plan]
+    assert hashes(a, False)["plan"] != hashes(b, False)["plan"]
+    assert hashes(a, True)["tokenizer"] != hashes(b, True)["tokenizer"]
