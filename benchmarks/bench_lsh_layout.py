@@ -54,6 +54,7 @@ from data_prep.dedup_core import (  # noqa: E402 - after the sys.path insert abo
     optimal_bands,
     shingle_hashes,
     signatures,
+    text_batches,
 )
 
 DEFAULT_LAYOUTS = ("128:9x13,128:16x8,128:18x7,128:18x6,128:20x6,128:21x6,128:25x5,128:32x4,"
@@ -223,27 +224,13 @@ class Prepared:
     sig_cpu: dict[int, float]
 
 
-def batches(texts: list[str], batch_bytes: int = 2 << 20) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of consecutive texts of about ``batch_bytes`` each (the pipeline's batch size:
-    one huge batch would spend its time in page faults)."""
-    out, lo, size = [], 0, 0
-    for i, t in enumerate(texts):
-        size += len(t)
-        if size >= batch_bytes:
-            out.append((lo, i + 1))
-            lo, size = i + 1, 0
-    if lo < len(texts):
-        out.append((lo, len(texts)))
-    return out
-
-
 def prepare(texts: list[str], perms: set[int], seed: int) -> Prepared:
     """Shingles, sorted sets (what the exact check compares) and signatures for each num_perm, in batches."""
     shingle_cpu = sets_cpu = 0.0
     sig_cpu = dict.fromkeys(perms, 0.0)
     parts: dict[int, list[np.ndarray]] = {p: [] for p in perms}
     sets: list[np.ndarray] = []
-    for lo, hi in batches(texts):
+    for lo, hi in text_batches(texts):
         c0 = cpu()
         h, off, _ = shingle_hashes(texts[lo:hi], DedupConfig(seed=seed))
         c1 = cpu()

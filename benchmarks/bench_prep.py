@@ -125,19 +125,6 @@ def dedup_config(args: argparse.Namespace) -> Any:
     return DedupConfig(num_perm=args.num_perm, bands=args.bands, rows=args.rows)
 
 
-def batches(texts: list[str], batch_bytes: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of consecutive texts of about ``batch_bytes`` each."""
-    out, lo, size = [], 0, 0
-    for i, t in enumerate(texts):
-        size += len(t)
-        if size >= batch_bytes:
-            out.append((lo, i + 1))
-            lo, size = i + 1, 0
-    if lo < len(texts):
-        out.append((lo, len(texts)))
-    return out
-
-
 def dedup_child(corpus: Path, args: argparse.Namespace) -> None:
     """Run in a fresh process: time our dedup (fastest of ``repeat``), print JSON (MB, CPU s, wall s, peak RSS MB)."""
     texts = [t for _, t in load_docs(corpus)]

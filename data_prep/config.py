@@ -42,6 +42,8 @@ class RunConfig:
             raise ValueError(f"prep.run.num_tasks={self.num_tasks}: must be >= 1")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"prep.run.workers={self.workers}: must be >= 1")
+        if self.bucket_memory_mb < 16:
+            raise ValueError(f"prep.run.bucket_memory_mb={self.bucket_memory_mb}: must be >= 16")
 
 
 @dataclass

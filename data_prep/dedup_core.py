@@ -290,6 +290,20 @@ def exact_copies(nodes: np.ndarray, keeper: np.ndarray, digest: np.ndarray) -> n
     return out
 
 
+def text_batches(texts: list[str], batch_bytes: int = 2 << 20) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of consecutive texts of about ``batch_bytes`` characters each (the stages'
+    batch size: one huge batch spends its time in page faults)."""
+    out, lo, size = [], 0, 0
+    for i, t in enumerate(texts):
+        size += len(t)
+        if size >= batch_bytes:
+            out.append((lo, i + 1))
+            lo, size = i + 1, 0
+    if lo < len(texts):
+        out.append((lo, len(texts)))
+    return out
+
+
 def dedup_texts(texts: list[str], cfg: DedupConfig, counts: dict[str, int] | None = None,
                 batch_bytes: int = 2 << 20) -> set[int]:
     """Indices of the texts fuzzy dedup removes, computed in memory (tests, benchmarks).
@@ -305,17 +319,11 @@ def dedup_texts(texts: list[str], cfg: DedupConfig, counts: dict[str, int] | Non
         return set()
     bands, rows = cfg.band_layout()
     sigs, sets = [], []
-    lo = 0
-    while lo < len(texts):
-        hi, size = lo, 0
-        while hi < len(texts) and size < batch_bytes:
-            size += len(texts[hi])
-            hi += 1
+    for lo, hi in text_batches(texts, batch_bytes):
         hashes, offsets, _ = shingle_hashes(texts[lo:hi], cfg)
         sigs.append(signatures(hashes, offsets, cfg))
         if cfg.verify == "exact":
             sets += [sorted_unique(hashes[offsets[k] : offsets[k + 1]] >> np.uint64(32)) for k in range(hi - lo)]
-        lo = hi
     sig = np.concatenate(sigs)
     keys = band_keys(sig, bands, rows)
     docs = np.repeat(np.arange(len(texts), dtype=np.uint64), bands)
