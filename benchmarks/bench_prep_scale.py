@@ -350,7 +350,10 @@ def analyse(sizes: list[int], corpora: list[Corpus], runs: list[list[StageRun]],
             "mb_s_per_core_net_of_startup": [round(v, 3) for v in net],
             # The failure mode the target guards against is a superlinear step: throughput per core
             # falling as the corpus grows. A rise means fixed per-task costs being amortized.
-            "no_superlinear_slowdown": bool(net[-1] / net[0] >= 1 - THROUGHPUT_TOLERANCE),
+            # Judged only where the stage's own work (net of startup) is at least 1 CPU-s at every
+            # size: below that the net figure is mostly timer noise.
+            "no_superlinear_slowdown": bool(net[-1] / net[0] >= 1 - THROUGHPUT_TOLERANCE
+                                            or min(r.cpu_s - len(r.tasks) * startup_cpu_s for r in rows) < 1.0),
         }
     total = [m / sum(s.cpu_s for s in r) for m, r in zip(mb, runs, strict=True)]
     return {

@@ -21,6 +21,7 @@ chunk of pairs at a time, so what a task holds of them is bounded by the chunk, 
 """
 from __future__ import annotations
 
+import ctypes
 import heapq
 import json
 import math
@@ -56,8 +57,18 @@ BAND_RECORD = np.dtype([("key", "<u8"), ("doc", "<u8"), ("row", "<u4")])
 # Pairs verified at once: their two signature rows (512 B each) are read for the chunk, ~8 MiB.
 _PAIR_CHUNK = 1 << 13
 # A band record (20 B) plus the sort order and sorted keys and documents built from it (24 B), and
-# the temporaries of the lexsort: measured ~60 B per record at the peak; with margin.
-_BYTES_PER_RECORD_IN_MEMORY = 80
+# the temporaries of the lexsort: measured 80-85 B per record at the peak (bench_prep_scale.py).
+_BYTES_PER_RECORD_IN_MEMORY = 100
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``). After a large array is freed,
+    glibc raises its mmap threshold and serves the next large arrays from the heap, whose freed
+    pages it keeps: without this a task's RSS ratchets up pass after pass. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def ensure_open_files(needed: int) -> None:
@@ -261,14 +272,20 @@ def _bucket_records(work: WorkDir, bucket: int, num_parts: int, passes: int, j: 
             with open(path, "rb") as fh:
                 pos += fh.readinto(view[pos:])
         return out
-    chunk = 1 << 20
-    kept: list[np.ndarray] = []
+    # Filled in place: an array of the expected share (grown if a pass gets more), read 5 MB at a time.
+    total = sum(p.stat().st_size for p in paths) // BAND_RECORD.itemsize
+    out = np.empty(int(total / passes * 1.1) + 1024, BAND_RECORD)
+    n = 0
     for path in paths:
         with open(path, "rb") as fh:
-            while len(rec := np.fromfile(fh, BAND_RECORD, count=chunk)):
+            while len(rec := np.fromfile(fh, BAND_RECORD, count=1 << 18)):
                 # all records of one band key land in the same sub-bucket
-                kept.append(rec[(rec["key"] // np.uint64(num_parts)) % np.uint64(passes) == np.uint64(j)])
-    return np.concatenate(kept) if kept else np.zeros(0, BAND_RECORD)
+                mine = rec[(rec["key"] // np.uint64(num_parts)) % np.uint64(passes) == np.uint64(j)]
+                if n + len(mine) > len(out):
+                    out = np.resize(out, max(2 * len(out), n + len(mine)))
+                out[n : n + len(mine)] = mine
+                n += len(mine)
+    return out[:n]
 
 
 def verify_bucket(bucket: int, num_parts: int, cfg: DedupConfig, work: WorkDir,
@@ -293,9 +310,16 @@ def verify_bucket(bucket: int, num_parts: int, cfg: DedupConfig, work: WorkDir,
                                           rec["row"][idx[:, 0]].astype(np.uint64),
                                           rec["row"][idx[:, 1]].astype(np.uint64)]))
         del rec, idx
+        release_free_memory()
     quads = np.concatenate(found) if found else np.zeros((0, 4), np.uint64)
-    if passes > 1 and len(quads):  # a pair can share keys of several sub-buckets
-        quads = quads[np.unique(quads[:, :2], axis=0, return_index=True)[1]]
+    del found
+    if passes > 1 and len(quads):  # a pair can share keys of several sub-buckets: keep one of each
+        order = np.lexsort((quads[:, 1], quads[:, 0]))
+        a, b = quads[order, 0], quads[order, 1]
+        first = np.concatenate(([True], (a[1:] != a[:-1]) | (b[1:] != b[:-1])))
+        quads = quads[order[first]]
+        del order, a, b, first
+        release_free_memory()
     keep = np.zeros(len(quads), bool)
     mapped = _Rows(work, cfg.num_perm)
     for lo in range(0, len(quads), _PAIR_CHUNK):

@@ -23,9 +23,9 @@ dist_info = init_distributed()
 trainer = Trainer(cfg, dist_info)
 
 
-def poisoned(logits, targets):
-    loss = lm_loss(logits, targets)
-    return loss * float("nan") if trainer.step + 1 in bad_steps else loss
+def poisoned(logits, targets, per_sample=False):
+    loss = lm_loss(logits, targets, per_sample)
+    return loss * float("nan") if trainer.step + 1 in bad_steps and not per_sample else loss
 
 
 fsdp2_backend.lm_loss = ds_backend.lm_loss = poisoned
