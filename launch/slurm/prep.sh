@@ -7,7 +7,8 @@
 # The stage list comes from data_prep/stages.py (STAGES), so this script never falls out of step.
 # Memory: parallel tasks fit prep.sbatch's 8 GB at SlimPajama scale (590 M documents, 64 tasks; see
 # benchmarks/bench_prep_scale.py). The single-task stages that hold a number per document of the
-# whole corpus (components, plan) and the tokenizer trainer (up to ~10 GB for bpe_32k, 16 threads)
+# whole corpus (components, plan; split streams one part at a time but is given the same margin)
+# and the tokenizer trainer (up to ~10 GB for bpe_32k, 16 threads)
 # get BIG_STAGE_OPTS instead (default: 64 GB, 16 CPUs for the tokenizer).
 set -euo pipefail
 if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ ]]; then
@@ -29,7 +30,7 @@ for entry in $STAGES; do
   if [[ ${entry##*:} == 1 ]]; then last=$((N - 1)); else last=0; fi
   res=()
   case $stage in
-    components|plan) res=("$BIG_MEM") ;;
+    components|split|plan) res=("$BIG_MEM") ;;
     tokenizer) res=("$BIG_MEM" --cpus-per-task="$TOKENIZER_CPUS") ;;
   esac
   dep=()

@@ -73,6 +73,6 @@ def test_parallel_stages_keep_the_default_request(tmp_path):
     calls = _submitted(tmp_path)
     for s in STAGES:
         big = any(a.startswith("--mem=") for a in calls[s.name])
-        assert big == (s.name in ("components", "plan", "tokenizer")), s.name
+        assert big == (s.name in ("components", "split", "plan", "tokenizer")), s.name
         if s.parallel:
             assert not big  # every parallel task fits prep.sbatch's 8 GB default (bench_prep_scale.py)
