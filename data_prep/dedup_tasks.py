@@ -345,18 +345,30 @@ def verify_bucket(bucket: int, num_parts: int, cfg: DedupConfig, work: WorkDir,
 # ---------------------------------------------------------------------------------------------- components
 
 
-def find_components(num_parts: int, num_buckets: int, work: WorkDir) -> dict[str, Any]:
+def find_components(num_parts: int, num_buckets: int, work: WorkDir, fold_at: int = 1 << 22) -> dict[str, Any]:
     """Components stage (one task): the duplicate clusters over every bucket's forest edges.
 
     Writes, per part, the rows it loses (every member of a cluster but its smallest key), their
     keepers (key and row) and whether an earlier member has the same text (an exact copy).
     """
-    edges = [np.load(work.edges(b)) for b in range(num_buckets)]
-    num_edges = sum(len(e) for e in edges)
-    both = np.concatenate(edges) if edges else np.zeros((0, 2), np.uint64)
-    del edges
-    nodes, keeper = components(both[:, 0].copy(), both[:, 1].copy())
-    del both
+    # A pair sharing k bands is found, and kept as a forest edge, in up to k buckets: exact copies
+    # (all 21 bands shared) would repeat ~21 times. The buckets' edges are therefore folded into
+    # one forest whenever they outnumber it, so memory follows the duplicated documents, not
+    # documents x shared bands.
+    nodes, keeper = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    pending: list[np.ndarray] = []
+    num_edges = n_pending = 0
+    for b in range(num_buckets):
+        pending.append(np.load(work.edges(b)))
+        num_edges += len(pending[-1])
+        n_pending += len(pending[-1])
+        if n_pending > max(len(nodes), fold_at) or b == num_buckets - 1:
+            lost = nodes != keeper
+            both = np.concatenate([np.column_stack([nodes[lost], keeper[lost]]), *pending])
+            pending, n_pending = [], 0
+            nodes, keeper = components(both[:, 0].copy(), both[:, 1].copy())
+            del both, lost
+            release_free_memory()
     parts = part_of(nodes, num_parts)
     rows = np.empty(len(nodes), np.int64)
     digest = np.empty(len(nodes), np.uint64)

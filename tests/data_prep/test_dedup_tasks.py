@@ -39,7 +39,8 @@ def dedup_on_disk(texts: list[str], cfg: DedupConfig, work: WorkDir, num_tasks: 
         write_signatures(docs, part, num_tasks, cfg, work, batch_bytes=64 << 10)
     for b in range(num_tasks):
         verify_bucket(b, num_tasks, cfg, work, memory_bytes=bucket_memory)
-    find_components(num_tasks, num_tasks, work)
+    # with a small bucket budget, also fold the buckets' edges after every bucket
+    find_components(num_tasks, num_tasks, work, fold_at=1 if bucket_memory < (1 << 20) else 1 << 22)
     for part in range(num_tasks):
         record_removals(part, num_tasks, cfg, work)
     merge_removed_records(num_tasks, work, work.root / "removed.jsonl")
