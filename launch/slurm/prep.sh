@@ -8,8 +8,9 @@
 # Memory: parallel tasks fit prep.sbatch's 8 GB at SlimPajama scale (590 M documents, 64 tasks; see
 # benchmarks/bench_prep_scale.py). The single-task stages that hold a number per document of the
 # whole corpus (components, plan; split streams one part at a time but is given the same margin)
-# and the tokenizer trainer (up to ~10 GB for bpe_32k, 16 threads)
-# get BIG_STAGE_OPTS instead (default: 64 GB, 16 CPUs for the tokenizer).
+# and the tokenizer trainer (up to ~10 GB for bpe_32k, 16 threads) get BIG_MEM_GB instead (default
+# 64), the tokenizer with TOKENIZER_CPUS CPUs (default 16). The request is written as --mem-per-cpu
+# (BIG_MEM_GB / CPUs), the same kind prep.sbatch sets: sbatch refuses --mem next to --mem-per-cpu.
 set -euo pipefail
 if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ ]]; then
   echo "usage: $0 NUM_TASKS [hydra overrides...]" >&2
@@ -21,8 +22,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SBATCH=${SBATCH:-sbatch}
 mkdir -p logs  # prep.sbatch writes logs/%x-%A_%a.out; SLURM opens it before the script runs
 PYTHON=${PYTHON:-python}
-BIG_MEM=${BIG_MEM:---mem=64G}
+BIG_MEM_GB=${BIG_MEM_GB:-64}
 TOKENIZER_CPUS=${TOKENIZER_CPUS:-16}
+TOKENIZER_MEM_PER_CPU_MB=$((BIG_MEM_GB * 1024 / TOKENIZER_CPUS))
 STAGES=$("$PYTHON" -c 'from data_prep.stages import STAGES; print(" ".join(f"{s.name}:{int(s.parallel)}" for s in STAGES))')
 prev=""
 for entry in $STAGES; do
@@ -30,8 +32,8 @@ for entry in $STAGES; do
   if [[ ${entry##*:} == 1 ]]; then last=$((N - 1)); else last=0; fi
   res=()
   case $stage in
-    components|split|plan) res=("$BIG_MEM") ;;
-    tokenizer) res=("$BIG_MEM" --cpus-per-task="$TOKENIZER_CPUS") ;;
+    components|split|plan) res=(--mem-per-cpu="${BIG_MEM_GB}G") ;;
+    tokenizer) res=(--mem-per-cpu="${TOKENIZER_MEM_PER_CPU_MB}M" --cpus-per-task="$TOKENIZER_CPUS") ;;
   esac
   dep=()
   if [[ -n $prev ]]; then dep=(--dependency="afterok:$prev"); fi

@@ -119,7 +119,7 @@ echo $((n + 1))
     assert len(calls) == len(STAGES)
     assert "--array=0-1" in calls[0] and "--dependency" not in calls[0] and " clean run.num_tasks=2" in calls[0]
     assert "--array=0-0" in calls[3] and "--dependency=afterok:103" in calls[3] and " components " in calls[3]
-    assert "--mem=64G" in calls[3] and "--mem=64G" not in calls[2]  # the big single-task stage asks for more
+    assert "--mem-per-cpu=64G" in calls[3] and "--mem-per-cpu" not in calls[2]  # the big single-task stage
     assert "--array=0-1" in calls[4] and " removals " in calls[4]
     assert "--array=0-0" in calls[5] and " split " in calls[5]
     m = json.loads((out / "manifest.json").read_text())

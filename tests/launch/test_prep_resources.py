@@ -27,7 +27,7 @@ def _submitted(tmp_path) -> dict[str, list[str]]:
     fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {log}\necho 7\n')
     fake.chmod(0o755)
     env = {**os.environ, "SBATCH": str(fake), "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
-    for k in ("BIG_MEM", "TOKENIZER_CPUS", "SBATCH_EXTRA"):
+    for k in ("BIG_MEM_GB", "TOKENIZER_CPUS", "SBATCH_EXTRA"):
         env.pop(k, None)
     proc = subprocess.run(["bash", str(REPO / "launch/slurm/prep.sh"), "64", "tokenizer=bpe_32k"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=60)
@@ -58,10 +58,10 @@ def test_tokenizer_memory_estimate_fits_the_stage_request(tmp_path, name):
         pytest.skip(f"tokenizer={name} copies an existing model (nothing is trained)")
     cfg = TokenizerConfig(**raw)
     args = _submitted(tmp_path)["tokenizer"]
-    mem = [a.split("=", 1)[1] for a in args if a.startswith("--mem=")]
+    per_cpu = [a.split("=", 1)[1] for a in args if a.startswith("--mem-per-cpu=")]
     cpus = [a.split("=", 1)[1] for a in args if a.startswith("--cpus-per-task=")]
     ncpu = int(cpus[-1]) if cpus else int(_sbatch_default("cpus-per-task"))
-    requested = _mb(mem[-1]) if mem else _mb(_sbatch_default("mem-per-cpu")) * ncpu
+    requested = (_mb(per_cpu[-1]) if per_cpu else _mb(_sbatch_default("mem-per-cpu"))) * ncpu
     need = trainer_memory_mb(sample_cap(cfg))
     print(f"tokenizer={name}: estimate {need} MB for a {sample_cap(cfg) / 1e6:.0f} MB sample; requested "
           f"{requested:.0f} MB and {ncpu} CPUs for {cfg.threads} threads")
@@ -72,7 +72,9 @@ def test_tokenizer_memory_estimate_fits_the_stage_request(tmp_path, name):
 def test_parallel_stages_keep_the_default_request(tmp_path):
     calls = _submitted(tmp_path)
     for s in STAGES:
-        big = any(a.startswith("--mem=") for a in calls[s.name])
+        # sbatch refuses --mem next to prep.sbatch's --mem-per-cpu, so only the latter may appear
+        assert not any(a.startswith(("--mem=", "--mem-per-gpu")) for a in calls[s.name]), s.name
+        big = any(a.startswith("--mem-per-cpu=") for a in calls[s.name])
         assert big == (s.name in ("components", "split", "plan", "tokenizer")), s.name
         if s.parallel:
             assert not big  # every parallel task fits prep.sbatch's 8 GB default (bench_prep_scale.py)

@@ -127,7 +127,7 @@ def test_prep_sbatch_array_jobs_make_the_shards_of_a_local_run(slurm_env, tmp_pa
                  "samples_per_shard=40", "holdout.ratio=0.02", "tokenizer.vocab_size=300", "tokenizer.threads=1"]
     env = job_env(slurm_env, PYTHON=sys.executable,
                   SBATCH_EXTRA=f"--output={tmp_path}/prep-%x-%A_%a.out --cpus-per-task=1 --mem-per-cpu=1G --time=10",
-                  BIG_MEM="--mem-per-cpu=1G", TOKENIZER_CPUS="1")  # a one-node test cluster, not a 64 GB node
+                  BIG_MEM_GB="1", TOKENIZER_CPUS="1")  # a one-node test cluster, not a 64 GB node
     proc = subprocess.run(["bash", str(REPO / "launch/slurm/prep.sh"), "2", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
