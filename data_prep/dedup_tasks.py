@@ -251,13 +251,6 @@ class _Rows:
         self._sets.clear()
 
 
-def _raw(path, dtype: Any) -> np.ndarray:
-    """Memory-map a raw file (an empty file gives an empty array; mmap cannot map 0 bytes)."""
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
 def _bucket_records(work: WorkDir, bucket: int, num_parts: int, passes: int, j: int) -> np.ndarray:
     """The band records of bucket shard ``bucket`` whose sub-bucket is ``j`` of ``passes``.
 

@@ -121,10 +121,6 @@ def key_of(file_index: int, line: int) -> int:
     return (file_index << LINE_BITS) | line
 
 
-def file_of(key: int) -> int:
-    return key >> LINE_BITS
-
-
 def doc_id(key: int, files: list[str]) -> str:
     """The id of the document with ``key`` (``<relative file>:<line>``, as the readers name it)."""
     return f"{files[key >> LINE_BITS]}:{key & ((1 << LINE_BITS) - 1)}"

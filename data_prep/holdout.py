@@ -15,6 +15,7 @@ import json
 import numpy as np
 
 from data_prep.atomic import save_npy
+from data_prep.dedup_tasks import load_removed
 from data_prep.doc_table import column
 from data_prep.layout import WorkDir
 from data_prep.stats import PrepStats
@@ -23,16 +24,11 @@ SPLITS = ("train", "val")
 TRAIN, VAL, DUP, DECONTAM_HASH, DECONTAM_NGRAM = 0, 1, -1, -2, -3
 
 
-def _removed(work: WorkDir, part: int) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(work.removed(part)) as z:
-        return z["row"], z["exact"]
-
-
 def _base_codes(work: WorkDir, part: int, ratio: float, cut: float | None) -> np.ndarray:
     """TRAIN / VAL / DUP of a part's rows (before decontamination)."""
     u = column(work.docs(part), "holdout_u")
     codes = np.zeros(len(u), np.int8)
-    codes[_removed(work, part)[0]] = DUP
+    codes[load_removed(work, part)[0]] = DUP
     val = u <= cut if cut is not None else u < ratio
     codes[(codes == TRAIN) & val] = VAL
     return codes
@@ -46,7 +42,7 @@ def holdout_cut(work: WorkDir, num_parts: int, count: int) -> float:
     for p in range(num_parts):
         u = column(work.docs(p), "holdout_u")
         alive = np.ones(len(u), bool)
-        alive[_removed(work, p)[0]] = False
+        alive[load_removed(work, p)[0]] = False
         both = np.concatenate([best, u[alive]])
         best = np.partition(both, count - 1)[:count] if len(both) > count else both
     return float(best.max()) if len(best) else -1.0
@@ -68,7 +64,7 @@ def assign_splits(work: WorkDir, num_parts: int, ratio: float, count: int | None
         save_npy(work.split_codes(p), codes)
         names = json.loads((work.docs(p) / "sources.json").read_text())
         source, nbytes = column(work.docs(p), "source"), column(work.docs(p), "nbytes")
-        split_stats(stats, names, source, nbytes, codes, _removed(work, p))
+        split_stats(stats, names, source, nbytes, codes, load_removed(work, p))
         per_src = np.bincount(source[codes == TRAIN], weights=nbytes[codes == TRAIN], minlength=len(names))
         for k in np.nonzero(per_src)[0]:
             train_bytes[names[k]] = train_bytes.get(names[k], 0) + int(per_src[k])
