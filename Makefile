@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -27,6 +27,14 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# On a GPU host: the GPU tests and benchmarks, one JSON line at the end (benchmarks/gpu_check.py).
+# Not after setup (which would install a CPU torch): the .venv's python if there is one, else $(PYTHON)
+# with the host's own torch. Options: make gpu-check GPU_CHECK_ARGS="--out gpu_check.json --skip-mfu"
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data runs outputs

@@ -1,42 +1,113 @@
-"""Trainer overhead: our trainer against a bare PyTorch loop (same model, batch, precision, one process).
+"""Trainer overhead: our trainer against a bare PyTorch loop (same model, batch, precision, device, one process).
 
-    python benchmarks/bench_train.py [--data data/demo_shards] [--steps 30] [--warmup 5]
+    python benchmarks/bench_train.py [--data data/demo_shards] [--steps 30] [--warmup 5] [--device auto|cuda|cpu]
+    python benchmarks/bench_train.py --synthetic --data /tmp/synthetic_shards --seq-len 1024   # no data_prep needed
 
-The trainer runs as users run it (FSDP2 on a group of one, the shard loader, per-step metrics); the
-bare loop trains an unwrapped copy of the same model with AdamW on the same batches held in memory.
-Prints a table and, last, one JSON object with ``trainer_tokens_s``, ``bare_loop_tokens_s`` and ``ratio``.
+The trainer runs as users run it (FSDP2 backend: unwrapped on one process unless ``--always-shard``,
+the shard loader, metrics on log steps); the bare loop trains an unwrapped copy of the same model
+with AdamW on the same batches held in device memory, reading the loss on the same steps the trainer
+logs. On CUDA both run in bf16 by default (fp32 on CPU). Prints a table and, last, one JSON object
+with ``trainer_tokens_s``, ``bare_loop_tokens_s`` and ``ratio``.
+
+``--synthetic`` writes shards of synthetic token sequences in prep's format (:func:`write_synthetic_shards`)
+instead of building the demo corpus, which needs data_prep's dependencies (zstandard, rensa,
+matplotlib); the GPU check (``benchmarks/gpu_check.py``) and ``tests/gpu`` use it.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from slimpajama_train.backends.base import BackendConfig
-from slimpajama_train.callbacks.base import Callback
-from slimpajama_train.callbacks.config import LoggerConfig, WandbConfig
-from slimpajama_train.checkpoint import CheckpointConfig
-from slimpajama_train.config import LoopConfig, TrainConfig
-from slimpajama_train.data import DataConfig
-from slimpajama_train.distributed import destroy_distributed, init_distributed
-from slimpajama_train.model import ModelConfig, Transformer, lm_loss
-from slimpajama_train.optim import OptimConfig, build_optimizer, lr_at
-from slimpajama_train.trainer import Trainer
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from data_prep.shard_format import (  # noqa: E402 - after the sys.path insert above
+    FORMAT_VERSION,
+    MANIFEST,
+    RecordLayout,
+    ShardWriter,
+    shard_name,
+    token_dtype,
+)
+
+SYNTHETIC_SOURCE = "synthetic"
 
 
-class StepClock(Callback):
-    """Timestamps of the end of each step (the loop's own timing, callbacks excluded)."""
+def synthetic_tokens(n: int, block: int, vocab: int, seed: int) -> np.ndarray:
+    """``(n, block)`` token ids that a model learns from within a few steps: each token is, with
+    probability 1/2, the previous one plus one (mod vocab), else a draw from a Zipf-like unigram
+    distribution over a random permutation of the vocabulary. The loss starts near ln(vocab) and
+    falls quickly (the unigram frequencies, then the +1 rule), as it does on text."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    cdf = np.cumsum(weights / weights.sum())
+    perm = rng.permutation(vocab)
+    draws = perm[np.minimum(np.searchsorted(cdf, rng.random((n, block))), vocab - 1)]
+    follow = rng.random((n, block)) < 0.5
+    out = draws.copy()
+    for t in range(1, block):
+        out[:, t] = np.where(follow[:, t], (out[:, t - 1] + 1) % vocab, draws[:, t])
+    return out
 
-    def __init__(self) -> None:
-        self.times: dict[int, float] = {}
 
-    def on_step_end(self, trainer, metrics) -> None:
-        self.times[metrics["step"]] = time.perf_counter()
+def write_synthetic_shards(path: Path, vocab_size: int = 32000, seq_len: int = 256, train_samples: int = 4096,
+                           val_samples: int = 128, samples_per_shard: int = 1024, seed: int = 0) -> Path:
+    """A dataset in prep's shard format (``manifest.json``, ``train-*.tar``, ``val-*.tar``) holding
+    :func:`synthetic_tokens`, written with prep's own :class:`ShardWriter`; no tokenizer is trained
+    (``tokenizer.model`` is a placeholder the trainer only copies into checkpoints). Needs numpy
+    only. Reuses ``path`` when it already holds the same synthetic set."""
+    path = Path(path)
+    params = {"synthetic": True, "vocab_size": vocab_size, "seq_len": seq_len, "train_samples": train_samples,
+              "val_samples": val_samples, "samples_per_shard": samples_per_shard, "seed": seed}
+    manifest_path = path / MANIFEST
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("prep_config") == params:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    block = seq_len + 1
+    dtype = token_dtype(vocab_size)
+    layout = RecordLayout.for_block(block, dtype)
+    tokenizer = (b"placeholder: synthetic shards of benchmarks/bench_train.py (no tokenizer was trained)\n"
+                 + json.dumps(params, sort_keys=True).encode())
+    (path / "tokenizer.model").write_bytes(tokenizer)
+
+    def split(name: str, n: int, split_seed: int) -> dict:
+        tokens = synthetic_tokens(n, block, vocab_size, split_seed)
+        shards = []
+        for i, start in enumerate(range(0, n, samples_per_shard)):
+            writer = ShardWriter(path / shard_name(name, i), i, dtype)
+            for row in tokens[start:start + samples_per_shard]:
+                writer.add(row, {SYNTHETIC_SOURCE: block})
+            shards.append(writer.close(block))
+        return {"shards": shards, "samples": n, "tokens": n * block, "bytes": sum(s["bytes"] for s in shards),
+                "tokens_per_source": {SYNTHETIC_SOURCE: n * block}, "proportions": {SYNTHETIC_SOURCE: 1.0}}
+
+    splits = {"train": split("train", train_samples, seed), "val": split("val", val_samples, seed + 1)}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"file": "tokenizer.model", "sha256": hashlib.sha256(tokenizer).hexdigest(),
+                      "vocab_size": vocab_size, "bos_id": 1, "eos_id": 2, "pad_id": -1, "unk_id": 0},
+        "seq_len": seq_len,
+        "block_size": block,
+        "dtype": dtype.name,
+        "record": {"record_bytes": layout.record_bytes, "npy_header_bytes": layout.npy_header_bytes},
+        "splits": splits,
+        "totals": {k: sum(s[k] for s in splits.values()) for k in ("samples", "tokens", "bytes")},
+        "prep_config": params,
+        "prep_config_hash": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16],
+    }
+    tmp = manifest_path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path)
+    return path
 
 
 def ensure_demo_shards(path: Path) -> None:
@@ -48,25 +119,97 @@ def ensure_demo_shards(path: Path) -> None:
                     f"output_dir={path}"], check=True)
 
 
-def main() -> None:
+def split_batch(batch, device):
+    """(inputs, targets) as int64 on ``device`` from a loader batch: a (B, T+1) tensor, or an
+    (inputs, targets) pair from loaders that split it themselves."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0].to(device).long(), batch[1].to(device).long()
+    b = batch.to(device).long()
+    return b[:, :-1], b[:, 1:]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/demo_shards")
+    p.add_argument("--synthetic", action="store_true",
+                   help="write synthetic shards to --data (unless it holds them) instead of building the demo corpus")
+    p.add_argument("--seq-len", type=int, default=256, help="sequence length of --synthetic shards")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary of --synthetic shards")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when there is a GPU; cpu hides the GPUs from this process")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--always-shard", action="store_true", help="the trainer wraps the model in FSDP2 on one process")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks in both loops (trainer.compile)")
     p.add_argument("--run-dir", default="runs/bench_train")
-    a = p.parse_args()
-    ensure_demo_shards(Path(a.data))
+    a = p.parse_args(argv)
+    if a.warmup < 0 or a.steps <= a.warmup:
+        p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup}) >= 0")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initializes CUDA: the trainer picks the CPU
+    import torch
+
+    from slimpajama_train.backends.base import BackendConfig
+    from slimpajama_train.callbacks.base import Callback
+    from slimpajama_train.callbacks.config import LoggerConfig, WandbConfig
+    from slimpajama_train.checkpoint import CheckpointConfig
+    from slimpajama_train.config import LoopConfig, TrainConfig
+    from slimpajama_train.data import DataConfig, open_dataset, train_loader
+    from slimpajama_train.distributed import destroy_distributed, init_distributed
+    from slimpajama_train.model import ModelConfig, Transformer, lm_loss
+    from slimpajama_train.optim import OptimConfig, build_optimizer, lr_at
+    from slimpajama_train.trainer import Trainer
+
+    cuda = torch.cuda.is_available()
+    if a.device == "cuda" and not cuda:
+        print("bench_train: --device cuda but no CUDA GPU on this machine; nothing measured")
+        print(json.dumps({"skipped": "no CUDA GPU"}))
+        return
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    precision = a.precision or ("bf16" if cuda else "fp32")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    class StepClock(Callback):
+        """Wall time from the start of step ``warmup + 1`` to the end of the last step, the device
+        drained at both ends (the trainer reads the device only on log steps: per-step host times
+        would be the host's queueing, not the step)."""
+
+        def __init__(self) -> None:
+            self.t0 = self.t1 = None
+
+        def on_step_start(self, trainer) -> None:
+            if trainer.step == a.warmup:
+                sync()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, trainer, metrics) -> None:
+            if metrics.get("step") == a.steps:
+                sync()
+                self.t1 = time.perf_counter()
+
+    data = Path(a.data)
+    if a.synthetic:
+        write_synthetic_shards(data, vocab_size=a.vocab, seq_len=a.seq_len,
+                               train_samples=max(512, 2 * a.steps * a.micro_batch))
+    else:
+        ensure_demo_shards(data)
     cfg = TrainConfig(
         run_dir=a.run_dir,
         model=ModelConfig(dim=a.dim, n_layers=a.layers, n_heads=max(1, a.dim // 64), tie_embeddings=True),
-        data=DataConfig(path=a.data, micro_batch_size=a.micro_batch, num_workers=1),
+        data=DataConfig(path=str(data), micro_batch_size=a.micro_batch, num_workers=1),
         optim=OptimConfig(lr=1e-3, warmup_steps=5),
-        backend=BackendConfig(name="fsdp2", precision=a.precision),
-        trainer=LoopConfig(max_steps=a.steps, global_batch_size=a.micro_batch, log_interval=a.steps, eval_interval=0),
+        backend=BackendConfig(name="fsdp2", precision=precision, always_shard=a.always_shard),
+        trainer=LoopConfig(max_steps=a.steps, global_batch_size=a.micro_batch, log_interval=a.steps, eval_interval=0,
+                           compile=a.compile),
         checkpoint=CheckpointConfig(interval=0, resume="none"),
         logger=LoggerConfig(console=False, metrics_file=False, wandb=WandbConfig(enabled=False)),
     )
@@ -74,24 +217,29 @@ def main() -> None:
     clock = StepClock()
     trainer = Trainer(cfg, dist_info, callbacks=[clock])
     seq = trainer.manifest["seq_len"]
-    trainer.fit()
-    trainer_tps = (a.steps - a.warmup) * trainer.tokens_per_step / (clock.times[a.steps] - clock.times[a.warmup])
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    trainer_tps = (a.steps - a.warmup) * trainer.tokens_per_step / (clock.t1 - clock.t0)
 
-    # Bare loop: the same batches, pre-loaded; an unwrapped copy of the same model; nothing else.
-    from slimpajama_train.data import open_dataset, train_loader
-
+    # Bare loop: the same batches, pre-loaded on the device; an unwrapped copy of the same model; nothing else.
     manifest, data_dir = open_dataset(cfg.data)
-    it = iter(train_loader(DataConfig(path=a.data, micro_batch_size=a.micro_batch, num_workers=0), manifest, data_dir,
-                           0, a.micro_batch, 0, 1))
-    batches = [next(it) for _ in range(a.steps)]
-    model = Transformer(trainer.cfg.model, seed=cfg.seed)  # the resolved model config, the same initial weights
-    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
-    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+    it = iter(train_loader(DataConfig(path=str(data), micro_batch_size=a.micro_batch, num_workers=0), manifest,
+                           data_dir, 0, a.micro_batch, 0, 1))
+    batches = [split_batch(next(it), device) for _ in range(a.steps)]
+    model = Transformer(trainer.cfg.model, seed=cfg.seed).to(device)  # the resolved config, the same initial weights
+    if a.compile:
+        for block in model.layers:
+            block.compile()
+    opt = build_optimizer(model, cfg.optim, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     t_start = 0.0
     for step, (x, y) in enumerate(batches):
         if step == a.warmup:
+            sync()
             t_start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = lm_loss(model(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -99,20 +247,25 @@ def main() -> None:
             g["lr"] = lr_at(step, cfg.optim, a.steps)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()  # the trainer reads the loss every step too
+        if step == 0 or step == a.steps - 1:
+            loss.item()  # the trainer reads the loss on its log steps (the first and the last here)
+    sync()
     bare_tps = (a.steps - a.warmup) * a.micro_batch * seq / (time.perf_counter() - t_start)
     destroy_distributed()
 
     ratio = trainer_tps / bare_tps
-    print("\n| loop | tokens/s | model | batch x seq | precision | threads |\n|---|---:|---|---|---|---:|")
+    where = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print("\n| loop | tokens/s | model | batch x seq | precision | device |\n|---|---:|---|---|---|---|")
     shape = f"{trainer.n_params / 1e6:.1f}M ({a.layers}x{a.dim})"
-    for name, tps in (("slimpajama trainer (FSDP2, shard loader)", trainer_tps),
+    wrap = "FSDP2 always_shard" if a.always_shard else "FSDP2 backend"
+    for name, tps in ((f"slimpajama trainer ({wrap}, shard loader)", trainer_tps),
                       ("bare PyTorch loop (in-memory batches)", bare_tps)):
-        print(f"| {name} | {tps:,.0f} | {shape} | {a.micro_batch} x {seq} | {a.precision} "
-              f"| {torch.get_num_threads()} |")
+        print(f"| {name} | {tps:,.0f} | {shape} | {a.micro_batch} x {seq} | {precision} | {where} |")
     print(f"\nratio trainer / bare = {ratio:.3f} (target >= 0.95)")
     print(json.dumps({"trainer_tokens_s": trainer_tps, "bare_loop_tokens_s": bare_tps, "ratio": ratio,
-                      "steps_timed": a.steps - a.warmup, "params": trainer.n_params, "precision": a.precision}))
+                      "steps_timed": a.steps - a.warmup, "params": trainer.n_params, "precision": precision,
+                      "device": where, "micro_batch": a.micro_batch, "seq_len": seq,
+                      "always_shard": a.always_shard, "compile": a.compile}))
 
 
 if __name__ == "__main__":

@@ -276,13 +276,18 @@ class Checkpointer:
         self.last_saved_step, self.last_checkpoint = meta["step"], Path(path)
         return meta
 
-    def step_end(self, step: int) -> dict[str, float]:
-        """Finalize a finished background save; save when the interval says so. Returns the
-        blocking time of a save made now, as a metric."""
-        if (path := self.manager.poll()) is not None:
-            self._done(path)
+    def due(self, step: int) -> bool:
+        """Whether :meth:`step_end` will save ``step`` (the trainer reads its pending step records first)."""
         interval = self.cfg.interval
-        if interval and step > 0 and step % interval == 0 and self.last_saved_step != step:
+        return bool(interval and step > 0 and step % interval == 0 and self.last_saved_step != step)
+
+    def step_end(self, step: int, poll: bool = True) -> dict[str, float]:
+        """Finalize a finished background save (checked only when ``poll``: the check is a small
+        collective the trainer makes on log steps only); save when the interval says so. Returns the
+        blocking time of a save made now, as a metric."""
+        if poll and (path := self.manager.poll()) is not None:
+            self._done(path)
+        if self.due(step):
             return {"checkpoint_blocking_s": self.save(step)}
         return {}
 

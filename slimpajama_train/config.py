@@ -34,7 +34,11 @@ class LoopConfig:
         peak_tflops: per-device peak for MFU; None looks the GPU up by name in ``metrics.PEAK_TFLOPS_BF16``
             (dense bf16: H100 SXM 989, PCIe 756, NVL 835, H200, H800, B200, A100, ...); unknown devices
             log that MFU is off.
-        compile: ``torch.compile`` each transformer block.
+        compile: ``torch.compile`` each transformer block and the loss; None: on for CUDA (where
+            Triton and a C compiler are present; the log says why not otherwise), off on CPU.
+        gc_interval: Python's garbage collector is frozen after set-up and disabled; every this many
+            steps all ranks run a young-generation collection at the same step (a collection at a
+            random moment on one of 512 ranks stalls all the others). 0: leave the collector alone.
     """
 
     max_steps: int = 1000
@@ -46,7 +50,8 @@ class LoopConfig:
     halt_at_step: int | None = None
     max_consecutive_skips: int = 10
     peak_tflops: float | None = None
-    compile: bool = False
+    compile: bool | None = None
+    gc_interval: int = 50
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -59,6 +64,8 @@ class LoopConfig:
             raise ValueError(f"trainer.max_consecutive_skips={self.max_consecutive_skips}: must be >= 1")
         if self.log_interval < 1:
             raise ValueError(f"trainer.log_interval={self.log_interval}: must be >= 1")
+        if self.gc_interval < 0:
+            raise ValueError(f"trainer.gc_interval={self.gc_interval}: must be >= 0 (0: automatic collection)")
 
 
 @dataclass

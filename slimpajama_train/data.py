@@ -4,6 +4,12 @@ The order is a pure function of (manifest, seed, epoch): epoch ``e`` is a seeded
 samples of the split. Global batch ``b`` is positions ``[b·G, (b+1)·G)`` of the concatenated epochs;
 rank ``r`` of ``W`` takes the contiguous slice ``[b·G + r·G/W, b·G + (r+1)·G/W)``. So the loader
 state is one integer (samples consumed) and resuming, on any world size, is a seek.
+
+Batches leave the loader as they are stored: one (B, T+1) tensor of the shard's token dtype per
+micro-batch (uint16 for vocabularies of up to 2**16 ids, int32 for uint32 shards), pinned when
+training on CUDA. :func:`to_device_batch` moves it in one non-blocking copy and widens it to int64
+on the device: a quarter of the int64 bytes (uint16) through the workers' shared memory, the pinning
+thread and PCIe, and one copy where inputs and targets took two.
 """
 from __future__ import annotations
 
@@ -174,6 +180,13 @@ class TokenBlocks(Dataset):
         self.data_dir = Path(data_dir)
         self.manifest_path = self.data_dir / MANIFEST
         self.dtype = np.dtype(manifest["dtype"])
+        # What items hold: the stored dtype, except uint32 as int32 (the same bytes; token ids are
+        # < 2**31): torch's uint32 is a "barebones" dtype with few ops, where int32 has them all.
+        # uint16 is one too, but stack, pinning, copies and ``.long()`` (CPU and CUDA) take it.
+        self.item_dtype = np.dtype(np.int32) if self.dtype == np.uint32 else self.dtype
+        vocab = manifest.get("tokenizer", {}).get("vocab_size", 0)
+        if self.dtype == np.uint32 and vocab > 2**31:
+            raise ValueError(f"{self.manifest_path}: a vocabulary of {vocab} ids does not fit int32 batches")
         self.layout = RecordLayout(**manifest["record"])
         self.block_size = int(manifest["block_size"])
         self.max_open_shards = max_open_shards
@@ -221,7 +234,8 @@ class TokenBlocks(Dataset):
 
     def __getitem__(self, position: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         shard, index = self.order.locate(self.order.sample_id(position))
-        tokens = torch.from_numpy(self._reader(shard).read(index).astype(np.int64))
+        # A copy (the reader's array is a read-only view of the record) in the stored dtype.
+        tokens = torch.from_numpy(np.array(self._reader(shard).read(index), dtype=self.dtype).view(self.item_dtype))
         return (tokens, int(self.shard_source[shard])) if self.with_source else tokens
 
     def __getstate__(self) -> dict:
@@ -340,14 +354,24 @@ def _sigterm_from_parent_only(parents: frozenset[int]) -> None:
 _LOADERS_WITH_WORKERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
 
 
+def shut_down_workers(loader: DataLoader) -> None:
+    """Stop the persistent workers of ``loader`` (and its pinning thread) the ordinary way: done
+    event, sentinel, join. They ignore the scheduler's SIGTERM, so a trainer that is done with a
+    loader calls this rather than leave them to the interpreter's exit. A no-op for a loader
+    without workers or never iterated; a later ``iter(loader)`` starts new ones."""
+    it = getattr(loader, "_iterator", None)
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+        loader._iterator = None
+
+
 def _shut_down_loader_workers() -> None:
     for loader in list(_LOADERS_WITH_WORKERS):
-        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
-        if shutdown is not None:
-            try:
-                shutdown()
-            except Exception:  # exiting anyway: multiprocessing's own handler is the fallback
-                pass
+        try:
+            shut_down_workers(loader)
+        except Exception:  # exiting anyway: multiprocessing's own handler is the fallback
+            pass
 
 
 # Registered after multiprocessing.util's and torch.utils.data's hooks (both imported above).
@@ -359,33 +383,55 @@ def _track_loader_workers(loader: DataLoader) -> DataLoader:
     return loader
 
 
-def _collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    blocks = torch.stack(samples)  # (B, T+1)
-    return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
+def _collate(samples: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(samples)  # (B, T+1), the stored dtype
 
 
-def _collate_with_source(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    inputs, targets = _collate([t for t, _ in samples])
-    return inputs, targets, torch.tensor([s for _, s in samples], dtype=torch.long)
+def _collate_with_source(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _collate([t for t, _ in samples]), torch.tensor([s for _, s in samples], dtype=torch.long)
+
+
+def to_device_batch(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) on ``device`` from a loader's (B, T+1) batch: one copy (non-blocking, so
+    it overlaps with the host when the batch is pinned), widened to int64 there. Both are views of
+    one (B, T+1) int64 tensor: ``inputs = b[:, :-1]``, ``targets = b[:, 1:]`` (not contiguous)."""
+    b = batch.to(device, non_blocking=True).long()
+    return b[:, :-1], b[:, 1:]
+
+
+def _loader(ds: TokenBlocks, sampler: RankBatchSampler, collate_fn: Any, num_workers: int,
+            pin_memory: bool) -> DataLoader:
+    # Pinning needs an accelerator: without one DataLoader warns on every iterator and pins nothing.
+    pin_memory = pin_memory and torch.cuda.is_available()
+    if not num_workers:
+        return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=collate_fn, pin_memory=pin_memory)
+    # Persistent workers: forked once per loader, not at every ``iter`` (the validation loader is
+    # iterated at every evaluation). A train and a val loader thus keep 2 x num_workers processes
+    # per rank alive for the whole run: each up to max_open_shards open shard files and its own
+    # memory (the pages of the parent it touches, its readers, prefetch_factor batches in flight),
+    # so per node ranks x 2 x num_workers x max_open_shards descriptors (8 x 2 x 4 x 16 = 1024).
+    return _track_loader_workers(DataLoader(
+        ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,
+        persistent_workers=True, prefetch_factor=4,
+        worker_init_fn=partial(_ignore_preemption_signals, loader_pid=os.getpid())))
 
 
 def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, start: int, global_batch: int, rank: int,
-                 world_size: int) -> DataLoader:
-    """Infinite loader of (inputs, targets) micro-batches of this rank, from position ``start``."""
+                 world_size: int, pin_memory: bool = False) -> DataLoader:
+    """Infinite loader of this rank's micro-batches from position ``start``: each a (B, T+1) tensor
+    of the stored token dtype (see :func:`to_device_batch`). ``pin_memory``: pinned host memory,
+    for copies to a CUDA device (ignored without CUDA)."""
     ds = TokenBlocks(data_dir, manifest, "train", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards)
     sampler = RankBatchSampler(start, global_batch, cfg.micro_batch_size, rank, world_size)
-    if not cfg.num_workers:
-        return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=_collate)
-    return _track_loader_workers(DataLoader(
-        ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate, persistent_workers=True,
-        prefetch_factor=4, worker_init_fn=partial(_ignore_preemption_signals, loader_pid=os.getpid())))
+    return _loader(ds, sampler, _collate, cfg.num_workers, pin_memory)
 
 
 def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batches: int, global_batch: int, rank: int,
-               world_size: int) -> DataLoader:
-    """(inputs, targets, source index) of the first ``batches`` global batches of the holdout split in
-    a fixed shuffled order (seeded, so it draws from every source's shards): the same samples every
-    evaluation and on any world size (each rank takes its slice of every global batch)."""
+               world_size: int, pin_memory: bool = False) -> DataLoader:
+    """(batch (B, T+1), source index (B,)) of the first ``batches`` global batches of the holdout split
+    in a fixed shuffled order (seeded, so it draws from every source's shards): the same samples every
+    evaluation and on any world size (each rank takes its slice of every global batch). Read by
+    ``cfg.num_workers`` persistent workers, as training is; ``pin_memory`` as in :func:`train_loader`."""
     ds = TokenBlocks(data_dir, manifest, "val", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards,
                      with_source=True)
     n = min(batches * global_batch, (len(ds) // global_batch) * global_batch)
@@ -393,4 +439,4 @@ def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batche
         raise ValueError(f"{data_dir}: the val split has {len(ds)} samples, fewer than one global batch of "
                          f"{global_batch}")
     sampler = RankBatchSampler(0, global_batch, cfg.micro_batch_size, rank, world_size, limit=n)
-    return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=_collate_with_source)
+    return _loader(ds, sampler, _collate_with_source, cfg.num_workers, pin_memory)

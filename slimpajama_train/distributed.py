@@ -128,3 +128,55 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class AsyncVote:
+    """A yes/no vote across ranks that never stalls a step: :meth:`start` launches a one-element
+    asynchronous all-reduce on the device; :meth:`result` reads it one step later, when it has long
+    completed (on CUDA through pinned host memory after an event, not a blocking device copy).
+
+    Every rank calls both at the same steps, so all ranks read the same sum at the same step: the
+    stop decision it carries is global and deterministic, one step after the signal is voted.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pending: tuple | None = None
+        self._multi = dist.is_initialized() and dist.get_world_size() > 1
+        # One pinned landing buffer, reused: a vote is read before the next one starts.
+        self._host = torch.empty(1, dtype=torch.float32, pin_memory=device.type == "cuda")
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def start(self, flag: bool) -> None:
+        if self._pending is not None:
+            raise RuntimeError("AsyncVote.start() before the previous vote was read")
+        t = torch.full((1,), 1.0 if flag else 0.0, dtype=torch.float32, device=self.device)  # a fill: no copy
+        work = dist.all_reduce(t, async_op=True) if self._multi else None
+        event = None
+        if self.device.type == "cuda":
+            if work is not None:
+                work.wait()  # on NCCL: the current stream waits for the reduction; the host does not
+            host = self._host
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            work = None
+        else:
+            host = t
+        self._pending = (work, host, event)
+
+    def result(self) -> bool:
+        """True when any rank voted yes (blocks only if the reduction has not finished yet)."""
+        if self._pending is None:
+            raise RuntimeError("AsyncVote.result() without a vote in flight")
+        work, host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        if work is not None:
+            work.wait()
+        # A host-memory read (numpy view of a CPU tensor), not a device transfer.
+        return bool(host.numpy()[0] > 0)

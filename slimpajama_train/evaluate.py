@@ -31,7 +31,7 @@ from data_prep.shard_format import load_manifest
 from data_prep.tokenizer import file_sha256
 from slimpajama_train.callbacks.wandb_logger import WANDB_ID_FILE
 from slimpajama_train.checkpoint_io import load_model, resolve_checkpoint
-from slimpajama_train.data import DataConfig, TokenBlocks
+from slimpajama_train.data import DataConfig, TokenBlocks, to_device_batch
 from slimpajama_train.model import ModelConfig, Transformer, lm_loss
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -118,8 +118,8 @@ def shard_perplexity(model: Transformer, data_dir: str | Path, split: str = "val
             blocks = torch.stack([t for t, _ in items])  # (B, T+1)
             src = torch.tensor([s for _, s in items])
             slot = torch.where(src >= 0, src, k)  # the last slot: samples of mixed-source shards
-            logits = model(blocks[:, :-1].to(device))  # (B, T, V)
-            losses = lm_loss(logits, blocks[:, 1:].to(device), per_sample=True).double().cpu()  # (B,)
+            inputs, targets = to_device_batch(blocks, device)  # stored dtype -> int64 on the device
+            losses = lm_loss(model(inputs), targets, per_sample=True).double().cpu()  # (B,)
             loss_sum.index_add_(0, slot, losses)
             count.index_add_(0, slot, torch.ones_like(losses))
     finally:

@@ -5,6 +5,7 @@ is a rename, not a permutation.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -13,6 +14,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from slimpajama_train.chunked_loss import EAGER_KERNELS, ChunkKernels, chunked_linear_cross_entropy, compiled_kernels
+
+AC_MODES = ("none", "block", "op", "full")
 
 
 @dataclass
@@ -238,9 +244,27 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Ops whose outputs ``op`` activation checkpointing keeps: matmuls and attention, the expensive ones to
+# recompute. Everything else (norms, RoPE, SiLU, products, casts) is recomputed in backward.
+_SAVED_OP_NAMES = ("mm", "addmm", "bmm", "_scaled_mm", "linear", "_scaled_dot_product_flash_attention",
+                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                   "_scaled_dot_product_flash_attention_for_cpu")
+SAVED_OPS = frozenset(getattr(torch.ops.aten, name).default for name in _SAVED_OP_NAMES
+                      if hasattr(torch.ops.aten, name))
+
+
+def _op_ac_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# A fresh pair of contexts per checkpointed call, as torch.utils.checkpoint's ``context_fn`` requires.
+op_ac_contexts = functools.partial(create_selective_checkpoint_contexts, _op_ac_policy)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block. ``checkpoint_activations`` recomputes its activations in backward
-    (set by activation checkpointing; parameter names stay unchanged)."""
+    """Pre-norm transformer block. ``checkpoint`` (set by activation checkpointing; parameter names
+    stay unchanged): ``none``; ``block`` recomputes all of its activations in backward; ``op`` keeps
+    the outputs of matmuls and attention and recomputes the rest."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -248,7 +272,7 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
-        self.checkpoint_activations = False
+        self.checkpoint = "none"
 
     def _forward(self, x: torch.Tensor, cos, sin, bias) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
@@ -256,13 +280,37 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        if self.checkpoint_activations and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, bias, use_reentrant=False)
-        return self._forward(x, cos, sin, bias)
+        if self.checkpoint == "none" or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin, bias)
+        extra = {"context_fn": op_ac_contexts} if self.checkpoint == "op" else {}
+        return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, bias, use_reentrant=False, **extra)
+
+
+class LMHead(nn.Linear):
+    """The output projection (an ``nn.Linear``: its parameter stays ``lm_head.weight``) that can also
+    return the loss: with ``chunk_tokens > 0`` without ever holding the (tokens x vocab) logits.
+
+    Call it as a module (``self.lm_head(h, targets)``) so sharding hooks on the unit that holds it fire.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.loss_kernels: ChunkKernels = EAGER_KERNELS
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, per_sample: bool = False,
+                chunk_tokens: int = 0) -> torch.Tensor:
+        """Logits ``(..., V)`` without targets; else the mean fp32 loss, or ``(B,)`` per-sample means."""
+        if targets is None:
+            return super().forward(h)
+        if chunk_tokens <= 0:
+            return lm_loss(super().forward(h), targets, per_sample)
+        return chunked_linear_cross_entropy(h, self.weight, targets, chunk_tokens,
+                                            per_sample_groups=targets.shape[0] if per_sample else None,
+                                            kernels=self.loss_kernels)
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. ``forward(tokens (B, T)) -> logits (B, T, V)``."""
+    """Decoder-only LM. ``forward(tokens (B, T)) -> logits (B, T, V)``; ``forward(tokens, targets) -> loss``."""
 
     def __init__(self, cfg: ModelConfig, seed: int | None = 0) -> None:
         """Build the model; ``seed=None`` leaves the parameters uninitialized (for building on the
@@ -281,12 +329,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if r is not None and cfg.tie_embeddings:
             self.head_proj = nn.Linear(cfg.dim, r, bias=False)  # dim -> r, then the tied V×r table
-        self.lm_head = nn.Linear(r if (r is not None and cfg.tie_embeddings) else cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(r if (r is not None and cfg.tie_embeddings) else cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Buffers are not persistent: they are derived from the config, never loaded from a checkpoint.
         for name, table in self._derived_buffers().items():
             self.register_buffer(name, table, persistent=False)
+        # Tokens per chunk of the training loss (0: plain projection + cross-entropy): set_loss_chunk.
+        self.loss_chunk_tokens = 0
         if seed is not None:
             self.init_weights(seed)
 
@@ -332,7 +382,10 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                per_sample: bool = False) -> torch.Tensor:
+        """Logits ``(B, T, V)`` of ``tokens (B, T)``; with ``targets (B, T)`` the mean fp32 loss instead
+        (``(B,)`` per-sample means with ``per_sample``), over chunks of ``loss_chunk_tokens`` tokens."""
         T = tokens.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -349,12 +402,38 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if hasattr(self, "head_proj"):
             h = self.head_proj(h)
-        return self.lm_head(h)  # (B, T, V)
+        if targets is None:
+            return self.lm_head(h)  # (B, T, V)
+        return self.lm_head(h, targets, per_sample=per_sample, chunk_tokens=self.loss_chunk_tokens)
+
+    def set_loss_chunk(self, tokens: int) -> None:
+        """Compute the loss of ``forward(tokens, targets)`` over chunks of this many tokens, so the
+        (tokens x vocab) fp32 logits never exist at once; 0: one plain projection + cross-entropy."""
+        if tokens < 0:
+            raise ValueError(f"loss chunk of {tokens} tokens: must be >= 0 (0: unchunked)")
+        self.loss_chunk_tokens = tokens
 
     def set_activation_checkpointing(self, mode: str, every: int = 2) -> None:
-        """``none``, ``full`` (every block) or ``selective`` (every ``every``-th block)."""
+        """``none``; ``block``: recompute every ``every``-th whole block in backward; ``op``: every block
+        keeps its matmul and attention outputs and recomputes the rest (torch's selective activation
+        checkpointing); ``full``: recompute every block."""
+        if mode not in AC_MODES:
+            raise ValueError(f"activation checkpointing mode {mode!r}: choose one of {AC_MODES}")
+        if every < 1:
+            raise ValueError(f"activation checkpointing every={every}: must be >= 1")
         for i, block in enumerate(self.layers):
-            block.checkpoint_activations = mode == "full" or (mode == "selective" and i % every == 0)
+            if mode == "block":
+                block.checkpoint = "block" if i % every == 0 else "none"
+            else:
+                block.checkpoint = {"none": "none", "op": "op", "full": "block"}[mode]
+
+    def compile_blocks(self, loss: bool = True) -> None:
+        """``torch.compile`` each block in place (parameter names, and so checkpoints, are unchanged)
+        and, with ``loss``, the per-chunk kernels of the chunked loss (the unchunked loss stays eager)."""
+        for block in self.layers:
+            block.compile()
+        if loss:
+            self.lm_head.loss_kernels = compiled_kernels()
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, per_sample: bool = False) -> torch.Tensor:

@@ -83,7 +83,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    fused = cfg.fused and device.type == "cuda"
+    """AdamW over the decay / no-decay groups. Fused on CUDA and CPU alike: the fused kernel takes the
+    step's ``found_inf`` flag as a device tensor and skips the update on the device, so a non-finite
+    step costs no host synchronization (and CPU runs take the same path as GPU runs)."""
+    fused = cfg.fused and device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay, cfg.decay_embeddings), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps, fused=fused,

@@ -6,11 +6,12 @@ W&B, speed); :class:`StopRequest` records scheduler signals, which the ranks agr
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,14 @@ import torch
 
 from slimpajama_train import __version__
 from slimpajama_train.backends import build_backend
+from slimpajama_train.backends.base import StepResult
 from slimpajama_train.backends.hardware import compile_problem
 from slimpajama_train.callbacks.base import Callback, ordered
 from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.checkpoint import Checkpointer
 from slimpajama_train.config import TrainConfig, config_hash, resolve_config
-from slimpajama_train.data import check_manifest, open_dataset, train_loader, val_loader
-from slimpajama_train.distributed import DistInfo, all_reduce_sum, set_collective_timeout
+from slimpajama_train.data import check_manifest, open_dataset, shut_down_workers, train_loader, val_loader
+from slimpajama_train.distributed import AsyncVote, DistInfo, all_reduce_sum, set_collective_timeout
 from slimpajama_train.metrics import detect_peak_tflops, flops_per_token, host_peak_rss_bytes, mfu_off_reason
 from slimpajama_train.model import Transformer, count_parameters
 from slimpajama_train.optim import lr_at
@@ -38,10 +40,42 @@ def build_model(cfg: TrainConfig) -> Transformer:
     under ZeRO-3's partitioning and initializes each rank's part)."""
     model = Transformer(cfg.model, seed=None)
     model.set_activation_checkpointing(cfg.backend.activation_checkpointing, cfg.backend.ac_every)
+    model.set_loss_chunk(cfg.backend.loss_chunk_tokens)
     if cfg.trainer.compile:
-        for block in model.layers:
-            block.compile()  # in place: parameter names (and checkpoints) are unchanged
+        model.compile_blocks()  # in place: parameter names (and checkpoints) are unchanged
     return model
+
+
+def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, str | None]:
+    """``trainer.compile`` as the run uses it (None: on for CUDA when it can work there, off on CPU),
+    and a log line when the automatic choice had to turn it off."""
+    want = cfg.trainer.compile
+    problem = compile_problem(device)
+    if want is None:
+        on = device.type == "cuda" and problem is None
+        note = f"trainer.compile: off ({problem})" if device.type == "cuda" and problem else None
+        return replace(cfg, trainer=replace(cfg.trainer, compile=on)), note
+    if want and problem:
+        raise RuntimeError(f"trainer.compile=true: {problem}; set trainer.compile=false")
+    return cfg, None
+
+
+@dataclass
+class StepRecord:
+    """What a step left on the device, read at the next log step: this rank's loss (summed over the
+    micro-batches) and the backend's step result, with the batch's first global sample position."""
+
+    step: int
+    batch_start: int
+    lr: float
+    loss_sum: torch.Tensor
+    result: StepResult
+
+
+def _on_device(x: torch.Tensor | float | bool | None, device: torch.device) -> torch.Tensor:
+    if x is None:
+        return torch.full((1,), float("nan"), device=device)
+    return torch.as_tensor(x, dtype=torch.float32).to(device).reshape(1)
 
 
 class Trainer:
@@ -53,9 +87,11 @@ class Trainer:
         self.stop = stop or StopRequest().install()
         self.dist = dist_info
         self.manifest, self.data_dir = open_dataset(cfg.data)
-        self.cfg = cfg = resolve_config(cfg, self.manifest, dist_info.world_size)
-        if cfg.trainer.compile and (problem := compile_problem(dist_info.device)):
-            raise RuntimeError(f"trainer.compile=true: {problem}; set trainer.compile=false")
+        cfg, compile_note = resolve_compile(resolve_config(cfg, self.manifest, dist_info.world_size),
+                                            dist_info.device)
+        self.cfg = cfg
+        if compile_note:
+            self.log(compile_note)
         self.config_hash = config_hash(cfg)
         check_manifest(self.manifest, self.data_dir, cfg.model.max_seq_len, cfg.model.vocab_size,
                        cfg.data.tokenizer_sha256)
@@ -79,7 +115,10 @@ class Trainer:
                  f"({cfg.model.n_layers} layers, dim {cfg.model.dim}, vocab {cfg.model.vocab_size}, seq {seq_len}); "
                  f"backend {cfg.backend.name}{zero} {cfg.backend.precision}; world {W}; "
                  f"global batch {G} = {B} micro x {self.grad_accum} accum x {W} ranks; "
-                 f"host peak RSS after sharded init {host_peak_rss_bytes() / 2**30:.2f} GiB (rank 0)")
+                 f"AC {cfg.backend.activation_checkpointing}; loss chunk {cfg.backend.loss_chunk_tokens} tokens; "
+                 f"compile {'on' if cfg.trainer.compile else 'off'}; "
+                 f"host peak RSS after sharded init {host_peak_rss_bytes() / 2**30:.2f} GiB (rank 0)"
+                 + (f"; {layout}" if (layout := self.backend.describe()) else ""))
         self.backend.build_optimizer()
 
         self.step = 0
@@ -88,6 +127,10 @@ class Trainer:
         self.consecutive_skips = 0
         self.data_wait_s = 0.0
         self.preempted = False
+        # Steps since the last log step: their losses and step results stay on the device until then.
+        self._window: list[StepRecord] = []
+        self._host_s = self._wait_s = self._excluded_s = 0.0
+        self._window_t0 = time.perf_counter()
         self.summary: dict[str, Any] = {}
         self.callbacks = ordered(callbacks if callbacks is not None else build_callbacks(cfg.logger, dist_info.is_main))
         tokenizer = self.data_dir / self.manifest["tokenizer"]["file"]
@@ -97,11 +140,13 @@ class Trainer:
         # Start-up and resume ran under the long init timeout; steps get the short one.
         set_collective_timeout(cfg.dist.step_timeout_s)
 
+        pin = dist_info.device.type == "cuda"  # pinned batches copy to the GPU asynchronously
         self.train_data = train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G,
-                                       dist_info.rank, W)
+                                       dist_info.rank, W, pin_memory=pin)
         self.train_iter = iter(self.train_data)
         self.val_data = (
-            val_loader(cfg.data, self.manifest, self.data_dir, cfg.trainer.eval_batches, G, dist_info.rank, W)
+            val_loader(cfg.data, self.manifest, self.data_dir, cfg.trainer.eval_batches, G, dist_info.rank, W,
+                       pin_memory=pin)
             if cfg.trainer.eval_interval else None
         )
 
@@ -119,9 +164,19 @@ class Trainer:
             print(msg, file=sys.stderr, flush=True)
 
     # ---- the loop -------------------------------------------------------------------------------
+    def is_log_step(self, step: int) -> bool:
+        """Steps whose train metrics are read from the device, reduced and logged."""
+        loop = self.cfg.trainer
+        return step % loop.log_interval == 0 or step == 1 or step == loop.max_steps
+
     def fit(self) -> dict[str, Any]:
         """Train to ``max_steps`` (or ``halt_at_step``, or a stop signal); returns first/last
-        losses, the last checkpoint and whether the run was preempted."""
+        losses, the last checkpoint and whether the run was preempted.
+
+        Steps that do not log never wait for the device: losses, gradient norms and skip flags stay
+        there until the next log step reads them in one transfer. The only collective a step adds
+        to the training's own is the stop vote, asynchronous and read one step later.
+        """
         loop = self.cfg.trainer
         end = min(loop.max_steps, loop.halt_at_step or loop.max_steps)
         for cb in self.callbacks:
@@ -130,18 +185,40 @@ class Trainer:
         self.preempted = self._agree_to_stop()
         if self.step == 0 and self.val_data is not None and not self.preempted:
             self._emit({"step": 0, **self.evaluate()})
+        vote = AsyncVote(self.dist.device)
         carried: dict[str, float] = {}
-        while self.step < end and not self.preempted:
-            for cb in self.callbacks:
-                cb.on_step_start(self)
-            metrics = self.train_step()
-            if self.val_data is not None and (self.step % loop.eval_interval == 0 or self.step == loop.max_steps):
-                metrics.update(self.evaluate())
-            # A step's metrics are written before its checkpoint: a kill right after the save cannot
-            # leave a checkpointed step without its record. The save's blocking time is reported
-            # with the next step.
-            self._emit({**metrics, **carried})
-            carried = {} if self.preempted else self.checkpointer.step_end(self.step)
+        self._freeze_gc()
+        self._window_t0 = time.perf_counter()
+        try:
+            while self.step < end and not self.preempted:
+                if vote.pending and vote.result():  # a signal voted at the start of the previous step
+                    self.preempted = True
+                    break
+                vote.start(self.stop.requested)
+                for cb in self.callbacks:
+                    cb.on_step_start(self)
+                metrics = self.train_step()
+                t_other = time.perf_counter()
+                if loop.gc_interval and self.step % loop.gc_interval == 0:
+                    gc.collect(1)  # the same step on every rank: no rank pauses while others wait on it
+                if self.val_data is not None and (self.step % loop.eval_interval == 0 or self.step == loop.max_steps):
+                    metrics.update(self.evaluate())
+                if self._window and self.checkpointer.due(self.step):
+                    metrics.update(self._read_window())  # the checkpoint records the skip count
+                # A step's metrics are written before its checkpoint: a kill right after the save cannot
+                # leave a checkpointed step without its record. The save's blocking time is reported
+                # with the next record.
+                if len(metrics) > 1:
+                    self._emit({**metrics, **carried})
+                    carried = {}
+                carried.update(self.checkpointer.step_end(self.step, poll="loss" in metrics))
+                self._excluded_s += time.perf_counter() - t_other
+            if vote.pending and vote.result():
+                self.preempted = True
+            if self._window:  # steps not logged yet (a stop between log steps): nothing is lost
+                self._emit({**self._read_window(), **carried})
+        finally:
+            self._thaw_gc()
         if self.preempted:
             self.log(f"stop requested ({self.stop.describe()} on some rank): saving at step {self.step} "
                      "and exiting for requeue")
@@ -163,46 +240,100 @@ class Trainer:
             cb.on_train_end(self)
         return self.summary
 
+    def _freeze_gc(self) -> None:
+        """Everything built so far (model, loaders, config) leaves the collector's view; collection
+        then happens only at the steps :meth:`fit` chooses, the same on every rank."""
+        if self.cfg.trainer.gc_interval:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+
+    def _thaw_gc(self) -> None:
+        if self.cfg.trainer.gc_interval:
+            gc.unfreeze()
+            gc.enable()
+
     def _agree_to_stop(self) -> bool:
         return all_reduce_sum([float(self.stop.requested)], self.dist.device)[0] > 0
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; train metrics on log steps."""
+        """One optimizer step over ``grad_accum`` micro-batches; train metrics on log steps only."""
+        t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.trainer.max_steps)
-        loss_sum = torch.zeros((), device=self.dist.device)
+        loss_sum: torch.Tensor | None = None
         data_wait = 0.0
         for micro in range(self.grad_accum):
             td = time.perf_counter()
-            inputs, targets = next(self.train_iter)
+            batch = next(self.train_iter)
             data_wait += time.perf_counter() - td
-            loss_sum += self.backend.forward_backward(inputs, targets, last_micro=micro == self.grad_accum - 1)
+            loss = self.backend.forward_backward(batch, last_micro=micro == self.grad_accum - 1)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
         result = self.backend.step(lr)
-        batch_start = self.samples_consumed
+        self._window.append(StepRecord(self.step + 1, self.samples_consumed, lr, loss_sum, result))
         self.step += 1
         self.samples_consumed += self.cfg.trainer.global_batch_size
-        # The skip decision must be global, and the step already synchronized on the gradient norm.
-        # A pending stop signal rides on the same collective: every rank stops after the same step.
-        loss_total, wait_total, stop_votes = all_reduce_sum(
-            [loss_sum.item(), data_wait, float(self.stop.requested)], self.dist.device)
-        self.preempted = stop_votes > 0
-        self.data_wait_s = wait_total / self.dist.world_size
-        loss = loss_total / (self.grad_accum * self.dist.world_size)
-        if result.skipped or not math.isfinite(loss):
-            self._record_skip(batch_start, loss, result.grad_norm)
+        self._host_s += time.perf_counter() - t0
+        self._wait_s += data_wait
+        if not self.is_log_step(self.step):
+            return {"step": self.step}
+        return self._read_window()
+
+    def _read_window(self) -> dict[str, Any]:
+        """Read the steps since the last log step off the device in one transfer, after one small
+        collective (every rank's losses, step time and data wait); log skipped steps; the metrics
+        of this step."""
+        window, self._window = self._window, []
+        k, W, dev = len(window), self.dist.world_size, self.dist.device
+        mine = torch.cat([torch.stack([r.loss_sum.float().reshape(()) for r in window]),
+                          torch.tensor([self._host_s, self._wait_s], device=dev)])
+        if W > 1:
+            gathered = torch.empty(W * (k + 2), dtype=mine.dtype, device=dev)
+            gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+            gather(gathered, mine)
         else:
-            self.consecutive_skips = 0
-        metrics: dict[str, Any] = {"step": self.step}
-        if self.step % self.cfg.trainer.log_interval == 0 or self.step == 1 or self.step == self.cfg.trainer.max_steps:
-            metrics.update(loss=loss, lr=lr, grad_norm=result.grad_norm, skipped_steps=self.skipped_steps,
-                           tokens_seen=self.samples_consumed * self.manifest["seq_len"])
-            if result.loss_scale is not None:
-                metrics["loss_scale"] = result.loss_scale
-            if math.isfinite(loss):
-                self.summary.setdefault("first_train_loss", loss)
-                self.summary["last_train_loss"] = loss
+            gathered = mine
+        r0 = window[-1].result
+        parts = [gathered, *(_on_device(r.result.grad_norm, dev) for r in window),
+                 *(_on_device(r.result.skipped, dev) for r in window), _on_device(r0.loss_scale, dev)]
+        host = torch.cat(parts).tolist()  # the one device-to-host transfer of the window
+        per_rank = [host[w * (k + 2):(w + 1) * (k + 2)] for w in range(W)]
+        norms = host[W * (k + 2): W * (k + 2) + k]
+        skipped = host[W * (k + 2) + k: W * (k + 2) + 2 * k]
+        losses = [sum(r[i] for r in per_rank) / (self.grad_accum * W) for i in range(k)]
+        for rec, loss, norm, skip in zip(window, losses, norms, skipped, strict=True):
+            if skip or not math.isfinite(loss):
+                self._record_skip(rec.step, rec.batch_start, loss, norm)
+            else:
+                self.consecutive_skips = 0
+        # Per rank and step: host time in train_step and, within it, time waiting for the loader. On
+        # GPUs the host blocks on nothing between log steps, so host time is the rank's own CPU work
+        # (input, Python, launches, GC): a slow host shows as the max. Gloo on CPU blocks the host in
+        # every collective, which evens host times out there; the data wait stays per rank.
+        host_s = [r[k] / k for r in per_rank]
+        wait_s = [r[k + 1] / k for r in per_rank]
+        now = time.perf_counter()
+        wall = (now - self._window_t0 - self._excluded_s) / k
+        self._host_s = self._wait_s = self._excluded_s = 0.0
+        self._window_t0 = now
+        self.data_wait_s = sum(wait_s) / W
+        finite = [x for x in losses if math.isfinite(x)]
+        metrics: dict[str, Any] = {
+            "step": self.step, "loss": losses[-1], "loss_avg": sum(finite) / len(finite) if finite else float("nan"),
+            "lr": window[-1].lr, "grad_norm": norms[-1], "skipped_steps": self.skipped_steps,
+            "tokens_seen": self.samples_consumed * self.manifest["seq_len"], "steps_in_window": k,
+            "step_time_s": wall, "step_time_max_s": max(host_s), "step_time_min_s": min(host_s),
+            "slowest_rank": max(range(W), key=host_s.__getitem__),
+            "data_wait_s": self.data_wait_s, "data_wait_max_s": max(wait_s), "data_wait_min_s": min(wait_s),
+            "slowest_data_rank": max(range(W), key=wait_s.__getitem__),
+        }
+        if r0.loss_scale is not None:
+            metrics["loss_scale"] = host[-1]
+        if math.isfinite(losses[-1]):
+            self.summary.setdefault("first_train_loss", losses[-1])
+            self.summary["last_train_loss"] = losses[-1]
         return metrics
 
-    def _record_skip(self, batch_start: int, loss: float, grad_norm: float) -> None:
+    def _record_skip(self, step: int, batch_start: int, loss: float, grad_norm: float) -> None:
         """Count a skipped step and log which samples were in its batch (to find bad data)."""
         self.skipped_steps += 1
         self.consecutive_skips += 1
@@ -212,18 +343,18 @@ class Trainer:
             names = [s["name"] for s in self.manifest["splits"]["train"]["shards"]]
             samples = [[names[shard], index] for shard, index in
                        (order.locate(order.sample_id(pos)) for pos in range(batch_start, batch_start + G))]
-            record = {"step": self.step, "loss": loss, "grad_norm": grad_norm,
+            record = {"step": step, "loss": loss, "grad_norm": grad_norm,
                       "positions": [batch_start, batch_start + G], "samples": samples}
             path = Path(self.cfg.run_dir) / "skipped_batches.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            self.log(f"step {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped. "
+            self.log(f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped. "
                      f"Batch = global positions [{batch_start}, {batch_start + G}); its samples are in {path}")
         if self.consecutive_skips >= self.cfg.trainer.max_consecutive_skips:
             raise RuntimeError(
                 f"{self.consecutive_skips} consecutive steps had non-finite loss or gradients "
-                f"(last: step {self.step}); "
+                f"(last: step {step}); "
                 f"stopping. Lower optim.lr, check the data listed in {self.cfg.run_dir}/skipped_batches.jsonl, "
                 f"or raise trainer.max_consecutive_skips"
             )
@@ -237,12 +368,14 @@ class Trainer:
         # Per source (and a last slot for samples of mixed shards): loss sum and sample count, on
         # the device; one all-reduce at the end.
         sums = torch.zeros(2 * (n + 1), dtype=torch.float64, device=self.dist.device)
-        for inputs, targets, src in self.val_data:
-            losses = self.backend.eval_loss(inputs, targets).double()
-            slot = torch.where(src >= 0, src, n).to(self.dist.device)
+        for batch, src in self.val_data:
+            losses = self.backend.eval_loss(batch).double()
+            slot = torch.where(src >= 0, src, n).to(self.dist.device, non_blocking=True)
             sums[: n + 1].index_add_(0, slot, losses)
             sums[n + 1 :].index_add_(0, slot, torch.ones_like(losses))
-        total = all_reduce_sum(sums.tolist(), self.dist.device)
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        total = sums.tolist()  # the evaluation's one device-to-host transfer
         loss, count = total[: n + 1], total[n + 1 :]
         val = sum(loss) / sum(count)
         self.summary.setdefault("first_val_loss", val)
@@ -262,12 +395,12 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the loader workers and release the backend (before the process group goes away)."""
-        it, self.train_iter = self.train_iter, None
-        # Workers ignore the scheduler's SIGTERM, so stop them through the loader (done event and
+        # Workers ignore the scheduler's SIGTERM, so stop them through the loaders (done event and
         # sentinel) now rather than leave them to the interpreter's exit handler.
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        self.train_iter = None
+        for loader in (self.train_data, self.val_data):
+            if loader is not None:
+                shut_down_workers(loader)
         self.backend.close()
 
     # ---- the run state the checkpointer pulls ---------------------------------------------------

@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from slimpajama_train.distributed import DistInfo
-from slimpajama_train.model import Transformer
+from slimpajama_train.model import AC_MODES, Transformer
 from slimpajama_train.optim import OptimConfig
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AC_MODES = ("none", "full", "selective")
 
 
 @dataclass
@@ -30,10 +29,27 @@ class BackendConfig:
         deepspeed_config: a user DeepSpeed JSON merged over the generated one; keys the trainer owns
             (batch sizes, clipping, ZeRO stage, offload sections, precision and data-type keys,
             optimizer, scheduler) must agree with it, at any depth, or it is refused naming the key.
-        reshard_after_forward: FSDP2 frees gathered parameters after forward (ZeRO-3-like memory);
-            False keeps them until backward (ZeRO-2-like speed).
-        activation_checkpointing: ``none``, ``full`` (every block) or ``selective`` (every ``ac_every``-th block).
-        ac_every: period of selective activation checkpointing.
+        shard_size: FSDP2: ranks that shard each parameter (HSDP's intra-node dimension); None: the
+            ranks of one node (``LOCAL_WORLD_SIZE``), capped at the world size. ``shard_size = world``
+            is plain FSDP2 (one flat mesh).
+        replicate_size: FSDP2: replicas of the shards (HSDP's inter-node dimension); None: world / shard_size.
+            Gradients are reduce-scattered within a replica every micro-batch; only the all-reduce
+            across replicas is deferred to the last micro-batch of a step.
+        reshard_after_forward: FSDP2: free each block's gathered parameters after its forward and
+            gather them again in backward (ZeRO-3-like memory; True), or keep them (ZeRO-2-like; False).
+            None chooses per unit: True for every block but the last (whose backward starts at once),
+            False everywhere when the model is small (under ``small_model_params``).
+        small_model_params: FSDP2: below this many parameters, None above keeps every unit gathered.
+        always_shard: FSDP2: wrap with ``fully_shard`` even on one process (benchmarks of the real
+            sharded path); by default one process runs the model unwrapped under autocast.
+        activation_checkpointing: ``none``; ``block`` (recompute every ``ac_every``-th whole block);
+            ``op`` (every block keeps the outputs of its matmuls and attention and recomputes the
+            cheap elementwise ops: torch's selective activation checkpointing); ``full`` (recompute
+            every block).
+        ac_every: period of ``block`` activation checkpointing.
+        loss_chunk_tokens: the training loss runs the output projection and cross-entropy over this
+            many tokens at a time, so the (tokens x vocab) fp32 logits never exist at once; 0: one
+            plain projection and cross-entropy over the whole micro-batch.
         initial_loss_scale: fp16 only: starting loss scale (2**16); halved on overflow, doubled after
             ``loss_scale_window`` good steps.
         loss_scale_window: fp16 only: good steps before the scale grows.
@@ -45,9 +61,14 @@ class BackendConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed_config: str | None = None
-    reshard_after_forward: bool = True
+    shard_size: int | None = None
+    replicate_size: int | None = None
+    reshard_after_forward: bool | None = None
+    small_model_params: int = 200_000_000
+    always_shard: bool = False
     activation_checkpointing: str = "none"
     ac_every: int = 2
+    loss_chunk_tokens: int = 8192
     initial_loss_scale: float = 65536.0
     loss_scale_window: int = 1000
 
@@ -66,16 +87,25 @@ class BackendConfig:
                              f"choose one of {AC_MODES}")
         if self.ac_every < 1:
             raise ValueError(f"backend.ac_every={self.ac_every}: must be >= 1")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"backend.loss_chunk_tokens={self.loss_chunk_tokens}: must be >= 0 (0: unchunked)")
+        for key in ("shard_size", "replicate_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"backend.{key}={getattr(self, key)}: must be >= 1 (or null: derived)")
 
 
 @dataclass
 class StepResult:
     """What an optimizer step reports: the global gradient norm (before clipping), whether the update
-    was skipped (non-finite gradients, or an fp16 overflow), and the current fp16 loss scale."""
+    was skipped (non-finite gradients, or an fp16 overflow), and the current fp16 loss scale.
 
-    grad_norm: float
-    skipped: bool
-    loss_scale: float | None = None
+    Each may be a device tensor the step has not waited for (FSDP2); the trainer reads them all in
+    one transfer at the next log step, so steps in between never synchronize with the host.
+    """
+
+    grad_norm: torch.Tensor | float
+    skipped: torch.Tensor | bool
+    loss_scale: torch.Tensor | float | None = None
 
 
 class Backend(ABC):
@@ -109,16 +139,18 @@ class Backend(ABC):
         """Create the optimizer (and its state lazily) over the built model."""
 
     @abstractmethod
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, last_micro: bool) -> torch.Tensor:
-        """Forward + backward of one micro-batch of ``grad_accum``; returns the detached mean loss."""
+    def forward_backward(self, batch: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch of ``grad_accum``: ``batch`` is the loader's
+        ``(B, T + 1)`` host tensor of token ids (inputs and targets in one copy). Returns the detached
+        mean loss, on the device (not read here)."""
 
     @abstractmethod
     def step(self, lr: float) -> StepResult:
         """Clip, apply the optimizer at ``lr`` unless the gradients are non-finite, zero the gradients."""
 
     @abstractmethod
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean loss of each sample of one batch (shape ``(batch,)``), without gradients."""
+    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean loss of each sample of one ``(B, T + 1)`` batch (shape ``(B,)``, on the device), without gradients."""
 
     @abstractmethod
     def _save(self, path: Path) -> None: ...
@@ -128,6 +160,10 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release hooks and helper threads before the process group goes away."""
+
+    def describe(self) -> str:
+        """How the model is laid out over the ranks, for the start-up log."""
+        return ""
 
     def extra_state(self) -> dict:
         """Small JSON-able state kept in ``meta.json`` (e.g. FSDP2's fp16 loss scale)."""

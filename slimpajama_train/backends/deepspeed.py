@@ -17,7 +17,8 @@ import deepspeed  # noqa: E402
 
 from slimpajama_train.backends.base import Backend, BackendConfig, StepResult  # noqa: E402
 from slimpajama_train.checkpoint import weights_only_loads  # noqa: E402
-from slimpajama_train.model import Transformer, lm_loss  # noqa: E402
+from slimpajama_train.data import to_device_batch  # noqa: E402
+from slimpajama_train.model import Transformer  # noqa: E402
 from slimpajama_train.optim import OptimConfig, build_optimizer, param_groups  # noqa: E402
 
 
@@ -263,10 +264,10 @@ class DeepSpeedBackend(Backend):
         )
         self.model, self.optimizer = engine, optimizer
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, last_micro: bool) -> torch.Tensor:
+    def forward_backward(self, batch: torch.Tensor, last_micro: bool) -> torch.Tensor:
         engine = self.model
         engine.train()
-        loss = lm_loss(engine(inputs.to(self.dist.device)), targets.to(self.dist.device))
+        loss = engine(*to_device_batch(batch, self.dist.device))
         engine.backward(loss)  # divides by gradient_accumulation_steps itself
         if not last_micro:
             engine.step()  # DeepSpeed counts micro-steps; this is not a boundary, so nothing is applied
@@ -276,17 +277,19 @@ class DeepSpeedBackend(Backend):
         engine = self.model
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        skipped_before = engine.skipped_steps
+        skipped_before = engine.skipped_steps  # a Python int DeepSpeed keeps: reading it is not a sync
         engine.step()
+        # Passed on as DeepSpeed holds them (a tensor or a float); the trainer reads them at log steps.
         norm = engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        scale = float(engine.optimizer.loss_scale) if self.cfg.precision == "fp16" else None
-        return StepResult(grad_norm=norm, skipped=engine.skipped_steps > skipped_before, loss_scale=scale)
+        scale = engine.optimizer.loss_scale if self.cfg.precision == "fp16" else None
+        return StepResult(grad_norm=float("nan") if norm is None else norm,
+                          skipped=engine.skipped_steps > skipped_before, loss_scale=scale)
 
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return lm_loss(self.model(inputs.to(self.dist.device)), targets.to(self.dist.device), per_sample=True)
+        inputs, targets = to_device_batch(batch, self.dist.device)
+        return self.model(inputs, targets, per_sample=True)
 
     def close(self) -> None:
         # ZeRO-3 keeps module hooks and prefetch state; tearing them down before the process group

@@ -1,7 +1,7 @@
 """PyTorch FSDP2 (``fully_shard``) backend with DCP checkpoints."""
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +12,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from slimpajama_train.backends.base import PRECISIONS, Backend, StepResult
+from slimpajama_train.backends.base import PRECISIONS, Backend, BackendConfig, StepResult
 from slimpajama_train.backends.loss_scale import DynamicLossScaler
 from slimpajama_train.checkpoint import weights_only_loads
-from slimpajama_train.model import Transformer, lm_loss
+from slimpajama_train.data import to_device_batch
+from slimpajama_train.model import Transformer, count_parameters
 from slimpajama_train.optim import OptimConfig, build_optimizer
 
 
@@ -23,12 +24,41 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def mesh_shape(cfg: BackendConfig, world_size: int, local_world_size: int) -> tuple[int, int]:
+    """(replicas, shard ranks) of the FSDP2 mesh. The shard dimension defaults to one node's ranks,
+    so parameter all-gathers and gradient reduce-scatters stay on NVLink and only one all-reduce per
+    step crosses the network (HSDP); ``replicate = 1`` is plain FSDP2."""
+    shard = cfg.shard_size or (world_size // cfg.replicate_size if cfg.replicate_size else min(local_world_size,
+                                                                                              world_size))
+    replicate = cfg.replicate_size or max(1, world_size // shard)
+    if shard * replicate != world_size:
+        raise ValueError(f"backend.shard_size={cfg.shard_size} x backend.replicate_size={cfg.replicate_size} "
+                         f"(resolved {shard} x {replicate}) must equal the world size {world_size}")
+    return replicate, shard
+
+
+def reshard_policy(cfg: BackendConfig, n_blocks: int, n_params: int) -> list[bool]:
+    """``reshard_after_forward`` of each block: as configured, or (None) True for every block but the
+    last (its backward starts right after the forward, so freeing it would only all-gather it again)
+    and False everywhere for a small model (gathering it costs more than its memory is worth)."""
+    if cfg.reshard_after_forward is not None:
+        return [cfg.reshard_after_forward] * n_blocks
+    if n_params < cfg.small_model_params:
+        return [False] * n_blocks
+    return [i < n_blocks - 1 for i in range(n_blocks)]
+
+
 class FSDP2Backend(Backend):
-    """Shards each transformer block, then the root (embeddings, final norm, head).
+    """Shards each transformer block, the embedding and ``[norm, lm_head]`` as units of their own,
+    then the root, over a 1-D mesh (FSDP2) or a 2-D (replicate, shard) mesh (HSDP).
 
     On a single process there is nothing to shard: the model runs unwrapped (``bench_train.py``
     measured FSDP2's per-block hooks at ~5% of a CPU step there), with ``torch.autocast`` giving the
-    same bf16/fp16 compute over fp32 master weights. DCP checkpoints are interchangeable either way.
+    same bf16/fp16 compute over fp32 master weights; ``backend.always_shard`` wraps it anyway. DCP
+    checkpoints are interchangeable between all of these.
+
+    The optimizer step stays on the device: the global gradient norm, the non-finite decision (the
+    fused AdamW kernel's ``found_inf``) and the fp16 loss scale are tensors the host never waits for.
     """
 
     def build_model(self, make_model: Callable[[], Transformer], seed: int, optim_cfg: OptimConfig, micro_batch: int,
@@ -37,16 +67,11 @@ class FSDP2Backend(Backend):
         # initializes only its shard (7B: ~28 GB fp32 would otherwise sit on every rank first).
         with torch.device("meta"):
             model = make_model()
-        self.sharded = self.dist.world_size > 1
+        self.sharded = self.dist.world_size > 1 or self.cfg.always_shard
         self.compute_dtype = PRECISIONS[self.cfg.precision]
+        self.mesh_shape = (1, 1)
         if self.sharded:
-            mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
-            # Master weights stay fp32 (the sharded parameters); compute runs in param_dtype; gradients
-            # are reduced in fp32 so small per-rank contributions are not lost in half precision.
-            mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
-            for block in model.layers:
-                fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
-            fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
+            self._shard(model)
         model.to_empty(device=self.dist.device)
         if not self.sharded:
             model.tie_weights()  # FSDP2 keeps a tied parameter shared; a plain to_empty does not
@@ -56,55 +81,87 @@ class FSDP2Backend(Backend):
         self.grad_clip = optim_cfg.grad_clip
         self.grad_accum = grad_accum
         self.scaler = (
-            DynamicLossScaler(self.cfg.initial_loss_scale, self.cfg.loss_scale_window)
+            DynamicLossScaler(self.cfg.initial_loss_scale, self.cfg.loss_scale_window, device=self.dist.device)
             if self.cfg.precision == "fp16" else None
         )
+
+    def _shard(self, model: Transformer) -> None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        replicate, shard = self.mesh_shape = mesh_shape(self.cfg, self.dist.world_size, local_world)
+        device_type = self.dist.device.type
+        if replicate > 1:
+            mesh = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(device_type, (shard,), mesh_dim_names=("shard",))
+        # Master weights stay fp32 (the sharded parameters); compute runs in param_dtype; gradients
+        # are reduced in fp32 so small per-rank contributions are not lost in half precision.
+        mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        policy = self.reshard_after_forward = reshard_policy(self.cfg, len(model.layers), count_parameters(model))
+        for block, reshard in zip(model.layers, policy, strict=True):
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        if not model.cfg.tie_embeddings:
+            # A tied table is one parameter used first and last: it stays in the root unit instead.
+            # Otherwise the input side and the output side are units of their own, so the root holds
+            # nothing and no unit's gather waits on another's. The output unit is used last in
+            # forward and first in backward: it is never resharded in between.
+            first = [model.embed_tokens, *([model.embed_proj] if hasattr(model, "embed_proj") else [])]
+            last = [model.norm, *([model.head_proj] if hasattr(model, "head_proj") else []), model.lm_head]
+            early = policy[0] if policy else bool(self.cfg.reshard_after_forward)
+            fully_shard(first if len(first) > 1 else first[0], mesh=mesh, mp_policy=mp, reshard_after_forward=early)
+            fully_shard(last, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        # The root: FSDP2 itself never reshards it after forward (its parameters are needed at once
+        # in backward); that exemption is left on.
+        fully_shard(model, mesh=mesh, mp_policy=mp)
 
     def build_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model, self.optim_cfg, self.dist.device)
 
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    def _loss(self, batch: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+        inputs, targets = to_device_batch(batch, self.dist.device)
         autocast = not self.sharded and self.compute_dtype != torch.float32
         with torch.autocast(self.dist.device.type, dtype=self.compute_dtype, enabled=autocast):
-            logits = self.model(inputs.to(self.dist.device, non_blocking=True))
-        return lm_loss(logits, targets.to(self.dist.device, non_blocking=True), per_sample)
+            return self.model(inputs, targets, per_sample=per_sample)
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, last_micro: bool) -> torch.Tensor:
+    def forward_backward(self, batch: torch.Tensor, last_micro: bool) -> torch.Tensor:
         self.model.train()
-        # Gradients are reduce-scattered after every micro-batch and accumulate in the fp32 shards
-        # (torchtitan's choice). Deferring the sync would keep an unsharded fp32 gradient of every
-        # parameter on every rank until the last micro-batch: +27 GB per GPU at 7B, at any world size.
-        loss = self._forward_loss(inputs, targets)
-        scale = (self.scaler.scale if self.scaler else 1.0) / self.grad_accum
+        if self.sharded:
+            # Gradients are reduce-scattered within the shard group after every micro-batch and
+            # accumulate in the fp32 shards (torchtitan's choice): deferring that would keep an
+            # unsharded fp32 gradient of every parameter until the last micro-batch (+27 GB per GPU
+            # at 7B). Only HSDP's all-reduce across replicas waits for the last micro-batch.
+            self.model.set_requires_all_reduce(last_micro)
+        loss = self._loss(batch)
+        scale = self.scaler.scale / self.grad_accum if self.scaler else 1.0 / self.grad_accum
         (loss * scale).backward()
         return loss.detach()
 
     def step(self, lr: float) -> StepResult:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        # Total norm of the (possibly loss-scaled) gradients, reduced across ranks: one global decision.
-        total = torch.nn.utils.get_total_norm([p.grad for p in params])
-        norm = float(_full(total))
-        used_scale = self.scaler.scale if self.scaler else 1.0  # update() may change it
-        skipped = self.scaler.update(norm) if self.scaler else not math.isfinite(norm)
-        if not skipped:
-            if self.scaler:
-                # Unscale in place; the norm scales linearly, so it need not be recomputed.
-                inv = 1.0 / used_scale
-                for p in params:
-                    p.grad.mul_(inv)
-                total, norm = total * inv, norm * inv
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+        grads = [p.grad for p in params]
+        # Total norm of the (possibly loss-scaled) gradients, reduced across ranks on the device: one
+        # global decision that no rank has to read.
+        norm = _full(torch.nn.utils.get_total_norm(grads)).float()
+        found_inf = (~torch.isfinite(norm)).float()
+        if self.scaler:
+            inv = self.scaler.scale.reciprocal()
+            torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], inv)
+            norm = norm * inv  # the norm scales linearly: no second reduction
+            self.scaler.update(found_inf)
+        if self.grad_clip > 0:
+            # With a non-finite norm this writes NaN into the gradients; found_inf skips them below.
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # The fused kernel leaves weights, moments and step counts alone where found_inf is set.
+        self.optimizer.found_inf = found_inf
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm=norm, skipped=skipped, loss_scale=self.scaler.scale if self.scaler else None)
+        return StepResult(grad_norm=norm, skipped=found_inf, loss_scale=self.scaler.scale if self.scaler else None)
 
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return self._forward_loss(inputs, targets, per_sample=True)
+        return self._loss(batch, per_sample=True)
 
     def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
@@ -130,6 +187,14 @@ class FSDP2Backend(Backend):
 
     def extra_state(self) -> dict:
         return {"loss_scaler": self.scaler.state_dict()} if self.scaler else {}
+
+    def describe(self) -> str:
+        if not self.sharded:
+            return "one process, unwrapped"
+        replicate, shard = self.mesh_shape
+        units = "blocks resharded after forward: " + "".join("1" if r else "0" for r in self.reshard_after_forward)
+        kind = f"HSDP {replicate} replicas x {shard} shards" if replicate > 1 else f"FSDP2 over {shard} ranks"
+        return f"{kind}; {units}"
 
     def load_extra_state(self, state: dict) -> None:
         if self.scaler and "loss_scaler" in state:

@@ -33,6 +33,10 @@ class ConsoleCallback(Callback):
                      f"gnorm {metrics['grad_norm']:.3f}"]
             if "tokens_per_s" in metrics:
                 parts.append(f"tok/s {metrics['tokens_per_s']:.0f}")
+            if "step_time_max_s" in metrics and trainer.dist.world_size > 1:
+                # Host time per step on the fastest and slowest rank: a straggler (data, GC, Python) shows here.
+                parts.append(f"rank time {metrics['step_time_min_s']:.3f}-{metrics['step_time_max_s']:.3f}s "
+                             f"(slowest {metrics['slowest_rank']}, data wait max {metrics['data_wait_max_s']:.3f}s)")
             if "mfu" in metrics:
                 parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
             if "val_loss" in metrics:

@@ -1,7 +1,8 @@
-"""Throughput on log steps: step time, tokens/s (total and per device), MFU and peak memory."""
+"""Throughput on log steps: tokens/s (total and per device), MFU and peak memory, from the step time
+the trainer measured over the steps since the previous log step (the host waits for the device only
+at log steps, so the time between two of them is the devices' time, not the host's queueing)."""
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from slimpajama_train.callbacks.base import Callback
@@ -17,19 +18,13 @@ class SpeedMonitor(Callback):
     name = "speed"
     priority = 100
 
-    def __init__(self) -> None:
-        self._t0 = 0.0
-
-    def on_step_start(self, trainer: Trainer) -> None:
-        self._t0 = time.perf_counter()
-
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if "loss" not in metrics:
+        dt = metrics.get("step_time_s")
+        if not dt:
             return
-        dt = time.perf_counter() - self._t0
         world = trainer.dist.world_size
         tps = trainer.tokens_per_step / dt
-        metrics.update(step_time_s=dt, tokens_per_s=tps, tokens_per_s_per_device=tps / world,
-                       data_wait_s=trainer.data_wait_s, peak_mem_gb=peak_memory_gb(trainer.dist.device))
+        metrics.update(tokens_per_s=tps, tokens_per_s_per_device=tps / world,
+                       peak_mem_gb=peak_memory_gb(trainer.dist.device))
         if trainer.peak_flops:
             metrics["mfu"] = tps / world * trainer.flops_per_token / trainer.peak_flops

@@ -28,10 +28,10 @@ state = {"start": 0, "micro": 0}
 forward_backward = trainer.backend.forward_backward
 
 
-def measured(inputs, targets, last_micro):
+def measured(batch, last_micro):
     if state["micro"] == 0:
         state["start"] = me.memory_info().rss
-    loss = forward_backward(inputs, targets, last_micro)
+    loss = forward_backward(batch, last_micro)
     state["micro"] = 0 if last_micro else state["micro"] + 1
     if not last_micro and trainer.step >= 1:  # step 1 allocates the optimizer state
         growth.append(me.memory_info().rss - state["start"])

@@ -7,12 +7,10 @@ import sys
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import slimpajama_train.backends.deepspeed as ds_backend
-import slimpajama_train.backends.fsdp2 as fsdp2_backend
 from data_prep.config import conf_dir
 from slimpajama_train.config import register_configs
 from slimpajama_train.distributed import destroy_distributed, init_distributed
-from slimpajama_train.model import lm_loss
+from slimpajama_train.model import Transformer
 from slimpajama_train.trainer import Trainer
 
 bad_steps = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
@@ -23,12 +21,17 @@ dist_info = init_distributed()
 trainer = Trainer(cfg, dist_info)
 
 
-def poisoned(logits, targets, per_sample=False):
-    loss = lm_loss(logits, targets, per_sample)
-    return loss * float("nan") if trainer.step + 1 in bad_steps and not per_sample else loss
+forward = Transformer.forward
 
 
-fsdp2_backend.lm_loss = ds_backend.lm_loss = poisoned
+def poisoned(self, tokens, targets=None, per_sample=False):
+    """The training loss (the model computes it from targets), NaN at the chosen steps."""
+    out = forward(self, tokens, targets, per_sample)
+    bad = targets is not None and not per_sample and trainer.step + 1 in bad_steps
+    return out * float("nan") if bad else out
+
+
+Transformer.forward = poisoned  # FSDP2's and DeepSpeed's wrappers call the class's forward
 try:
     summary = trainer.fit()
     if dist_info.is_main:

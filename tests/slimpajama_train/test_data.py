@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,13 @@ from slimpajama_train.data import (
     TokenBlocks,
     _ignore_preemption_signals,
     open_dataset,
+    shut_down_workers,
+    to_device_batch,
     train_loader,
     val_loader,
 )
 from tests.conftest import REPO
+from tests.slimpajama_train.test_sample_order import NUMBERED_BLOCK, numbered_sample_ids, write_numbered_shards
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ():
@@ -65,15 +69,18 @@ def test_loader_reads_the_ordered_samples(demo_shards):
     cfg = DataConfig(path=str(demo_shards), micro_batch_size=4, num_workers=0)
     manifest, data_dir = open_dataset(cfg)
     loader = iter(train_loader(cfg, manifest, data_dir, start=0, global_batch=8, rank=0, world_size=1))
-    x, y = next(loader)
-    assert x.shape == y.shape == (4, 64) and x.dtype == torch.long
+    batch = next(loader)
+    assert batch.shape == (4, 65) and batch.dtype == torch.uint16  # (B, T+1), as stored
+    x, y = to_device_batch(batch, torch.device("cpu"))
+    assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.long
     assert torch.equal(x[:, 1:], y[:, :-1])
     # rank 1 of 2 reads exactly the second half of the same global batch
     r1 = iter(train_loader(cfg, manifest, data_dir, start=0, global_batch=8, rank=1, world_size=2))
-    full = torch.cat([x, next(loader)[0]])
-    assert torch.equal(next(r1)[0], full[4:8])
+    full = torch.cat([batch, next(loader)])
+    assert torch.equal(next(r1), full[4:8])
     v = list(val_loader(cfg, manifest, data_dir, batches=2, global_batch=8, rank=0, world_size=1))
-    assert len(v) == 4 and torch.equal(v[0][0], list(val_loader(cfg, manifest, data_dir, 2, 8, 0, 1))[0][0])
+    assert len(v) == 4 and all(b.shape == (4, 65) and b.dtype == torch.uint16 and s.shape == (4,) for b, s in v)
+    assert torch.equal(v[0][0], list(val_loader(cfg, manifest, data_dir, 2, 8, 0, 1))[0][0])
     # the same samples on 2 ranks: rank 1 holds the second half of each global batch
     v1 = list(val_loader(cfg, manifest, data_dir, batches=2, global_batch=8, rank=1, world_size=2))
     assert len(v1) == 2 and torch.equal(v1[0][0], v[1][0]) and torch.equal(v1[1][0], v[3][0])
@@ -180,19 +187,25 @@ def _signal_from_another_process(pids: list[int], *signals: int) -> None:
     subprocess.run([sys.executable, "-c", code, ",".join(str(int(s)) for s in signals), *map(str, pids)], check=True)
 
 
-def test_loader_workers_survive_sigterm_and_sigusr1(demo_shards):
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_loader_workers_survive_sigterm_and_sigusr1(demo_shards, split):
     cfg = DataConfig(path=str(demo_shards), micro_batch_size=2, num_workers=2)
     manifest, data_dir = open_dataset(cfg)
-    it = iter(train_loader(cfg, manifest, data_dir, start=0, global_batch=4, rank=0, world_size=1))
-    next(it), next(it)  # one batch from each worker: both have run their worker_init_fn
+    if split == "train":
+        loader = train_loader(cfg, manifest, data_dir, start=0, global_batch=4, rank=0, world_size=1)
+        batches = iter(loader)
+    else:  # a finite loader, iterated again and again (every evaluation) by the same persistent workers
+        loader = val_loader(cfg, manifest, data_dir, batches=5, global_batch=4, rank=0, world_size=1)
+        batches = (b for _ in range(6) for b, _ in loader)
+    next(batches), next(batches)  # one batch from each worker: both have run their worker_init_fn
+    it = loader._iterator
     workers = list(it._workers)
     assert {w.pid for w in workers} <= {c.pid for c in psutil.Process().children()}
     _signal_from_another_process([w.pid for w in workers], signal.SIGTERM, signal.SIGUSR1)
     time.sleep(0.5)
-    for _ in range(50):  # well past the prefetched batches: the workers keep producing
-        x, y = next(it)
-        assert x.shape == (2, 64)
-    assert all(w.is_alive() for w in workers)
+    for _ in range(25):  # well past the prefetched batches: the workers keep producing
+        assert next(batches).shape == (2, 65)
+    assert loader._iterator is it and all(w.is_alive() for w in workers)
     # ...and still stop on their parent's SIGTERM (Process.terminate), and when the DataLoader shuts them down
     workers[0].terminate()
     workers[0].join(10)
@@ -204,13 +217,17 @@ def test_loader_workers_survive_sigterm_and_sigusr1(demo_shards):
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_a_process_holding_live_loader_workers_still_exits(demo_shards, start_method):
     """multiprocessing's exit handler SIGTERMs (from the parent) and joins the daemonic workers of a
-    DataLoader iterator still alive at exit; a worker that ignored every SIGTERM would hang it."""
+    DataLoader iterator still alive at exit; a worker that ignored every SIGTERM would hang it. Here
+    the workers of a train loader and of a validation loader (idle between evaluations, and in the
+    middle of one)."""
     code = (
-        "import multiprocessing, sys\nfrom slimpajama_train.data import DataConfig, open_dataset, train_loader\n"
+        "import multiprocessing, sys\n"
+        "from slimpajama_train.data import DataConfig, open_dataset, train_loader, val_loader\n"
         "multiprocessing.set_start_method(sys.argv[2])\n"
         "cfg = DataConfig(path=sys.argv[1], micro_batch_size=2, num_workers=2)\n"
         "m, d = open_dataset(cfg)\nloader = train_loader(cfg, m, d, 0, 4, 0, 1)\nit = iter(loader)\n"
-        "next(it), next(it)\nprint('read', flush=True)\n"
+        "next(it), next(it)\nval = val_loader(cfg, m, d, 2, 4, 0, 1)\nlist(val)\nnext(iter(val))\n"
+        "print('read', flush=True)\n"
     )
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, str(demo_shards), start_method], cwd=REPO, capture_output=True,
@@ -247,3 +264,90 @@ def test_missing_or_short_shard_fails_on_first_read_naming_it(demo_shards, tmp_p
     print(message)
     assert f"{data_dir}/manifest.json" in message and victim["name"] in message
     assert ("missing" if damage == "missing" else f"should have {victim['bytes']} bytes") in message
+
+
+# ---- batches as stored, one copy to the device -------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_batches_keep_the_stored_dtype_through_workers(tmp_path, dtype):
+    """uint16 shards give uint16 batches, uint32 shards int32 ones (the same bytes: ids < 2**31),
+    through the workers' shared memory too, with the ids intact (past 2**16 for uint32)."""
+    data = write_numbered_shards(tmp_path / dtype, dtype, [6, 6], val=[4, 4])
+    cfg = DataConfig(path=str(data), micro_batch_size=2, num_workers=1)
+    manifest, data_dir = open_dataset(cfg)
+    expect = torch.uint16 if dtype == "uint16" else torch.int32
+    train = train_loader(cfg, manifest, data_dir, 0, 4, 0, 1)
+    val = val_loader(cfg, manifest, data_dir, 2, 4, 0, 1)
+    it = iter(train)
+    seen = [next(it) for _ in range(3)]
+    seen += [b for b, _ in val]
+    for b in seen:
+        assert b.dtype == expect and b.shape == (2, NUMBERED_BLOCK)
+        numbered_sample_ids(b, dtype)
+    if dtype == "uint32":
+        assert min(int(b.long().min()) for b in seen) > 2**16
+    shut_down_workers(train), shut_down_workers(val)
+
+
+def test_to_device_batch_is_the_old_split_in_int64():
+    blocks = {
+        torch.uint16: torch.tensor([[0, 1, 65534, 65535, 7], [65535, 3, 2, 1, 0]], dtype=torch.uint16),
+        torch.int32: torch.tensor([[0, 2**31 - 1, 70_000, 5, 6], [9, 8, 2**31 - 2, 1, 0]], dtype=torch.int32),
+    }
+    for dtype, b in blocks.items():
+        inputs, targets = to_device_batch(b, torch.device("cpu"))
+        wide = b.numpy().astype(np.int64)  # the old loader: int64 samples, split on the host
+        old_inputs, old_targets = torch.from_numpy(wide[:, :-1].copy()), torch.from_numpy(wide[:, 1:].copy())
+        assert inputs.dtype == targets.dtype == torch.int64 and inputs.device.type == "cpu", dtype
+        assert torch.equal(inputs, old_inputs) and torch.equal(targets, old_targets), dtype
+        # views of one widened copy: one transfer moves both
+        assert inputs.untyped_storage().data_ptr() == targets.untyped_storage().data_ptr()
+        assert b.dtype == dtype  # the batch itself is left as it was
+
+
+def _batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b.clone(), s.clone()) for b, s in loader]
+
+
+def test_val_loader_with_workers_gives_the_in_process_batches(demo_shards):
+    """Validation reads through cfg.num_workers persistent workers: the same batches, in the same
+    order, as in process, on every evaluation, by the same worker processes."""
+    manifest, data_dir = open_dataset(DataConfig(path=str(demo_shards)))
+    for rank, world in ((0, 1), (1, 2)):
+        cfgs = [DataConfig(path=str(demo_shards), micro_batch_size=2, num_workers=n) for n in (0, 2)]
+        plain, workers = (val_loader(c, manifest, data_dir, 3, 8, rank, world) for c in cfgs)
+        expected = _batches(plain)
+        assert len(expected) == 3 * 8 // world // 2
+        first = _batches(workers)
+        pids = [w.pid for w in workers._iterator._workers]
+        again = _batches(workers)
+        assert [w.pid for w in workers._iterator._workers] == pids and len(pids) == 2  # not forked again
+        for got in (first, again):
+            assert len(got) == len(expected)
+            for (b, s), (eb, es) in zip(got, expected, strict=True):
+                assert b.dtype == torch.uint16 and torch.equal(b, eb) and torch.equal(s, es)
+        shut_down_workers(workers)
+        assert workers._iterator is None and not any(psutil.pid_exists(p) and
+                                                      psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                                      for p in pids)
+
+
+def test_pin_memory_is_accepted_without_a_gpu(demo_shards):
+    """The trainer passes pin_memory=(device is CUDA); asked for without CUDA it is dropped, without
+    DataLoader's warning; with CUDA the batches come pinned."""
+    manifest, data_dir = open_dataset(DataConfig(path=str(demo_shards)))
+    for workers in (0, 1):
+        cfg = DataConfig(path=str(demo_shards), micro_batch_size=4, num_workers=workers)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*pin_memory")  # DataLoader: no accelerator
+            train = train_loader(cfg, manifest, data_dir, 0, 8, 0, 1, pin_memory=True)
+            val = val_loader(cfg, manifest, data_dir, 2, 8, 0, 1, pin_memory=True)
+            it = iter(train)
+            got = [next(it), next(it)]
+            got_val = _batches(val) if not torch.cuda.is_available() else [(b, s) for b, s in val]
+        assert train.pin_memory == val.pin_memory == torch.cuda.is_available()
+        assert all(b.is_pinned() == torch.cuda.is_available() for b in got + [b for b, _ in got_val])
+        plain = iter(train_loader(cfg, manifest, data_dir, 0, 8, 0, 1))
+        assert all(torch.equal(b, next(plain)) for b in got)
+        assert all(torch.equal(b, e) for (b, _), (e, _) in zip(got_val, _batches(
+            val_loader(cfg, manifest, data_dir, 2, 8, 0, 1)), strict=True))
+        shut_down_workers(train), shut_down_workers(val)

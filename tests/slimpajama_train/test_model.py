@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from slimpajama_train.backends.hardware import compile_problem
 from slimpajama_train.model import ModelConfig, Transformer, count_parameters, lm_loss
 
 
@@ -108,3 +109,31 @@ def test_initialization_is_configurable():
     b = Transformer(tiny(init_std=0.02, init_scaled_residual=False))
     assert a.layers[0].mlp.down_proj.weight.std().item() < 0.7 * b.layers[0].mlp.down_proj.weight.std().item()
     assert b.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_lm_head_stays_a_linear_named_lm_head_weight():
+    m = Transformer(tiny())
+    assert isinstance(m.lm_head, torch.nn.Linear) and m.lm_head.bias is None
+    assert "lm_head.weight" in m.state_dict()
+    h = torch.randn(2, 5, 64)
+    assert torch.equal(m.lm_head(h), torch.nn.functional.linear(h, m.lm_head.weight))
+
+
+NO_COMPILE = compile_problem(torch.device("cpu"))
+
+
+@pytest.mark.skipif(NO_COMPILE is not None, reason=NO_COMPILE or "")
+def test_compiled_blocks_and_loss_match_eager():
+    cfg = tiny(n_layers=1, dim=32, n_heads=2, n_kv_heads=None)
+    eager, compiled = Transformer(cfg), Transformer(cfg)
+    compiled.compile_blocks()
+    assert compiled.lm_head.loss_kernels is not eager.lm_head.loss_kernels  # the chunk kernels compiled too
+    names = [n for n, _ in eager.named_parameters()]
+    assert [n for n, _ in compiled.named_parameters()] == names  # checkpoints load either way
+    x, y = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    for model in (eager, compiled):
+        model.set_loss_chunk(32)  # two equal chunks: one compiled shape
+        model(x, y).backward()
+    torch.testing.assert_close(compiled(x, y), eager(x, y), rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=name)

@@ -46,8 +46,22 @@ def test_embeddings_decay_is_configurable():
     assert any(p is m.embed_tokens.weight for p in decay["params"])
 
 
-def test_fused_adamw_only_on_cuda():
+def test_fused_adamw_skips_on_device_found_inf():
+    """The fused kernel (CPU as on CUDA) leaves weights, moments and the step count alone when the
+    device-side found_inf flag is set: the skip decision never visits the host."""
     from slimpajama_train.optim import build_optimizer
 
     m = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=8))
-    assert not build_optimizer(m, OptimConfig(fused=True), torch.device("cpu")).defaults["fused"]
+    opt = build_optimizer(m, OptimConfig(fused=True), torch.device("cpu"))
+    assert opt.defaults["fused"]
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert not all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+    assert not build_optimizer(m, OptimConfig(fused=False), torch.device("cpu")).defaults["fused"]

@@ -1,13 +1,19 @@
 """The global sample order is an O(1)-memory seeded bijection of [0, N) per epoch (a Feistel network
-with cycle walking), a pure function of (N, seed, epoch)."""
+with cycle walking), a pure function of (N, seed, epoch); the loaders deliver it, batch by batch."""
 import itertools
+import json
 import math
 import time
 import tracemalloc
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
-from slimpajama_train.data import GlobalSampleOrder
+from data_prep.shard_format import FORMAT_VERSION, MANIFEST, RecordLayout, ShardWriter, shard_name
+from slimpajama_train.data import DataConfig, GlobalSampleOrder, open_dataset, shut_down_workers, train_loader
 
 SLIMPAJAMA_SAMPLES = 300_000_000  # ~627B tokens / 2049 tokens per sample
 
@@ -103,3 +109,81 @@ def test_slimpajama_scale_order_is_a_uniform_bijection_in_constant_memory():
     print(f"sample_id: {at0 * 1e6:.1f} us at position 0, {at1e9 * 1e6:.1f} us at 1e9; "
           f"traced peak of 1000 lookups {peak} bytes")
     assert peak < 256 * 1024 and at1e9 < 3 * at0 + 1e-4
+
+
+# ---- the loaders deliver the order ----------------------------------------------------------------
+NUMBERED_BLOCK = 9
+# Token offset per stored dtype: uint32 shards hold ids past uint16's range, up to just under 2**31.
+NUMBERED_OFFSET = {"uint16": 60_000, "uint32": 2**31 - 1000}
+
+
+def write_numbered_shards(out: Path, dtype: str, train: list[int], val: list[int] = (),
+                          sources: tuple[str, ...] = ("A", "B")) -> Path:
+    """Real shards (prep's format) whose sample ``g`` of a split (in shard order) holds the tokens
+    ``offset + g * NUMBERED_BLOCK + [0, NUMBERED_BLOCK)``: a batch row names its sample. Validation
+    shard ``k`` holds the source ``sources[k % len(sources)]`` alone."""
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype, offset = np.dtype(dtype), NUMBERED_OFFSET[dtype]
+    splits = {}
+    for split, sizes in (("train", train), ("val", val)):
+        entries, g = [], 0
+        for index, n in enumerate(sizes):
+            writer = ShardWriter(out / shard_name(split, index), index, np_dtype)
+            for _ in range(n):
+                writer.add(offset + g * NUMBERED_BLOCK + np.arange(NUMBERED_BLOCK), {sources[index % len(sources)]: 1})
+                g += 1
+            entries.append(writer.close(NUMBERED_BLOCK))
+        if entries:
+            splits[split] = {"shards": entries}
+    manifest = {"format_version": FORMAT_VERSION, "seq_len": NUMBERED_BLOCK - 1, "block_size": NUMBERED_BLOCK,
+                "dtype": dtype, "record": asdict(RecordLayout.for_block(NUMBERED_BLOCK, np_dtype)),
+                "tokenizer": {"file": "none", "sha256": "0" * 64, "vocab_size": offset + NUMBERED_BLOCK * sum(train)},
+                "splits": splits}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def numbered_sample_ids(batch: torch.Tensor, dtype: str) -> list[int]:
+    """The samples of a (B, T+1) batch of numbered shards, checking that every row is whole."""
+    rows = batch.long() - NUMBERED_OFFSET[dtype]
+    ids = rows[:, 0] // NUMBERED_BLOCK
+    assert torch.equal(rows, ids[:, None] * NUMBERED_BLOCK + torch.arange(NUMBERED_BLOCK))
+    return ids.tolist()
+
+
+def _loader_steps(cfg: DataConfig, start: int, steps: int, G: int, world: int, dtype: str) -> list[list[int]]:
+    """Sample ids of each global step, assembled from every rank's loader."""
+    manifest, data_dir = open_dataset(cfg)
+    loaders = [train_loader(cfg, manifest, data_dir, start, G, r, world) for r in range(world)]
+    its = [iter(loader) for loader in loaders]
+    out = []
+    for _ in range(steps):
+        step: list[int] = []
+        for it in its:
+            for _ in range(G // world // cfg.micro_batch_size):
+                batch = next(it)
+                expect = torch.uint16 if dtype == "uint16" else torch.int32
+                assert batch.dtype == expect and batch.shape == (cfg.micro_batch_size, NUMBERED_BLOCK)
+                step += numbered_sample_ids(batch, dtype)
+        out.append(step)
+    for loader in loaders:
+        shut_down_workers(loader)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_loader_batches_follow_the_global_order_on_any_world_size_and_resume(tmp_path, dtype):
+    """Global step ``s`` holds the samples at positions [s·G, (s+1)·G) of the order, whatever the
+    world size, in the stored dtype, over epoch boundaries (24 samples, 8 per step), from a resume
+    position as from the start; through loader workers as in process."""
+    cfg = DataConfig(path=str(write_numbered_shards(tmp_path / dtype, dtype, [5, 7, 3, 9])), micro_batch_size=2,
+                     num_workers=0, seed=77)
+    G, steps = 8, 7
+    order = GlobalSampleOrder([5, 7, 3, 9], seed=77)
+    expected = [order.sample_ids(np.arange(s * G, (s + 1) * G)).tolist() for s in range(steps)]
+    assert sorted(sum(expected[:3], [])) == list(range(24))  # an epoch visits every sample once
+    for world in (1, 2, 4):
+        assert _loader_steps(cfg, 0, steps, G, world, dtype) == expected, world
+    assert _loader_steps(cfg, 3 * G, 4, G, 2, dtype) == expected[3:]  # resume: a seek
+    workers = DataConfig(path=cfg.path, micro_batch_size=2, num_workers=2, seed=77)
+    assert _loader_steps(workers, G, 4, G, 2, dtype) == expected[1:5]

@@ -11,7 +11,7 @@ from tests.data_prep.test_pipeline import _cfg, synthetic_corpus
 
 def test_per_source_validation_matches_a_direct_computation(tmp_path):
     from slimpajama_train.checkpoint_io import load_model
-    from slimpajama_train.data import DataConfig, open_dataset, val_loader
+    from slimpajama_train.data import DataConfig, open_dataset, to_device_batch, val_loader
     from slimpajama_train.model import lm_loss
 
     corpus = synthetic_corpus(tmp_path / "corpus", docs_per_source=40)
@@ -36,7 +36,8 @@ def test_per_source_validation_matches_a_direct_computation(tmp_path):
     loader = val_loader(cfg, manifest, data_dir, batches=2, global_batch=8, rank=0, world_size=1)
     losses: dict[str, list[float]] = {}
     with torch.no_grad():
-        for inputs, targets, src in loader:
+        for batch, src in loader:
+            inputs, targets = to_device_batch(batch, torch.device("cpu"))
             for loss, k in zip(lm_loss(model(inputs), targets, per_sample=True).tolist(), src.tolist(), strict=True):
                 losses.setdefault(loader.dataset.sources[k], []).append(loss)
     print({k: (round(reported[k], 5), len(v)) for k, v in losses.items()})
