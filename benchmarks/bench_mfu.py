@@ -50,6 +50,7 @@ import torch  # noqa: E402 - after the sys.path insert above
 import yaml  # noqa: E402
 
 from data_prep.config import conf_dir  # noqa: E402
+from slimpajama_train.distributed import torchrun_argv  # noqa: E402
 from slimpajama_train.model import ModelConfig  # noqa: E402
 
 AC_CHOICES = ("none", "block", "op", "full")
@@ -72,21 +73,6 @@ def flops_per_token_conventions(cfg: ModelConfig, seq_len: int) -> dict[str, flo
 
 def mfu(tokens_s_per_gpu: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
     return tokens_s_per_gpu * flops_per_token / (peak_tflops * 1e12) if peak_tflops else None
-
-
-def torchrun_argv(nproc: int, script: str, args: list[str]) -> list[str]:
-    """This script under torchrun over ``nproc`` processes, without ``--nproc`` (torchrun's parser would
-    take it for an abbreviation of its own ``--nproc-per-node``)."""
-    rest, skip = [], False
-    for arg in args:
-        if skip or arg.startswith("--nproc="):
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *rest]
 
 
 def train_step(backend, tokens: torch.Tensor, lr: float) -> torch.Tensor:

@@ -32,6 +32,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402 - after the sys.path insert above
 
+from slimpajama_train.distributed import torchrun_argv  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,21 +42,6 @@ def bus_bandwidth(nbytes: int, seconds: float, world: int) -> tuple[float, float
     ``seconds`` over ``world`` ranks; busbw is None for a single rank (no data crosses a link)."""
     algbw = nbytes / seconds / 1e9
     return algbw, (algbw * 2 * (world - 1) / world if world > 1 else None)
-
-
-def torchrun_argv(nproc: int, script: str, args: list[str]) -> list[str]:
-    """This script under torchrun over ``nproc`` processes, without ``--nproc`` (torchrun's parser would
-    take it for an abbreviation of its own ``--nproc-per-node``)."""
-    rest, skip = [], False
-    for arg in args:
-        if skip or arg.startswith("--nproc="):
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *rest]
 
 
 def time_all_reduce(nbytes: int, dtype: torch.dtype, iters: int, warmup: int, device: torch.device) -> float:

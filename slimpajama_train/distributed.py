@@ -9,6 +9,7 @@ first collective over a CPU tensor, so every collective here uses device tensors
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -180,3 +181,19 @@ class AsyncVote:
             work.wait()
         # A host-memory read (numpy view of a CPU tensor), not a device transfer.
         return bool(host.numpy()[0] > 0)
+
+
+def torchrun_argv(nproc: int, script: str, args: list[str]) -> list[str]:
+    """``script`` with ``args`` under torchrun over ``nproc`` local processes, without a ``--nproc``
+    option of the script's own (torchrun's parser would take it for an abbreviation of its
+    ``--nproc-per-node``): how a benchmark re-launches itself over all local GPUs."""
+    rest, skip = [], False
+    for arg in args:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *rest]

@@ -1,30 +1,39 @@
-"""The SLURM launchers against a real (one-node) cluster: train.sbatch for a full run and for a run that
-is signalled mid-way, requeues itself and resumes to the same losses and W&B run; prep.sbatch as
-dependent array jobs that make the shards of a local run."""
+"""The SLURM launchers against a real (one-node) cluster: train.sbatch for a full run, for a run that is
+signalled mid-way, requeues itself and resumes to the same losses and W&B run, for a run with a rank
+killed mid-way (requeued as a crash, same losses) and for one that crashes at every attempt (stops at
+MAX_CRASH_REQUEUES); prep.sbatch as dependent array jobs that make the shards of a local run."""
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overrides
+from tests.launch.conftest import KILL_STEPS, kill_overrides, kill_rank_after_checkpoint
 from tests.launch.slurm_cluster import job_env, job_fields, submit, wait_for_state
 
 TRAIN_SBATCH = REPO / "launch/slurm/train.sbatch"
 STEPS = 12
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
 
-def _submit_train(slurm_env: dict, work: Path, shards: Path) -> tuple[int, Path]:
-    """train.sbatch with its #SBATCH defaults overridden for a CPU node: no GPUs, 2 CPUs, 10 minutes."""
+def _wandb_overrides(shards: Path, run_dir: Path) -> list[str]:
+    return tiny_train_overrides(shards, run_dir, "logger.wandb.enabled=true", "logger.wandb.mode=offline", steps=STEPS)
+
+
+def _submit_train(slurm_env: dict, work: Path, shards: Path,
+                  overrides: Callable[[Path, Path], list[str]] = _wandb_overrides, **env: str) -> tuple[int, Path]:
+    """train.sbatch with its #SBATCH defaults overridden for a CPU node: no GPUs, 2 CPUs, 10 minutes;
+    `env` on top of the job's environment (MAX_CRASH_REQUEUES=1)."""
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
     args = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=10", f"--output={work}/job-%j.out", str(TRAIN_SBATCH),
-            *tiny_train_overrides(shards, run_dir, "logger.wandb.enabled=true", "logger.wandb.mode=offline",
-                                  steps=STEPS)]
-    env = job_env(slurm_env, NPROC_PER_NODE="2", LOG_DIR=str(work / "logs"))
-    return submit(env, args, cwd=work), run_dir
+            *overrides(shards, run_dir)]
+    job = job_env(slurm_env, NPROC_PER_NODE="2", LOG_DIR=str(work / "logs"), **env)
+    return submit(job, args, cwd=work), run_dir
 
 
 def _wandb_runs(run_dir: Path) -> list[str]:
@@ -35,7 +44,7 @@ def _wandb_runs(run_dir: Path) -> list[str]:
 def uninterrupted(slurm_env, demo_shards, tmp_path_factory) -> tuple[int, Path, Path]:
     work = tmp_path_factory.mktemp("sbatch_straight")
     job, run_dir = _submit_train(slurm_env, work, demo_shards)
-    fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600,
+    fields = wait_for_state(slurm_env, job, ENDED, 600,
                             work / f"job-{job}.out")
     assert fields["JobState"] == "COMPLETED", (work / f"job-{job}.out").read_text()[-4000:]
     return job, run_dir, work
@@ -76,7 +85,7 @@ def test_signalled_job_requeues_resumes_and_matches_the_uninterrupted_run(uninte
     log = tmp_path / f"job-{job}.out"
     _wait_for_step(run_dir, 3, log)
     subprocess.run(["scancel", *scancel_args, str(job)], env=slurm_env, check=True)
-    fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600, log)
+    fields = wait_for_state(slurm_env, job, ENDED, 600, log)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED", text[-4000:]
     assert fields["Restarts"] == "1" and "requeueing" in text and f"job {job} restart 1" in text, text[-4000:]
@@ -102,7 +111,7 @@ def test_cancelled_job_saves_within_kill_wait_and_is_not_requeued(uninterrupted,
     log = tmp_path / f"job-{job}.out"
     _wait_for_step(run_dir, 3, log)
     subprocess.run(["scancel", str(job)], env=slurm_env, check=True)
-    fields = wait_for_state(slurm_env, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600, log)
+    fields = wait_for_state(slurm_env, job, ENDED, 600, log)
     text = log.read_text()
     assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", text[-4000:]
     assert "this shell got SIGTERM" in text and "not requeueing" in text, text[-4000:]
@@ -111,6 +120,48 @@ def test_cancelled_job_saves_within_kill_wait_and_is_not_requeued(uninterrupted,
     assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{saved['step']:08d}"
     straight = losses_by_step(straight_dir)
     assert losses_by_step(run_dir) == {step: straight[step] for step in range(saved["step"] + 1)}
+
+
+def test_killed_rank_requeues_the_job_as_a_crash_and_matches_the_uninterrupted_run(slurm_env, kill_reference,
+                                                                                    demo_shards, tmp_path):
+    """kill -9 of one trainer rank past a checkpoint: torchrun (MAX_RESTARTS=0) fails the step, the
+    script requeues the job as crash 1 of MAX_CRASH_REQUEUES, the requeued job resumes from latest and
+    finishes with the losses of an uninterrupted run; finishing removes the crash count."""
+    job, run_dir = _submit_train(slurm_env, tmp_path, demo_shards, kill_overrides)
+    log = tmp_path / f"job-{job}.out"
+    killed = kill_rank_after_checkpoint(run_dir, 1, lambda: log.read_text()[-3000:] if log.is_file() else "")
+    fields = wait_for_state(slurm_env, job, ENDED, 600, log)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-4000:]
+    assert killed["step"] < KILL_STEPS, killed
+    assert "crash requeues 0 of 3" in text and f"job {job} restart 1" in text, text[-4000:]
+    assert (f"trainer crashed (status 1): crash requeue 1 of 3 (MAX_CRASH_REQUEUES); the next attempt resumes "
+            f"from checkpoint {killed['checkpoint']}") in text, text[-4000:]
+    assert "crash requeues 1 of 3" in text and "finished with status 0" in text, text[-4000:]
+    resumed = sorted((tmp_path / "logs" / str(job) / "restart1" / "node0").glob("*/attempt_0/0/stderr.log"))
+    assert len(resumed) == 1 and f"resumed from {run_dir}/checkpoints/{killed['checkpoint']}" in resumed[0].read_text()
+    assert not (run_dir / "crash_requeues").exists()
+    assert losses_by_step(run_dir) == kill_reference  # bitwise: fp32 on CPU
+
+
+def test_crash_at_every_attempt_stops_after_max_crash_requeues(slurm_env, tmp_path):
+    """A run that fails at every attempt (its data path does not exist) with MAX_CRASH_REQUEUES=1: one
+    crash requeue, then the job ends FAILED, naming the count, the bound and the latest checkpoint."""
+    job, run_dir = _submit_train(slurm_env, tmp_path, tmp_path / "no_such_shards",
+                                 lambda shards, run: tiny_train_overrides(shards, run), MAX_CRASH_REQUEUES="1")
+    log = tmp_path / f"job-{job}.out"
+    fields = wait_for_state(slurm_env, job, ENDED, 600, log)
+    text = log.read_text()
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "1", text[-4000:]
+    assert fields["ExitCode"] == "1:0", fields
+    assert "no_such_shards" in text  # the trainer's own error, in the job log
+    assert "trainer crashed (status 1): crash requeue 1 of 1 (MAX_CRASH_REQUEUES)" in text, text[-4000:]
+    assert (f"job {job} restart 1: trainer crashed (status 1) and run_dir {run_dir} has had 1 crash requeue(s) "
+            "already, the bound (MAX_CRASH_REQUEUES=1); not requeueing. Latest checkpoint: none.") in text, text[-4000:]
+    assert text.count("requeueing") == 2 and f"job {job} restart 2" not in text  # 1 requeue + "not requeueing"
+    assert (run_dir / "crash_requeues").read_text().strip() == "1"  # kept for a job that continues the run_dir
+    time.sleep(3)
+    assert job_fields(slurm_env, job)["JobState"] == "FAILED"  # ended, not requeued once more
 
 
 def test_prep_sbatch_array_jobs_make_the_shards_of_a_local_run(slurm_env, tmp_path):
@@ -135,7 +186,7 @@ def test_prep_sbatch_array_jobs_make_the_shards_of_a_local_run(slurm_env, tmp_pa
     assert tuple(jobs) == tuple(s.name for s in STAGES)  # every stage, in order
     last = int(jobs["report"].split()[0])
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("prep-*.out")))
-    fields = wait_for_state(slurm_env, last, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
+    fields = wait_for_state(slurm_env, last, ENDED, 900)
     assert fields["JobState"] == "COMPLETED", logs
     clean = job_fields(slurm_env, int(jobs["clean"].split()[0]))
     assert clean.get("ArrayTaskId") in ("0", "1")  # an array job, one record per task

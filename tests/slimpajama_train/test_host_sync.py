@@ -78,3 +78,18 @@ def test_garbage_collector_frozen_and_run_on_all_ranks_at_the_same_steps(demo_sh
         assert probe["gc_runs"] == {"5": [1], "10": [1]}  # young generations, at the same steps everywhere
         assert all(not enabled and frozen > 1000 for enabled, frozen in probe["gc_state"].values())
         assert probe["gc_enabled_after"]  # restored when fit() returns
+
+
+def test_validation_reads_the_device_once_per_evaluation(demo_shards, tmp_path):
+    """Evaluation at step 5 (not a log step) over 3 global batches through the worker loader: one
+    device-to-host transfer for the whole evaluation, none per batch, and one all-reduce."""
+    extra = "trainer.eval_interval=5 trainer.eval_batches=3"
+    for probe in _probe(demo_shards, tmp_path, "fsdp2", SYNC_EXTRA=extra).values():
+        mine = {k: n for k, n in probe["syncs"]["5"].items() if "@slimpajama_train:" in k}
+        assert sum(mine.values()) == 1 and next(iter(mine)).startswith("tolist@"), mine
+        assert sum(probe["syncs"]["5"].values()) == 1  # nothing else either
+        extra_colls = Counter(probe["collectives"]["5"]) - Counter(probe["collectives"]["bare1"])
+        # the evaluation's one all-reduce: loss sum and count per source plus a mixed-shard slot
+        assert sorted(extra_colls) == sorted([VOTE, next(k for k in extra_colls if k.startswith("all_reduce[") and
+                                                         k.endswith("async=False"))]), extra_colls
+        assert sum(extra_colls.values()) == 2, extra_colls
