@@ -397,3 +397,22 @@ def test_reshard_policy_per_unit():
     assert reshard_policy(BackendConfig(), 4, small) == [False] * 4  # small: nothing is resharded
     assert reshard_policy(BackendConfig(reshard_after_forward=True), 3, small) == [True] * 3
     assert reshard_policy(BackendConfig(reshard_after_forward=False), 3, big) == [False] * 3
+
+
+def test_compile_defaults_to_on_for_cuda_and_off_on_cpu(monkeypatch):
+    """trainer.compile=null: on for CUDA where it can work (a log line says why not otherwise), off
+    on CPU; an explicit true that cannot work is refused with the reason."""
+    import slimpajama_train.trainer as trainer_module
+    from slimpajama_train.config import LoopConfig, TrainConfig
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    auto = TrainConfig(trainer=LoopConfig(compile=None))
+    monkeypatch.setattr(trainer_module, "compile_problem", lambda device: None)
+    assert trainer_module.resolve_compile(auto, cuda)[0].trainer.compile is True
+    assert trainer_module.resolve_compile(auto, cpu)[0].trainer.compile is False
+    monkeypatch.setattr(trainer_module, "compile_problem", lambda device: "no triton")
+    resolved, note = trainer_module.resolve_compile(auto, cuda)
+    assert resolved.trainer.compile is False and "no triton" in note
+    with pytest.raises(RuntimeError, match="trainer.compile=true: no triton"):
+        trainer_module.resolve_compile(TrainConfig(trainer=LoopConfig(compile=True)), cuda)
+    assert auto.trainer.compile is None  # the given config is not changed
