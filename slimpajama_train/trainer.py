@@ -125,7 +125,6 @@ class Trainer:
         self.samples_consumed = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self.data_wait_s = 0.0
         self.preempted = False
         # Steps since the last log step: their losses and step results stay on the device until then.
         self._window: list[StepRecord] = []
@@ -292,9 +291,9 @@ class Trainer:
             gather(gathered, mine)
         else:
             gathered = mine
-        r0 = window[-1].result
+        last = window[-1].result
         parts = [gathered, *(_on_device(r.result.grad_norm, dev) for r in window),
-                 *(_on_device(r.result.skipped, dev) for r in window), _on_device(r0.loss_scale, dev)]
+                 *(_on_device(r.result.skipped, dev) for r in window), _on_device(last.loss_scale, dev)]
         host = torch.cat(parts).tolist()  # the one device-to-host transfer of the window
         per_rank = [host[w * (k + 2):(w + 1) * (k + 2)] for w in range(W)]
         norms = host[W * (k + 2): W * (k + 2) + k]
@@ -315,7 +314,6 @@ class Trainer:
         wall = (now - self._window_t0 - self._excluded_s) / k
         self._host_s = self._wait_s = self._excluded_s = 0.0
         self._window_t0 = now
-        self.data_wait_s = sum(wait_s) / W
         finite = [x for x in losses if math.isfinite(x)]
         metrics: dict[str, Any] = {
             "step": self.step, "loss": losses[-1], "loss_avg": sum(finite) / len(finite) if finite else float("nan"),
@@ -323,10 +321,10 @@ class Trainer:
             "tokens_seen": self.samples_consumed * self.manifest["seq_len"], "steps_in_window": k,
             "step_time_s": wall, "step_time_max_s": max(host_s), "step_time_min_s": min(host_s),
             "slowest_rank": max(range(W), key=host_s.__getitem__),
-            "data_wait_s": self.data_wait_s, "data_wait_max_s": max(wait_s), "data_wait_min_s": min(wait_s),
+            "data_wait_s": sum(wait_s) / W, "data_wait_max_s": max(wait_s), "data_wait_min_s": min(wait_s),
             "slowest_data_rank": max(range(W), key=wait_s.__getitem__),
         }
-        if r0.loss_scale is not None:
+        if last.loss_scale is not None:
             metrics["loss_scale"] = host[-1]
         if math.isfinite(losses[-1]):
             self.summary.setdefault("first_train_loss", losses[-1])

@@ -28,8 +28,12 @@ def mesh_shape(cfg: BackendConfig, world_size: int, local_world_size: int) -> tu
     """(replicas, shard ranks) of the FSDP2 mesh. The shard dimension defaults to one node's ranks,
     so parameter all-gathers and gradient reduce-scatters stay on NVLink and only one all-reduce per
     step crosses the network (HSDP); ``replicate = 1`` is plain FSDP2."""
-    shard = cfg.shard_size or (world_size // cfg.replicate_size if cfg.replicate_size else min(local_world_size,
-                                                                                              world_size))
+    if cfg.shard_size:
+        shard = cfg.shard_size
+    elif cfg.replicate_size:
+        shard = world_size // cfg.replicate_size
+    else:
+        shard = min(local_world_size, world_size)
     replicate = cfg.replicate_size or max(1, world_size // shard)
     if shard * replicate != world_size:
         raise ValueError(f"backend.shard_size={cfg.shard_size} x backend.replicate_size={cfg.replicate_size} "
@@ -88,11 +92,9 @@ class FSDP2Backend(Backend):
     def _shard(self, model: Transformer) -> None:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
         replicate, shard = self.mesh_shape = mesh_shape(self.cfg, self.dist.world_size, local_world)
-        device_type = self.dist.device.type
-        if replicate > 1:
-            mesh = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
-        else:
-            mesh = init_device_mesh(device_type, (shard,), mesh_dim_names=("shard",))
+        # A 2-D mesh makes fully_shard run HSDP; one replica is a flat mesh, plain FSDP2.
+        shape, names = ((replicate, shard), ("replicate", "shard")) if replicate > 1 else ((shard,), ("shard",))
+        mesh = init_device_mesh(self.dist.device.type, shape, mesh_dim_names=names)
         # Master weights stay fp32 (the sharded parameters); compute runs in param_dtype; gradients
         # are reduced in fp32 so small per-rank contributions are not lost in half precision.
         mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
