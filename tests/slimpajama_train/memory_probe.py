@@ -4,8 +4,11 @@
 
 Run from the repository root. Prints one JSON line: ``peak_bytes`` (the most memory the steps held above
 what was resident just before them), the per-step ``losses``, and with ``--grads-out`` writes the first
-step's gradients (``torch.save``; before any optimizer update). On CPU the peak is the kernel's peak RSS
-(``ru_maxrss``, read as ``VmHWM`` after restarting it through ``/proc/self/clear_refs``) minus the RSS
+step's gradients (``torch.save``; before any optimizer update). With ``--measure tensors`` (what the tests
+use) the peak is the most bytes of tensor storages the steps created and held at once
+(``tensor_memory.LiveTensorBytes``): the same figure on every machine and run. Otherwise, on CPU the
+peak is the kernel's peak RSS (``ru_maxrss``, read as ``VmHWM`` after restarting it through
+``/proc/self/clear_refs``) minus the RSS
 before the steps: run it with ``MALLOC_MMAP_THRESHOLD_=65536`` (``run_probe`` does) so freed large
 blocks return to the OS and the RSS follows live memory. On CUDA it is ``torch.cuda.max_memory_allocated``
 above the allocation before the steps.
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from slimpajama_train.model import AC_MODES, ModelConfig, Transformer
+from tests.slimpajama_train.tensor_memory import LiveTensorBytes
 
 REPO = Path(__file__).resolve().parents[2]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -45,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
     p.add_argument("--steps", type=int, default=1, help="forward + backward + AdamW step, this many times")
     p.add_argument("--grads-out", default=None, help="write the first step's gradients here")
+    p.add_argument("--measure", default="memory", choices=["memory", "tensors"],
+                   help="memory: peak RSS on CPU, the allocator's peak on CUDA; "
+                        "tensors: LiveTensorBytes (deterministic)")
     return p.parse_args(argv)
 
 
@@ -116,7 +123,11 @@ def measure(a: argparse.Namespace) -> dict:
     model, x, y = build(a)
     warm_up(a, model, x, y)
     gc.collect()
-    if a.device == "cuda":
+    if a.measure == "tensors":
+        with LiveTensorBytes() as mem:
+            losses = train_steps(a, model, x, y)
+        peak = mem.peak
+    elif a.device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -133,7 +144,7 @@ def measure(a: argparse.Namespace) -> dict:
             raise RuntimeError(f"the steps did not raise the process's peak RSS ({peak} <= {before} bytes before): "
                                "the figure would be the warm-up's")
     return {"peak_bytes": peak, "peak_mib": peak / 2**20, "losses": losses, "device": a.device,
-            "loss_chunk": a.loss_chunk, "ac": a.ac}
+            "loss_chunk": a.loss_chunk, "ac": a.ac, "measure": a.measure}
 
 
 def run_probe(*args: str, timeout: float = 600) -> dict:

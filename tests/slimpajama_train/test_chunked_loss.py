@@ -117,7 +117,8 @@ def test_three_training_steps_give_the_same_losses_chunked_or_not():
 def test_chunked_loss_holds_less_than_the_fp32_logits():
     # One training step at vocab 32k, micro-batch 8 x 2048: the plain path holds the fp32 logits, their
     # log-softmax and gradients (~3 x 2.1 GB); the chunked one a 4096-token chunk (0.5 GB) at a time.
-    shape = ["--vocab", "32000", "--micro-batch", "8", "--seq-len", "2048", "--dim", "64", "--layers", "1"]
+    shape = ["--vocab", "32000", "--micro-batch", "8", "--seq-len", "2048", "--dim", "64", "--layers", "1",
+             "--measure", "tensors"]
     plain = run_probe(*shape, "--loss-chunk", "0")
     chunked = run_probe(*shape, "--loss-chunk", "4096")
     logits_bytes = 8 * 2048 * 32000 * 4

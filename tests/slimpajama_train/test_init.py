@@ -37,13 +37,16 @@ def test_initial_weights_equal_a_single_process_build(demo_shards, tmp_path, bac
 
 
 def test_no_rank_holds_the_whole_model_after_sharded_init(demo_shards, tmp_path):
-    """model=1.3b over 2 processes: peak host RSS of each rank once its shard is built and
-    initialized (before any optimizer state) stays at most 0.6x the full fp32 model."""
+    """model=1.3b over 2 processes: what each rank's peak host RSS grew by while its shard was built
+    and initialized (before any optimizer state) stays at most 0.6x the full fp32 model; the shard
+    itself is 0.5x. The process's RSS before the build (torch and its libraries, ~0.3 GiB, which
+    differs between CPUs and BLAS builds) is left out. Measured 0.503x on both ranks in 3 runs
+    (spread < 0.001); unsharded init would be >= 1.0x."""
     reports = _build(2, demo_shards, tmp_path / "big", "model=1.3b", "backend=fsdp2")
     full = reports[0]["full_fp32_model_bytes"]
     for r in reports:
-        ratio = r["peak_rss_bytes"] / full
+        ratio = (r["peak_rss_bytes"] - r["rss_before_build_bytes"]) / full
         print(f"rank {r['rank']}: peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB after sharded init "
               f"({r['rss_before_build_bytes'] / 2**30:.2f} GiB before the build) for a {full / 2**30:.2f} GiB "
-              f"fp32 model: {ratio:.3f}x")
+              f"fp32 model: grew by {ratio:.3f}x")
         assert ratio <= 0.6

@@ -3,7 +3,6 @@ with cycle walking), a pure function of (N, seed, epoch); the loaders deliver it
 import itertools
 import json
 import math
-import time
 import tracemalloc
 from dataclasses import asdict
 from pathlib import Path
@@ -99,16 +98,29 @@ def test_slimpajama_scale_order_is_a_uniform_bijection_in_constant_memory():
     tracemalloc.stop()
     assert len(set(ids)) == 1000
 
+    # The work of a lookup, counted (not timed, which depends on the machine): passes through the
+    # network, the same far into training as at the start, and under 2 on average (cycle walking).
+    passes = 0
+    feistel = order._feistel
+
+    def counted(x, keys):
+        nonlocal passes
+        passes += 1
+        return feistel(x, keys)
+
+    order._feistel = counted
+
     def per_lookup(start: int) -> float:
-        t0 = time.perf_counter()
+        nonlocal passes
+        passes = 0
         for i in range(2000):
             order.sample_id(start + i)
-        return (time.perf_counter() - t0) / 2000
+        return passes / 2000
 
-    at0, at1e9 = min(per_lookup(0) for _ in range(3)), min(per_lookup(10**9) for _ in range(3))
-    print(f"sample_id: {at0 * 1e6:.1f} us at position 0, {at1e9 * 1e6:.1f} us at 1e9; "
+    at0, at1e9 = per_lookup(0), per_lookup(10**9)
+    print(f"sample_id: {at0:.3f} network passes per lookup at position 0, {at1e9:.3f} at 1e9; "
           f"traced peak of 1000 lookups {peak} bytes")
-    assert peak < 256 * 1024 and at1e9 < 3 * at0 + 1e-4
+    assert peak < 256 * 1024 and 1 <= at0 < 2 and 1 <= at1e9 < 2
 
 
 # ---- the loaders deliver the order ----------------------------------------------------------------
