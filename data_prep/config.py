@@ -91,8 +91,9 @@ class PrepConfig:
 
     Attributes:
         inputs: globs or directories of jsonl / jsonl.zst / jsonl.gz / parquet / txt files, e.g.
-            ``train/chunk*/example_train_*.jsonl.zst`` relative to ``input_root``.
-        input_root: document ids are ``<path relative to this>:<line>``; default: the current directory.
+            ``train/chunk*/example_train_*.jsonl.zst``; relative ones are relative to ``input_root``.
+        input_root: relative inputs are found under it, and document ids are ``<path relative to
+            this>:<line>``; ``null``: the current directory.
         output_dir: where shards, manifest, tokenizer and report go.
         text_key / source_key: dotted field names of the text and the source (domain).
         normalize_form: Unicode normalization form.
@@ -115,8 +116,8 @@ class PrepConfig:
         run: how the run executes (tasks, workers, one stage for SLURM); not part of what the data is.
     """
 
-    inputs: list[str] = field(default_factory=lambda: ["data/demo_corpus/train"])
-    input_root: str | None = None
+    inputs: list[str] = field(default_factory=lambda: ["train"])
+    input_root: str | None = "data/demo_corpus"
     output_dir: str = "data/demo_shards"
     text_key: str = "text"
     source_key: str = "meta.redpajama_set_name"
@@ -182,7 +183,16 @@ def conf_dir() -> Path:
 
 
 def register_configs() -> None:
-    """Register the typed schema so ``conf/prep.yaml`` is validated against :class:`PrepConfig`."""
-    from hydra.core.config_store import ConfigStore
+    """Register the typed schema so ``conf/prep.yaml`` is validated against :class:`PrepConfig`.
 
-    ConfigStore.instance().store(name="prep_schema", node=PrepConfig)
+    The mixture's source dicts are left open (not in struct mode), so ``mixture.weights={A: 2.0}`` and
+    ``mixture.proportions.A=0.3`` work without Hydra's ``+``; their names are checked against the
+    corpus's sources when the mixture is used (:func:`data_prep.mixture.check_sources`).
+    """
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(PrepConfig)
+    for key in ("weights", "proportions"):
+        OmegaConf.set_struct(node.mixture[key], False)
+    ConfigStore.instance().store(name="prep_schema", node=node)

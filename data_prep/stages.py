@@ -60,13 +60,30 @@ class Context:
 
         root = Path(self.cfg.input_root) if self.cfg.input_root else Path.cwd()
         other: list[Path] = []
-        files = expand_inputs(self.cfg.inputs, root=root if self.cfg.input_root else None, skipped=other)
+        try:
+            files = expand_inputs(self.cfg.inputs, root=root if self.cfg.input_root else None, skipped=other)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}{self._root_hint()}") from None
         if not files:
             raise FileNotFoundError(f"prep.inputs={self.cfg.inputs}: no jsonl/json/parquet/txt files found (plain, "
                                     f".zst, .gz or .bz2); skipped: {[str(p) for p in other[:20]]}")
         if skipped is not None:
             skipped.extend(other)
         return files, root
+
+    def _root_hint(self) -> str:
+        """Why a relative pattern found nothing: it is looked for under ``input_root``, not the current directory."""
+        import glob
+
+        root = self.cfg.input_root
+        if not root:
+            return ""
+        here = [p for p in self.cfg.inputs if not os.path.isabs(p) and glob.glob(p, recursive=True)]
+        if not here:
+            return f" under input_root={root}"
+        fixed = [os.path.relpath(p, root) for p in here]
+        return (f" under input_root={root} (relative inputs are looked for under input_root); {here} exist relative "
+                f"to the current directory: use inputs=[{','.join(fixed)}]")
 
     def result(self, stage: str, index: int = 0) -> dict[str, Any]:
         """The stored result of a finished task of an earlier stage (raises if it has not run)."""
@@ -211,6 +228,11 @@ def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
                 res.offer(hash_fraction("tok:" + d.id), factors.get(d.source, 1.0), key, d.text)
         info["sample_bytes"] = res.bytes
         sample = res.texts()
+        if not any(t.strip() for t in sample):
+            docs = sum(ctx.result("clean", p)["docs"] for p in range(ctx.n))
+            raise ValueError(f"no training text for the tokenizer: inputs={list(cfg.inputs)} (input_root="
+                             f"{cfg.input_root}) yielded {docs} documents after cleaning and none in the train split; "
+                             "give inputs with longer documents (min_doc_chars) or tokenizer=pretrained")
     obtain_tokenizer(cfg.tokenizer, sample, out, cfg.seed)
     return {**tokenizer_info(out), "training": info}
 
