@@ -28,6 +28,9 @@ class RunConfig:
         force: redo stages even when their completion marker matches.
         bucket_memory_mb: a buckets task reads its shard in as many passes as keep its band records
             under this (the result does not depend on it).
+        input_fingerprint: how a clean task tells whether its input files changed since it ran:
+            ``stat`` (path, size and modification time; one stat per file) or ``content`` (size and
+            sha256 of the bytes: a full read, for file systems whose mtimes cannot be trusted).
     """
 
     num_tasks: int = 1
@@ -36,8 +39,11 @@ class RunConfig:
     task_index: int | None = None
     force: bool = False
     bucket_memory_mb: int = 2048
+    input_fingerprint: str = "stat"
 
     def __post_init__(self) -> None:
+        if self.input_fingerprint not in ("stat", "content"):
+            raise ValueError(f"prep.run.input_fingerprint={self.input_fingerprint!r}: expected stat or content")
         if self.num_tasks < 1:
             raise ValueError(f"prep.run.num_tasks={self.num_tasks}: must be >= 1")
         if self.workers is not None and self.workers < 1:
