@@ -47,6 +47,13 @@ class WorkDir:
     def docs(self, part: int) -> Path:
         return self.root / "docs" / f"{part:05d}.npz"
 
+    def sources(self, num_parts: int) -> list[str]:
+        """Every source name of the corpus after cleaning (from the document tables' ``sources.json``)."""
+        names: set[str] = set()
+        for p in range(num_parts):
+            names.update(json.loads((self.docs(p) / "sources.json").read_text()))
+        return sorted(names)
+
     def sigs(self, part: int) -> Path:
         return self.root / "dedup" / "sigs" / f"{part:05d}.u32"
 

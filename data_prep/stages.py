@@ -283,7 +283,7 @@ def split_holdout(ctx: Context, i: int) -> dict[str, Any]:
 
 def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
     """Train SentencePiece on a weighted reservoir sample of the train split (or copy a .model)."""
-    from data_prep.mixture import source_factors
+    from data_prep.mixture import check_sources, source_factors
     from data_prep.text_hash import hash_fraction
     from data_prep.tokenizer import WeightedReservoir, obtain_tokenizer, sample_cap, tokenizer_info, trainer_memory_mb
 
@@ -291,6 +291,7 @@ def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
     out = ctx.out / "tokenizer.model"
     info: dict[str, Any] = {}
     sample: list[str] = []
+    check_sources(cfg.mixture, ctx.work.sources(ctx.n))  # the first stage that uses the mixture
     if cfg.tokenizer.model_path is None:
         train_bytes = ctx.result("split")["train_bytes"]
         # Mixture weights from bytes (tokens are not known before the tokenizer exists). Only the
