@@ -102,6 +102,12 @@ def test_readme_study_example_prepares_every_mixture(demo_corpus, tmp_path, monk
     props = {n: json.loads((out / "data" / n / "manifest.json").read_text())["splits"]["train"]["proportions"]
              for n in names}
     assert props["code"]["RedPajamaGithub"] > 0.8 and props["prose"]["RedPajamaBook"] > 0.4
+    # its --train overrides are a valid training config (the train phase itself is the test above)
+    from tests.test_configs import _compose
+
+    train = [commands[k + 1] for k, a in enumerate(commands) if a == "--train"]
+    cfg = _compose("train", [*train, f"data.path={out / 'data/code'}"])
+    assert cfg.trainer.max_steps == 200 and cfg.logger.wandb.enabled is False
 
 
 def test_study_mixture_with_unknown_source_stops_before_any_mixture(demo_corpus, tmp_path):
