@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from data_prep.mixture import MixtureConfig, check_sources
+from data_prep.mixture import MixtureConfig
 from data_prep.prep import run_prep
 from slimpajama_train.study import compose_prep, link_shared_work
 from tests.conftest import REPO, small_prep_config
@@ -109,6 +109,8 @@ def test_preset_naming_absent_sources_stops_the_run(shared_base, tmp_path):
 
 
 def test_check_sources_names_nearest_and_list():
+    from data_prep.mixture import check_sources
+
     check_sources(MixtureConfig(weights={"a": 2.0}), ["a", "b"])  # known names pass
     with pytest.raises(ValueError, match=r"prep.mixture.weights.zzz: no such source, no similar name\n"
                                          r"  the corpus's sources are: a, b;"):
