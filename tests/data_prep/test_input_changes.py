@@ -23,7 +23,7 @@ def _records(n: int, seed: int) -> list[dict]:
 
 def _run(corpus: Path, out: Path, mode: str = "stat", force: bool = False) -> dict:
     cfg = _cfg(corpus, out, num_tasks=2, workers=1)
-    cfg.run = RunConfig(num_tasks=2, workers=1, force=force, input_fingerprint=mode)
+    cfg.run = RunConfig(num_tasks=2, workers=1, force=force, **({"input_fingerprint": mode} if mode != "stat" else {}))
     run_prep(cfg)
     return json.loads((out / "manifest.json").read_text())
 
