@@ -122,8 +122,9 @@ class PrepConfig:
         run: how the run executes (tasks, workers, one stage for SLURM); not part of what the data is.
     """
 
-    inputs: list[str] = field(default_factory=lambda: ["train"])
-    input_root: str | None = "data/demo_corpus"
+    # the files of conf/prep.yaml's inputs=[train] under input_root=data/demo_corpus (ids relative to the cwd)
+    inputs: list[str] = field(default_factory=lambda: ["data/demo_corpus/train"])
+    input_root: str | None = None
     output_dir: str = "data/demo_shards"
     text_key: str = "text"
     source_key: str = "meta.redpajama_set_name"

@@ -56,15 +56,21 @@ class InputState:
 
 
 def input_fingerprint(path: Path, mode: str) -> list[int | str]:
-    """``[size, mtime_ns]`` (one stat), or with ``mode="content"`` ``[size, sha256]`` (reads the file)."""
-    st = path.stat()
-    if mode != "content":
-        return [st.st_size, st.st_mtime_ns]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return [st.st_size, h.hexdigest()]
+    """``[size, mtime_ns]`` (one stat), or with ``mode="content"`` ``[size, sha256]`` (reads the file).
+
+    A file that cannot be read (a dangling link) gets ``[-1, <error>]``: the reader reports it, and
+    the run goes on."""
+    try:
+        st = path.stat()
+        if mode != "content":
+            return [st.st_size, st.st_mtime_ns]
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        return [st.st_size, h.hexdigest()]
+    except OSError as e:
+        return [-1, f"{type(e).__name__}: {e.strerror}"]
 
 
 @dataclass
