@@ -28,6 +28,9 @@ class RunConfig:
         force: redo stages even when their completion marker matches.
         bucket_memory_mb: a buckets task reads its shard in as many passes as keep its band records
             under this (the result does not depend on it).
+        input_fingerprint: how a clean task tells whether its input files changed since it ran:
+            ``stat`` (path, size and modification time; one stat per file) or ``content`` (size and
+            sha256 of the bytes: a full read, for file systems whose mtimes cannot be trusted).
     """
 
     num_tasks: int = 1
@@ -36,8 +39,11 @@ class RunConfig:
     task_index: int | None = None
     force: bool = False
     bucket_memory_mb: int = 2048
+    input_fingerprint: str = "stat"
 
     def __post_init__(self) -> None:
+        if self.input_fingerprint not in ("stat", "content"):
+            raise ValueError(f"prep.run.input_fingerprint={self.input_fingerprint!r}: expected stat or content")
         if self.num_tasks < 1:
             raise ValueError(f"prep.run.num_tasks={self.num_tasks}: must be >= 1")
         if self.workers is not None and self.workers < 1:
@@ -91,8 +97,9 @@ class PrepConfig:
 
     Attributes:
         inputs: globs or directories of jsonl / jsonl.zst / jsonl.gz / parquet / txt files, e.g.
-            ``train/chunk*/example_train_*.jsonl.zst`` relative to ``input_root``.
-        input_root: document ids are ``<path relative to this>:<line>``; default: the current directory.
+            ``train/chunk*/example_train_*.jsonl.zst``; relative ones are relative to ``input_root``.
+        input_root: relative inputs are found under it, and document ids are ``<path relative to
+            this>:<line>``; ``null``: the current directory.
         output_dir: where shards, manifest, tokenizer and report go.
         text_key / source_key: dotted field names of the text and the source (domain).
         normalize_form: Unicode normalization form.
@@ -115,6 +122,7 @@ class PrepConfig:
         run: how the run executes (tasks, workers, one stage for SLURM); not part of what the data is.
     """
 
+    # the files of conf/prep.yaml's inputs=[train] under input_root=data/demo_corpus (ids relative to the cwd)
     inputs: list[str] = field(default_factory=lambda: ["data/demo_corpus/train"])
     input_root: str | None = None
     output_dir: str = "data/demo_shards"
@@ -182,7 +190,16 @@ def conf_dir() -> Path:
 
 
 def register_configs() -> None:
-    """Register the typed schema so ``conf/prep.yaml`` is validated against :class:`PrepConfig`."""
-    from hydra.core.config_store import ConfigStore
+    """Register the typed schema so ``conf/prep.yaml`` is validated against :class:`PrepConfig`.
 
-    ConfigStore.instance().store(name="prep_schema", node=PrepConfig)
+    The mixture's source dicts are left open (not in struct mode), so ``mixture.weights={A: 2.0}`` and
+    ``mixture.proportions.A=0.3`` work without Hydra's ``+``; their names are checked against the
+    corpus's sources when the mixture is used (:func:`data_prep.mixture.check_sources`).
+    """
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(PrepConfig)
+    for key in ("weights", "proportions"):
+        OmegaConf.set_struct(node.mixture[key], False)
+    ConfigStore.instance().store(name="prep_schema", node=node)

@@ -3,6 +3,7 @@
 ::
 
     inputs.json                    the sorted input files (document keys index into it)
+    inputs/<i>-of-<n>.json         size + mtime (or sha256) of the input files clean task i read
     clean/part-<p>.jsonl.zst       documents of input files p, p+n, ... after normalize + filters
     docs/<p>.npz                   the document table of part p (see data_prep.doc_table)
     dedup/sigs/<p>.u32             MinHash signatures, raw (docs, num_perm) uint32
@@ -37,11 +38,21 @@ class WorkDir:
         """Input files relative to the input root, in key order (written by the clean stage)."""
         return json.loads(self.inputs.read_text())["files"]
 
+    def input_fingerprints(self, task: int, num_tasks: int) -> Path:
+        return self.root / "inputs" / f"{task:05d}-of-{num_tasks:05d}.json"
+
     def clean_part(self, part: int) -> Path:
         return self.root / "clean" / f"part-{part:05d}.jsonl.zst"
 
     def docs(self, part: int) -> Path:
         return self.root / "docs" / f"{part:05d}.npz"
+
+    def sources(self, num_parts: int) -> list[str]:
+        """Every source name of the corpus after cleaning (from the document tables' ``sources.json``)."""
+        names: set[str] = set()
+        for p in range(num_parts):
+            names.update(json.loads((self.docs(p) / "sources.json").read_text()))
+        return sorted(names)
 
     def sigs(self, part: int) -> Path:
         return self.root / "dedup" / "sigs" / f"{part:05d}.u32"

@@ -16,8 +16,10 @@ shortfall is reported. Presets live in ``conf/prep_mixture/`` (SlimPajama, SlimP
 """
 from __future__ import annotations
 
+import difflib
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +65,26 @@ class MixtureConfig:
                 raise ValueError("prep.mixture.total_tokens needs mixture.proportions (or a prep_mixture= preset)")
             if not self.total_tokens > 0:
                 raise ValueError(f"prep.mixture.total_tokens={self.total_tokens}: must be > 0")
+
+
+def check_sources(cfg: MixtureConfig, known: Iterable[str], where: str = "prep.mixture") -> None:
+    """Raise ``ValueError`` when ``weights`` or ``proportions`` name a source the corpus does not have
+    (a misspelt source would otherwise silently get weight 1, or its share go to the others): the
+    message names each unknown source, the nearest known one, and every source of the corpus."""
+    known = sorted(set(known))
+    bad = [(kind, name) for kind, table in (("weights", cfg.weights), ("proportions", cfg.proportions))
+           for name in table if name not in known]
+    if not bad:
+        return
+    preset = f" (prep_mixture={cfg.preset})" if cfg.preset not in ("none", "") else ""
+
+    def nearest(name: str) -> str:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        return f"did you mean {close[0]!r}?" if close else "no similar name"
+
+    unknown = "; ".join(f"{where}.{kind}.{name}: no such source, {nearest(name)}" for kind, name in bad)
+    raise ValueError(f"{unknown}{preset}\n  the corpus's sources are: {', '.join(known) or '(none)'}; "
+                     "fix the name, or drop it (Hydra: '~mixture.proportions.<name>')")
 
 
 def _snap(f: float) -> float:

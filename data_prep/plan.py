@@ -21,7 +21,7 @@ import numpy as np
 from data_prep.atomic import save_npy, write_json
 from data_prep.doc_table import column
 from data_prep.layout import WorkDir
-from data_prep.mixture import MixtureConfig, copies, source_factors
+from data_prep.mixture import MixtureConfig, check_sources, copies, source_factors
 
 _ARRAYS = {"part": np.int32, "offset": np.int64, "count": np.int32, "source": np.int32, "cum": np.int64,
            "shard_start": np.int64, "shard_blocks": np.int32}
@@ -76,6 +76,7 @@ def plan_split(work: WorkDir, num_parts: int, split_code: int, mixture: MixtureC
         part_sources.append(json.loads((work.docs(p) / "sources.json").read_text()))
         names.update(part_sources[-1])
     sources = sorted(names)
+    check_sources(mixture, sources)
     for p in range(num_parts):
         codes = np.load(work.split_codes(p))
         with np.load(work.tokens(p)[1]) as z:

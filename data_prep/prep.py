@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -54,6 +55,9 @@ def run_task(cfg: PrepConfig, stage: str, index: int) -> dict[str, Any]:
     ctx = Context(cfg)
     marker = Marker(ctx.work.root, stage, index, n, stage_hashes(cfg)[stage])
     done = None if cfg.run.force else marker.result()
+    if done is not None and spec.stale is not None and (why := spec.stale(ctx, index, done)):
+        print(f"prep: {stage} task {index} re-runs: {why}", file=sys.stderr)
+        done = None
     if done is not None:
         return done
     # Compiled MinHash and SentencePiece must not start their own thread pools inside a task:

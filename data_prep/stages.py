@@ -8,13 +8,14 @@ manifest), so this file is the pipeline and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,48 @@ def progress(iterable, desc: str, unit: str = "doc"):
     return tqdm(iterable, desc=desc, unit=unit, mininterval=2.0, dynamic_ncols=True, file=sys.stderr, leave=False)
 
 
+@dataclass(frozen=True)
+class InputState:
+    """The input files as clean task ``i`` sees them now: the sorted list (document keys index into
+    it, and it decides which task reads which file) and a fingerprint of each file the task reads."""
+
+    files: list[Path]
+    root: Path
+    rel: list[str]  # files relative to root
+    skipped: list[Path]  # files no reader handles
+    mode: str  # run.input_fingerprint
+    list_digest: str
+    mine: dict[str, list[int | str]]  # relative name -> [size, mtime_ns] or [size, sha256]
+
+    @property
+    def digest(self) -> str:
+        return config_hash([self.mode, self.list_digest, self.mine])
+
+
+def input_fingerprint(path: Path, mode: str) -> list[int | str]:
+    """``[size, mtime_ns]`` (one stat), or with ``mode="content"`` ``[size, sha256]`` (reads the file).
+
+    A file that cannot be read (a dangling link) gets ``[-1, <error>]``: the reader reports it, and
+    the run goes on."""
+    try:
+        st = path.stat()
+        if mode != "content":
+            return [st.st_size, st.st_mtime_ns]
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        return [st.st_size, h.hexdigest()]
+    except OSError as e:
+        return [-1, f"{type(e).__name__}: {e.strerror}"]
+
+
 @dataclass
 class Context:
     """What every task needs: the config and the paths."""
 
     cfg: PrepConfig
+    _inputs: dict[int, InputState] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def out(self) -> Path:
@@ -60,13 +98,42 @@ class Context:
 
         root = Path(self.cfg.input_root) if self.cfg.input_root else Path.cwd()
         other: list[Path] = []
-        files = expand_inputs(self.cfg.inputs, root=root if self.cfg.input_root else None, skipped=other)
+        try:
+            files = expand_inputs(self.cfg.inputs, root=root if self.cfg.input_root else None, skipped=other)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}{self._root_hint()}") from None
         if not files:
             raise FileNotFoundError(f"prep.inputs={self.cfg.inputs}: no jsonl/json/parquet/txt files found (plain, "
                                     f".zst, .gz or .bz2); skipped: {[str(p) for p in other[:20]]}")
         if skipped is not None:
             skipped.extend(other)
         return files, root
+
+    def input_state(self, i: int) -> InputState:
+        """The input list and the fingerprints of the files of clean task ``i`` (computed once per task,
+        before the files are read, so a file changed while it is read shows as changed next time)."""
+        if i not in self._inputs:
+            skipped: list[Path] = []
+            files, root = self.input_files(skipped)
+            rel = [os.path.relpath(p, root) for p in files]
+            mode = self.cfg.run.input_fingerprint
+            mine = {rel[k]: input_fingerprint(files[k], mode) for k in range(i, len(files), self.n)}
+            self._inputs[i] = InputState(files, root, rel, skipped, mode, config_hash(rel), mine)
+        return self._inputs[i]
+
+    def _root_hint(self) -> str:
+        """Why a relative pattern found nothing: it is looked for under ``input_root``, not the current directory."""
+        import glob
+
+        root = self.cfg.input_root
+        if not root:
+            return ""
+        here = [p for p in self.cfg.inputs if not os.path.isabs(p) and glob.glob(p, recursive=True)]
+        if not here:
+            return f" under input_root={root}"
+        fixed = [os.path.relpath(p, root) for p in here]
+        return (f" under input_root={root} (relative inputs are looked for under input_root); {here} exist relative "
+                f"to the current directory: use inputs=[{','.join(fixed)}]")
 
     def result(self, stage: str, index: int = 0) -> dict[str, Any]:
         """The stored result of a finished task of an earlier stage (raises if it has not run)."""
@@ -107,14 +174,13 @@ def clean_inputs(ctx: Context, i: int) -> dict[str, Any]:
     from data_prep.readers import DocumentReader, skip_reason
 
     cfg = ctx.cfg
-    skipped: list[Path] = []
-    files, root = ctx.input_files(skipped)
-    rel = [os.path.relpath(p, root) for p in files]
+    state = ctx.input_state(i)
+    files, root, rel = state.files, state.root, state.rel
     file_index = {r: k for k, r in enumerate(rel)}
     stats = PrepStats()
     if i == 0:  # once: the file list document keys index into, and the files no reader handles
         write_json(ctx.work.inputs, {"root": str(root), "files": rel}, indent=None)
-        for p in skipped:
+        for p in state.skipped:
             stats.error(os.path.relpath(p, root), None, skip_reason(p))
             stats.drop(DocumentReader.name, "unsupported_file")
     mine = files[i :: ctx.n]
@@ -124,14 +190,52 @@ def clean_inputs(ctx: Context, i: int) -> dict[str, Any]:
     if cfg.quality.enabled:
         docs = QualityFilter(cfg.quality, stats=stats).run(docs)
     n = 0
+    out_hash = hashlib.sha256()  # of the part's records: later stages re-run only when it changes
     with atomic_path(ctx.work.clean_part(i)) as tmp, open(tmp, "wb") as raw, \
             zstandard.ZstdCompressor(level=1).stream_writer(raw) as w:
         for d in progress(docs, f"clean {i}/{ctx.n}"):
             name, _, line = d.id.rpartition(":")
             rec = {"k": key_of(file_index[name], int(line)), "id": d.id, "source": d.source, "text": d.text}
-            w.write((json.dumps(rec, ensure_ascii=False) + "\n").encode())
+            data = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
+            w.write(data)
+            out_hash.update(data)
             n += 1
-    return {"stats": stats.to_dict(), "docs": n, "files": len(mine), "total_files": len(files)}
+    write_json(ctx.work.input_fingerprints(i, ctx.n), {"mode": state.mode, "list_digest": state.list_digest,
+                                                       "total_files": len(files), "files": state.mine}, indent=None)
+    return {"stats": stats.to_dict(), "docs": n, "files": len(mine), "total_files": len(files),
+            "inputs_digest": state.digest, "output_sha256": out_hash.hexdigest()}
+
+
+def clean_inputs_changed(ctx: Context, i: int, done: dict[str, Any]) -> str | None:
+    """Why finished clean task ``i`` must re-run although its config matches: a file it read was added,
+    removed, or changed (size, mtime or content), or the input list changed (that moves file indices
+    and which task reads which file, so every clean task re-runs). None when nothing changed."""
+    state = ctx.input_state(i)
+    if done.get("inputs_digest") == state.digest:
+        return None
+    path = ctx.work.input_fingerprints(i, ctx.n)
+    if not path.is_file():
+        return f"no record of its input files ({path})"
+    old = json.loads(path.read_text())
+    if old["mode"] != state.mode:
+        return f"run.input_fingerprint changed from {old['mode']} to {state.mode}"
+    why: list[str] = []
+    if old["list_digest"] != state.list_digest:
+        before = set(ctx.work.input_files()) if ctx.work.inputs.is_file() else set()
+        added, removed = sorted(set(state.rel) - before), sorted(before - set(state.rel))
+        for verb, names in (("added", added), ("removed", removed)):
+            if names:
+                why.append(f"input file{'s' * (len(names) > 1)} {verb}: " + ", ".join(names[:5])
+                           + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+        if not why:
+            why.append(f"the input file list changed ({old['total_files']} files before, {len(state.rel)} now)")
+    for name, now in state.mine.items():
+        prev = old["files"].get(name)
+        if prev is not None and prev != now:
+            what = f"size {prev[0]} -> {now[0]}" if prev[0] != now[0] else (
+                "content changed" if state.mode == "content" else "modification time changed")
+            why.append(f"{os.path.join(state.root, name)} changed ({what})")
+    return "; ".join(why) or "its input fingerprint changed"
 
 
 def compute_signatures(ctx: Context, i: int) -> dict[str, Any]:
@@ -185,7 +289,7 @@ def split_holdout(ctx: Context, i: int) -> dict[str, Any]:
 
 def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
     """Train SentencePiece on a weighted reservoir sample of the train split (or copy a .model)."""
-    from data_prep.mixture import source_factors
+    from data_prep.mixture import check_sources, source_factors
     from data_prep.text_hash import hash_fraction
     from data_prep.tokenizer import WeightedReservoir, obtain_tokenizer, sample_cap, tokenizer_info, trainer_memory_mb
 
@@ -193,6 +297,7 @@ def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
     out = ctx.out / "tokenizer.model"
     info: dict[str, Any] = {}
     sample: list[str] = []
+    check_sources(cfg.mixture, ctx.work.sources(ctx.n))  # the first stage that uses the mixture
     if cfg.tokenizer.model_path is None:
         train_bytes = ctx.result("split")["train_bytes"]
         # Mixture weights from bytes (tokens are not known before the tokenizer exists). Only the
@@ -211,6 +316,11 @@ def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
                 res.offer(hash_fraction("tok:" + d.id), factors.get(d.source, 1.0), key, d.text)
         info["sample_bytes"] = res.bytes
         sample = res.texts()
+        if not any(t.strip() for t in sample):
+            docs = sum(ctx.result("clean", p)["docs"] for p in range(ctx.n))
+            raise ValueError(f"no training text for the tokenizer: inputs={list(cfg.inputs)} (input_root="
+                             f"{cfg.input_root}) yielded {docs} documents after cleaning and none in the train split; "
+                             "give inputs with longer documents (min_doc_chars) or tokenizer=pretrained")
     obtain_tokenizer(cfg.tokenizer, sample, out, cfg.seed)
     return {**tokenizer_info(out), "training": info}
 
@@ -322,11 +432,15 @@ class Stage:
     run: Callable[[Context, int], dict[str, Any]]
     parallel: bool
     depends: Callable[[PrepConfig], list[Any]]
+    # Why a finished task must re-run although its config matches (what it reads from outside the
+    # work directory changed); None when it need not.
+    stale: Callable[[Context, int, dict[str, Any]], str | None] | None = None
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("clean", clean_inputs, True, lambda c: [c.inputs, c.input_root, c.text_key, c.source_key, c.normalize_form,
-                                                  c.ftfy, c.min_doc_chars, dataclasses.asdict(c.quality), c.num_tasks]),
+                                                  c.ftfy, c.min_doc_chars, dataclasses.asdict(c.quality), c.num_tasks],
+          stale=clean_inputs_changed),
     Stage("signatures", compute_signatures, True, lambda c: [dataclasses.asdict(c.dedup),
                                                              dataclasses.asdict(c.decontam)]),
     Stage("buckets", verify_buckets, True, lambda c: []),
@@ -346,13 +460,45 @@ STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
 def stage_hashes(cfg: PrepConfig) -> dict[str, str]:
-    """Config hash of each stage, chained: a change re-runs its stage and everything after it."""
+    """Config hash of each stage, chained: a change re-runs its stage and everything after it.
+
+    The stages after ``clean`` also chain the sha256 of every clean part (from the clean markers), so
+    a changed input file re-runs everything downstream of the part it lands in, and a clean task that
+    re-ran with the same output (a touched file) re-runs nothing after it.
+    """
     h: dict[str, str] = {}
     prev: list[Any] = []
     for stage in STAGES:
         h[stage.name] = config_hash(prev + stage.depends(cfg))
         prev = [h[stage.name]]
+        if stage.name == "clean":
+            prev.append(_clean_outputs(Path(cfg.output_dir) / "work", cfg.run.num_tasks, h["clean"]))
     return h
+
+
+_CLEAN_OUTPUTS: dict[Path, tuple[tuple[int, int, int], str, str | None]] = {}
+
+
+def _clean_outputs(work: Path, n: int, clean_hash: str) -> list[str | None]:
+    """The ``output_sha256`` of each finished clean task (None where none matches), cached per marker file."""
+    from data_prep.tasks import Marker
+
+    out: list[str | None] = []
+    for i in range(n):
+        marker = Marker(work, "clean", i, n, clean_hash)
+        try:
+            st = marker.path.stat()
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = _CLEAN_OUTPUTS.get(marker.path)
+        if cached is None or cached[:2] != (stamp, clean_hash):
+            res = marker.result()
+            cached = (stamp, clean_hash, res.get("output_sha256") if res else None)
+            _CLEAN_OUTPUTS[marker.path] = cached
+        out.append(cached[2])
+    return out
 
 
 def clear_outputs(out: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -174,7 +175,19 @@ def obtain_tokenizer(cfg: TokenizerConfig, sample: Iterable[str], out_path: Path
         shutil.copyfile(src, tmp)
         os.replace(tmp, out_path)
         return out_path
-    return train_tokenizer(sample, cfg, out_path, seed)
+    sample = sample if isinstance(sample, list) else list(sample)
+    if not any(t.strip() for t in sample):  # SentencePiece would stop on "!sentences_.empty()"
+        raise ValueError("prep.tokenizer: no training text (the sample is empty); give inputs with documents that "
+                         "survive cleaning, or tokenizer=pretrained tokenizer.model_path=...")
+    try:
+        return train_tokenizer(sample, cfg, out_path, seed)
+    except RuntimeError as e:  # SentencePiece: "Vocabulary size too high (8000). Please set it to a value <= 314."
+        too_high = re.search(r"Vocabulary size too high \((\d+)\).*?<= ?(\d+)", str(e))
+        if too_high is None:
+            raise
+        raise ValueError(f"prep.tokenizer.vocab_size={too_high[1]}: the training sample supports at most "
+                         f"{too_high[2]} pieces; set tokenizer.vocab_size={too_high[2]} (or lower), or give more "
+                         "input text") from None
 
 
 def tokenizer_info(path: Path) -> dict:

@@ -19,7 +19,7 @@ prep job, one ``launch/slurm/train.sbatch`` job per mixture depending on it, and
 depending on all of them (``SBATCH`` names the sbatch command, ``SBATCH_EXTRA`` adds options).
 
     slimpajama-study --out studies/demo --mixtures none,code=RedPajamaGithub:0.6+RedPajamaBook:0.4 \\
-        --prep inputs=[data/demo_corpus/train] --prep input_root=data/demo_corpus \\
+        --prep 'inputs=[train]' --prep input_root=data/demo_corpus \\
         --train model=tiny --train trainer.max_steps=60
 """
 from __future__ import annotations
@@ -51,9 +51,8 @@ class Mixture:
     def prep_overrides(self) -> list[str]:
         if self.preset is not None:
             return [f"prep_mixture={self.preset}"]
-        # "+": the schema's dict is in struct mode, so each source is a new key
         return ["prep_mixture=none", f"mixture.preset={self.name}",
-                *(f"+mixture.proportions.{k}={v}" for k, v in self.proportions.items())]
+                *(f"mixture.proportions.{k}={v}" for k, v in self.proportions.items())]
 
 
 def parse_mixtures(spec: str) -> list[Mixture]:
@@ -124,16 +123,24 @@ def _link(src: Path, dst: Path) -> int:
 
 def prepare(out: Path, mixtures: list[Mixture], prep_overrides: list[str]) -> dict[str, Path]:
     """The shared prep, then each mixture's shards; returns mixture name -> shard directory."""
+    from data_prep.layout import WorkDir
+    from data_prep.mixture import check_sources
     from data_prep.prep import run_prep
 
     shared = ["tokenizer.sample_by_mixture=false", *prep_overrides]
     base = out / "data" / "_shared"
-    run_prep(compose_prep([*shared, "prep_mixture=none", f"output_dir={base}"]))
+    base_cfg = compose_prep([*shared, "prep_mixture=none", f"output_dir={base}"])
+    run_prep(base_cfg)
+    cfgs = {m.name: compose_prep([*shared, *m.prep_overrides(), f"output_dir={out / 'data' / m.name}"])
+            for m in mixtures}
+    known = WorkDir(base / "work").sources(base_cfg.run.num_tasks)
+    for m in mixtures:  # every name, before any mixture's shards are written
+        check_sources(cfgs[m.name].mixture, known, where=f"--mixtures {m.name}: mixture")
     dirs = {}
     for m in mixtures:
         target = out / "data" / m.name
         link_shared_work(base, target)
-        manifest = run_prep(compose_prep([*shared, *m.prep_overrides(), f"output_dir={target}"]))
+        manifest = run_prep(cfgs[m.name])
         props = manifest["splits"]["train"]["proportions"]
         print(f"study: mixture {m.name}: {manifest['splits']['train']['tokens']:,} train tokens, proportions {props}",
               file=sys.stderr)

@@ -84,3 +84,38 @@ def test_mixture_specs_are_checked():
     with pytest.raises(ValueError, match="distinct names"):
         parse_mixtures("none,none")
     assert sys.executable
+
+
+def test_readme_study_example_prepares_every_mixture(demo_corpus, tmp_path, monkeypatch):
+    """README's `slimpajama-study` command as written (its prep phase), from a directory holding
+    data/demo_corpus, with small-corpus settings added."""
+    from tests.data_prep.test_mixture_names import SMALL, readme_commands
+
+    (commands,) = readme_commands("slimpajama-study")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/demo_corpus").symlink_to(demo_corpus)
+    monkeypatch.chdir(tmp_path)
+    main([*commands[1:], "--phase", "prep", *(f"--prep={o}" for o in SMALL)])
+    names = [m.name for m in parse_mixtures(commands[commands.index("--mixtures") + 1])]
+    assert names == ["none", "code", "prose"]
+    out = tmp_path / commands[commands.index("--out") + 1]
+    props = {n: json.loads((out / "data" / n / "manifest.json").read_text())["splits"]["train"]["proportions"]
+             for n in names}
+    assert props["code"]["RedPajamaGithub"] > 0.8 and props["prose"]["RedPajamaBook"] > 0.4
+    # its --train overrides are a valid training config (the train phase itself is the test above)
+    from tests.test_configs import _compose
+
+    train = [commands[k + 1] for k, a in enumerate(commands) if a == "--train"]
+    cfg = _compose("train", [*train, f"data.path={out / 'data/code'}"])
+    assert cfg.trainer.max_steps == 200 and cfg.logger.wandb.enabled is False
+
+
+def test_study_mixture_with_unknown_source_stops_before_any_mixture(demo_corpus, tmp_path):
+    prep = [f"inputs=[{demo_corpus}/train]", f"input_root={demo_corpus}", "seq_len=64", "samples_per_shard=64",
+            "tokenizer.vocab_size=1000", "tokenizer.max_sample_bytes=2000000", "tokenizer.threads=1"]
+    with pytest.raises(ValueError) as e:
+        main(["--out", str(tmp_path), "--mixtures", "none,x=RedPajamaGithub:0.5+RedPajamaBooks:0.5", "--phase", "prep",
+              *(f"--prep={p}" for p in prep)])
+    msg = str(e.value)
+    assert "--mixtures x: mixture.proportions.RedPajamaBooks: no such source, did you mean 'RedPajamaBook'?" in msg
+    assert not (tmp_path / "data/none/manifest.json").exists()  # checked before the first mixture's shards
