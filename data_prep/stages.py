@@ -144,7 +144,7 @@ def compute_signatures(ctx: Context, i: int) -> dict[str, Any]:
         from data_prep.decontam import eval_ngrams, eval_texts
 
         ngrams = eval_ngrams(eval_texts(cfg.decontam.eval_files, cfg.text_key), cfg.decontam.ngram,
-                             cfg.decontam.min_words)
+                             cfg.decontam.min_words, cfg.dedup.punctuation)
     docs = progress(read_clean(ctx.work.clean_part(i)), f"signatures {i}/{ctx.n}")
     res = write_signatures(docs, i, ctx.n, cfg.dedup, ctx.work, eval_ngrams=ngrams)
     if ngrams is not None:
