@@ -62,8 +62,9 @@ class Context:
         other: list[Path] = []
         files = expand_inputs(self.cfg.inputs, root=root if self.cfg.input_root else None, skipped=other)
         if not files:
+            more = f" and {len(other) - 20} more" if len(other) > 20 else ""
             raise FileNotFoundError(f"prep.inputs={self.cfg.inputs}: no jsonl/json/parquet/txt files found (plain, "
-                                    f".zst, .gz or .bz2); skipped: {[str(p) for p in other[:20]]}")
+                                    f".zst, .gz or .bz2); skipped: {[str(p) for p in other[:20]]}{more}")
         if skipped is not None:
             skipped.extend(other)
         return files, root
@@ -116,6 +117,7 @@ def clean_inputs(ctx: Context, i: int) -> dict[str, Any]:
         write_json(ctx.work.inputs, {"root": str(root), "files": rel}, indent=None)
         for p in skipped:
             stats.error(os.path.relpath(p, root), None, skip_reason(p))
+            stats.bad_file(os.path.relpath(p, root), skip_reason(p))
             stats.drop(DocumentReader.name, "unsupported_file")
     mine = files[i :: ctx.n]
     docs = DocumentReader(mine, root, cfg.text_key, cfg.source_key, stats=stats).run()
@@ -177,7 +179,11 @@ def record_removals(ctx: Context, i: int) -> dict[str, Any]:
 def split_holdout(ctx: Context, i: int) -> dict[str, Any]:
     """removed.jsonl; holdout (ratio or count); hash and n-gram decontamination."""
     from data_prep.dedup_tasks import merge_removed_records
+    from data_prep.report import nothing_read
 
+    # Stop here, clearly, when every input file was bad, rather than in the tokenizer on an empty sample.
+    if (error := nothing_read([ctx.result("clean", p) for p in range(ctx.n)])) is not None:
+        raise RuntimeError(error)
     merge_removed_records(ctx.n, ctx.work, ctx.out / "removed.jsonl")
     stats, train_bytes = assign_splits(ctx.work, ctx.n, ctx.cfg.holdout.ratio, ctx.cfg.holdout.count)
     return {"stats": stats.to_dict(), "train_bytes": train_bytes}
