@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import zstandard
-from tqdm import tqdm
 
 from data_prep.atomic import atomic_path, save_npz, write_json
 from data_prep.config import PrepConfig, config_hash
@@ -28,12 +27,8 @@ from data_prep.doc_table import key_of
 from data_prep.document import Document
 from data_prep.holdout import SPLITS, TRAIN, VAL, assign_splits
 from data_prep.layout import WorkDir
+from data_prep.progress import Heartbeat, Progress, progress
 from data_prep.stats import PrepStats
-
-
-def progress(iterable, desc: str, unit: str = "doc"):
-    """A tqdm bar on stderr (one per task; SLURM logs keep the last refresh)."""
-    return tqdm(iterable, desc=desc, unit=unit, mininterval=2.0, dynamic_ncols=True, file=sys.stderr, leave=False)
 
 
 @dataclass
@@ -217,7 +212,10 @@ def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
                 res.offer(hash_fraction("tok:" + d.id), factors.get(d.source, 1.0), key, d.text)
         info["sample_bytes"] = res.bytes
         sample = res.texts()
-    obtain_tokenizer(cfg.tokenizer, sample, out, cfg.seed)
+    what = (f"copying {cfg.tokenizer.model_path}" if cfg.tokenizer.model_path is not None else
+            f"training SentencePiece BPE ({cfg.tokenizer.vocab_size:,} pieces) on {info['sample_bytes'] / 1e6:.1f} MB")
+    with Heartbeat(f"tokenizer: {what}"):  # SentencePiece reports nothing while it trains
+        obtain_tokenizer(cfg.tokenizer, sample, out, cfg.seed)
     return {**tokenizer_info(out), "training": info}
 
 
@@ -290,20 +288,23 @@ def write_shards(ctx: Context, i: int) -> dict[str, Any]:
     dtype = token_dtype(tok["vocab_size"])
     B = cfg.block_size
     written = 0
-    for split_name in SPLITS:
-        plan = SplitPlan.load(ctx.work, split_name)
-        for s in range(i, plan.shards, ctx.n):
-            start, n_blocks = int(plan.shard_start[s]), int(plan.shard_blocks[s])
-            toks, srcs = stream_tokens(ctx.work, plan, start, start + n_blocks * B, dtype, tok["eos_id"])
-            writer = ShardWriter(ctx.out / shard_name(split_name, s), s, dtype)
-            for b in range(n_blocks):
-                sl = slice(b * B, (b + 1) * B)
-                c = np.bincount(srcs[sl], minlength=len(plan.sources))
-                writer.add(toks[sl], {plan.sources[k]: int(v) for k, v in enumerate(c) if v})
-            entry = writer.close(B)
-            entry["proportions"] = realized(entry["tokens_per_source"])
-            write_json(ctx.work.shard_entry(split_name, s), entry, indent=None)
-            written += 1
+    plans = {name: SplitPlan.load(ctx.work, name) for name in SPLITS}
+    blocks = sum(int(p.shard_blocks[i :: ctx.n].sum()) for p in plans.values())
+    with Progress(f"shards {i}/{ctx.n}", "block", total=blocks) as bar:
+        for split_name, plan in plans.items():
+            for s in range(i, plan.shards, ctx.n):
+                start, n_blocks = int(plan.shard_start[s]), int(plan.shard_blocks[s])
+                toks, srcs = stream_tokens(ctx.work, plan, start, start + n_blocks * B, dtype, tok["eos_id"])
+                writer = ShardWriter(ctx.out / shard_name(split_name, s), s, dtype)
+                for b in range(n_blocks):
+                    sl = slice(b * B, (b + 1) * B)
+                    c = np.bincount(srcs[sl], minlength=len(plan.sources))
+                    writer.add(toks[sl], {plan.sources[k]: int(v) for k, v in enumerate(c) if v})
+                    bar.update()
+                entry = writer.close(B)
+                entry["proportions"] = realized(entry["tokens_per_source"])
+                write_json(ctx.work.shard_entry(split_name, s), entry, indent=None)
+                written += 1
     return {"shards_written": written}
 
 
