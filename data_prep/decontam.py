@@ -44,7 +44,9 @@ def eval_texts(files: Iterable[str], text_key: str = "text") -> list[str]:
             bad = [
                 f"{name}:{e['line']}: {e['reason']}" if e["line"] else f"{name}: {e['reason']}" for e in stats.errors
             ]
-            raise ValueError(f"prep.decontam.eval_files: {len(bad)} bad record(s): " + "; ".join(bad[:5]))
+            n = stats.errors_total
+            more = f"; ... and {n - 5} more" if n > 5 else ""
+            raise ValueError(f"prep.decontam.eval_files: {n} bad record(s): {'; '.join(bad[:5])}{more}")
         texts.extend(d.text for d in docs)
     return texts
 

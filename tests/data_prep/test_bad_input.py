@@ -104,3 +104,12 @@ def test_bad_input_lists_are_capped_and_say_how_many_more(tmp_path):
 def test_clean_input_says_so(tmp_path):
     assert bad_input_lines(bad_input(PrepStats().to_dict(), input_files=4)) == [
         "input: no bad input (4 files read in full)"]
+
+
+def test_bad_evaluation_file_error_says_how_many_more(tmp_path):
+    from data_prep.decontam import eval_texts
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text("{broken\n" * 7)
+    with pytest.raises(ValueError, match=r"7 bad record\(s\): .*; \.\.\. and 2 more$"):
+        eval_texts([str(path)])
