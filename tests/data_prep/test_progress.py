@@ -4,7 +4,6 @@ import re
 
 import pytest
 
-import data_prep.progress as progress_mod
 from data_prep.prep import run_prep
 from tests.data_prep.test_pipeline import _cfg, synthetic_corpus
 
@@ -18,6 +17,8 @@ class Clock:
 
 
 def test_log_lines_every_interval_and_a_last_one(monkeypatch):
+    import data_prep.progress as progress_mod
+
     clock = Clock()
     monkeypatch.setattr(progress_mod.time, "monotonic", clock)
     monkeypatch.setenv("SLIMPAJAMA_PROGRESS_S", "10")
