@@ -13,9 +13,12 @@ MD_LISTED = 200  # bad records and files listed in prep_report.md
 CONSOLE_LISTED = 10  # files listed on the console
 
 
-def more(total: int, shown: int, where: str = "") -> list[str]:
-    """The note a truncated list ends with ("... and 11,611 more"), or nothing when it is complete."""
-    return [f"... and {total - shown:,} more{where}"] if total > shown else []
+def more(total: int, shown: int, where: str = "", markdown: bool = False) -> list[str]:
+    """The note a truncated list ends with ("... and 11,611 more"), or nothing when it is complete.
+    In Markdown it is a paragraph of its own (a line right after a list item would continue it)."""
+    if total <= shown:
+        return []
+    return [*([""] if markdown else []), f"... and {total - shown:,} more{where}"]
 
 
 def bad_input(sd: dict[str, Any], input_files: int | None = None) -> dict[str, Any]:
@@ -156,7 +159,7 @@ def markdown(stats: PrepStats, report: dict[str, Any]) -> str:
         shown = report["skipped_files"][:MD_LISTED]
         lines += ["", f"## Skipped input files ({skipped})", ""]
         lines += [f"- `{e['file']}`: {e['reason']}" for e in shown]
-        lines += more(skipped, len(shown))
+        lines += more(skipped, len(shown), markdown=True)
     lines += bad_input_markdown(report)
     return "\n".join(lines) + "\n"
 
@@ -172,13 +175,13 @@ def bad_input_markdown(report: dict[str, Any]) -> list[str]:
         shown = b["files"][:MD_LISTED]
         lines += ["", f"### Files no document was read from ({b['files_total']})", ""]
         lines += [f"- `{f['file']}`: {f['reason']}" for f in shown]
-        lines += more(b["files_total"], len(shown), f" (prep_report.json lists up to {MAX_LISTED})")
+        lines += more(b["files_total"], len(shown), f" (prep_report.json lists up to {MAX_LISTED})", markdown=True)
     if report["errors"]:
         shown = report["errors"][:MD_LISTED]
         lines += ["", "### Bad records", ""]
         lines += [f"- `{e['file']}`:{e['line']}: {e['reason']}" for e in shown]
         lines += more(b["records"], len(shown), f" (prep_report.json lists the first {len(report['errors'])}; "
-                                               "every one is counted in the table above)")
+                                               "every one is counted in the table above)", markdown=True)
     return lines
 
 
