@@ -44,7 +44,9 @@ def eval_texts(files: Iterable[str], text_key: str = "text") -> list[str]:
             bad = [
                 f"{name}:{e['line']}: {e['reason']}" if e["line"] else f"{name}: {e['reason']}" for e in stats.errors
             ]
-            raise ValueError(f"prep.decontam.eval_files: {len(bad)} bad record(s): " + "; ".join(bad[:5]))
+            n = stats.errors_total
+            more = f"; ... and {n - 5} more" if n > 5 else ""
+            raise ValueError(f"prep.decontam.eval_files: {n} bad record(s): {'; '.join(bad[:5])}{more}")
         texts.extend(d.text for d in docs)
     return texts
 
@@ -82,12 +84,13 @@ class EvalNgrams:
         return hit
 
 
-def eval_ngrams(texts: list[str], ngram: int = 13, min_words: int = 8) -> EvalNgrams:
-    """Window hashes of the evaluation ``texts`` (see :class:`EvalNgrams`)."""
+def eval_ngrams(texts: list[str], ngram: int = 13, min_words: int = 8, punctuation: str = "delete") -> EvalNgrams:
+    """Window hashes of the evaluation ``texts`` (see :class:`EvalNgrams`), normalized as the training
+    documents are (``punctuation`` is ``dedup.punctuation``)."""
     out = EvalNgrams(examples=len(texts))
     if not texts:
         return out
-    words, counts, _ = word_hashes(texts)
+    words, counts, _ = word_hashes(texts, punctuation)
     first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
     out.too_short = int((counts < min(min_words, ngram)).sum())
     groups = {ngram: np.nonzero(counts >= ngram)[0]}

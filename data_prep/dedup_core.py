@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.text_hash import BYTE_TABLE, POLY, normalized_words, window_hashes, word_hashes
+from data_prep.text_hash import BYTE_TABLE, POLY, PUNCTUATION_MODES, normalized_words, window_hashes, word_hashes
 
 BAND_DTYPE = np.dtype([("key", "<u8"), ("doc", "<u8")])
 _BAND_MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -28,6 +28,10 @@ class DedupConfig:
     Attributes:
         enabled: run fuzzy dedup (exact duplicates are near-duplicates too, so this also removes them).
         shingle: ``word`` (n-grams of words of the normalized text) or ``char`` (n-grams of its bytes).
+        punctuation: what the normalization does with punctuation (ASCII and Unicode category P*):
+            ``delete`` it, as SlimPajama's ``to_hash.py`` (``don't`` is the word ``dont``), or
+            replace it by a ``space`` (``don t``). Decontamination n-grams and the holdout's
+            normalized digests use the same setting (:mod:`data_prep.text_hash`).
         ngram: shingle length (SlimPajama: 13).
         num_perm: MinHash permutations.
         threshold: target Jaccard similarity.
@@ -46,6 +50,7 @@ class DedupConfig:
 
     enabled: bool = True
     shingle: str = "word"
+    punctuation: str = "delete"
     ngram: int = 13
     num_perm: int = 128
     threshold: float = 0.8
@@ -59,6 +64,8 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if self.shingle not in ("word", "char"):
             raise ValueError(f"prep.dedup.shingle={self.shingle!r}: expected 'word' or 'char'")
+        if self.punctuation not in PUNCTUATION_MODES:
+            raise ValueError(f"prep.dedup.punctuation={self.punctuation!r}: expected 'delete' (SlimPajama) or 'space'")
         if self.verify not in ("exact", "estimate", "none"):
             raise ValueError(f"prep.dedup.verify={self.verify!r}: expected 'exact', 'estimate' or 'none'")
         if not 0.0 < self.threshold <= 1.0:
@@ -105,11 +112,11 @@ def shingle_hashes(texts: list[str], cfg: DedupConfig, words: tuple[np.ndarray, 
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """64-bit shingle hashes of a batch: (flat hashes, offsets of each document, normalized digests).
     ``words`` is :func:`word_hashes` of ``texts`` when the caller has it already."""
-    words, counts, digest = words if words is not None else word_hashes(texts)
+    words, counts, digest = words if words is not None else word_hashes(texts, cfg.punctuation)
     if cfg.shingle == "word":
         tokens, lengths = words, counts
     else:
-        joined = [b" ".join(normalized_words(t)) for t in texts]
+        joined = [b" ".join(normalized_words(t, cfg.punctuation)) for t in texts]
         lengths = np.fromiter((len(j) for j in joined), dtype=np.int64, count=len(texts))
         tokens = BYTE_TABLE[np.frombuffer(b"".join(joined), dtype=np.uint8)]
     hashes, n_sh = window_hashes(tokens, lengths, cfg.ngram)

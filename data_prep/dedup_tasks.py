@@ -123,7 +123,7 @@ def write_signatures(
             raise ValueError(f"part {part} has over 2^32 documents (band records store 32-bit rows): use more tasks")
         texts = [d.text for _, d in batch]
         keys = np.fromiter((k for k, _ in batch), np.uint64, len(batch))
-        words = word_hashes(texts)
+        words = word_hashes(texts, cfg.punctuation)
         norm = words[2]
         contaminated = eval_ngrams.contaminated(words[0], words[1]) if eval_ngrams is not None else None
         if minhash:

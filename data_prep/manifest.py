@@ -43,7 +43,7 @@ def write_dataset_report(ctx: Context, earlier: list[tuple[str, bool]], h: dict[
     """manifest.json (written last: its presence means the dataset is complete), prep_report.{json,md,png}
     and prep_stats.json, from the results of the ``earlier`` stages ((name, parallel) in order)
     whose config hashes are ``h``."""
-    from data_prep.report import write_report
+    from data_prep.report import bad_input_lines, write_report
     from data_prep.shard_format import FORMAT_VERSION, MANIFEST, RecordLayout, token_dtype
     from data_prep.tasks import stage_results
 
@@ -84,6 +84,11 @@ def write_dataset_report(ctx: Context, earlier: list[tuple[str, bool]], h: dict[
     if "eval_examples" in sig0:
         decontam = {"eval_examples": sig0["eval_examples"], "eval_examples_too_short": sig0["eval_examples_too_short"],
                     "ngram": cfg.decontam.ngram, "min_words": cfg.decontam.min_words}
-    write_report(ctx.out, stats, manifest, dedup, tok.get("training", {}), stage_time, decontam)
+    report = write_report(ctx.out, stats, manifest, dedup, tok.get("training", {}), stage_time, decontam,
+                          input_files=res["clean"][0].get("total_files"))
+    lines = bad_input_lines(report["bad_input"])
+    if report["bad_input"]["counts"]:
+        lines.append(f"  every good document was kept; {ctx.out / 'prep_report.md'} lists the bad input")
+    print("\n".join(lines), flush=True)  # on the console (or the SLURM log)
     write_json(ctx.out / MANIFEST, manifest)
     return {"manifest": MANIFEST}

@@ -2,9 +2,12 @@
 
 Bad input (invalid JSON or UTF-8, a lone surrogate escape such as ``"\\ud800"``, a missing or
 non-string text field, an empty, truncated or unreadable file) is counted with file and line in
-:class:`PrepStats`, never fatal: the rest of the file is kept. Suffixes are matched case-insensitively;
-a file under an input directory (or matched by a glob) whose suffix no reader handles is not read but
-returned by :func:`expand_inputs` in ``skipped``, and the clean stage reports it.
+:class:`PrepStats`, never fatal: the rest of the file is kept. The kinds (drop reasons of the read
+step) are in :data:`BAD_INPUT_KINDS`; a file that gives no document at all (garbage under a
+``.jsonl`` name, a corrupt parquet file) is also listed as a bad file, with what went wrong.
+Suffixes are matched case-insensitively; a file under an input directory (or matched by a glob)
+whose suffix no reader handles is not read but returned by :func:`expand_inputs` in ``skipped``, and
+the clean stage reports it.
 """
 from __future__ import annotations
 
@@ -30,6 +33,21 @@ JSON_SUFFIXES = tuple(".json" + c for c in _COMPRESSED)
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt",)
 SUFFIXES = JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+
+
+# The read step's drop reasons, in the order the summaries list them, with what each means.
+BAD_INPUT_KINDS = {
+    "invalid_json": "invalid JSON",
+    "invalid_utf8": "invalid UTF-8",
+    "invalid_unicode": "lone UTF-16 surrogate escape",
+    "missing_text": "missing or non-string text field",
+    "truncated_file": "truncated compressed file (read up to the cut)",
+    "undecodable_file": "undecodable compressed file (not zstd / gzip / bzip2 data)",
+    "unreadable_parquet": "unreadable parquet file",
+    "unreadable_file": "unreadable file (missing, permissions, I/O error)",
+    "empty_file": "empty file",
+    "unsupported_file": "no reader for the file name",
+}
 
 
 def has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
@@ -143,6 +161,7 @@ class DocumentReader(PipelineStep):
         self.text_key = text_key
         self.source_key = source_key
         self.default_source = default_source
+        self._first_problem: str | None = None  # of the file being read
 
     def run(self, docs: Iterable[Document] = (), rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         # A reader creates documents, so only its output is counted.
@@ -153,8 +172,21 @@ class DocumentReader(PipelineStep):
             yield from self.read_file(path)
 
     def read_file(self, path: Path) -> Iterator[Document]:
-        """Documents of one file; problems are recorded and reading stops only where the file does."""
+        """Documents of one file; problems are recorded and reading stops only where the file does.
+        A file that gives no document but had problems is recorded as a bad file, with its first one."""
         rel = os.path.relpath(path, self.root)
+        before = dict(self.stats.reasons[self.name])
+        self._first_problem = None
+        docs = 0
+        for doc in self._read_file(path, rel):
+            docs += 1
+            yield doc
+        if docs == 0 and self._first_problem is not None:
+            bad = {k: n - before.get(k, 0) for k, n in self.stats.reasons[self.name].items() if n > before.get(k, 0)}
+            kinds = ", ".join(f"{k} {n}" for k, n in bad.items())
+            self.stats.bad_file(rel, f"no document read ({kinds}); first: {self._first_problem}")
+
+    def _read_file(self, path: Path, rel: str) -> Iterator[Document]:
         if has_suffix(path, PARQUET_SUFFIXES):
             yield from self._read_parquet(path, rel)
             return
@@ -178,9 +210,11 @@ class DocumentReader(PipelineStep):
             self._bad(rel, lineno + 1, "truncated_file", f"truncated: {exc}")
             return
         except (OSError, EOFError, zstandard.ZstdError) as exc:
-            self._bad(
-                rel, lineno + 1 if lineno else None, "unreadable_file", f"unreadable: {type(exc).__name__}: {exc}"
-            )
+            # An OSError with an errno is the file system's (missing, permissions, I/O); the rest
+            # (zstd, gzip's BadGzipFile, bz2's "Invalid data stream", EOFError) is the data's.
+            kind = "unreadable_file" if isinstance(exc, OSError) and exc.errno is not None else "undecodable_file"
+            self._bad(rel, lineno + 1 if lineno else None, kind,
+                      f"{kind.split('_')[0]}: {type(exc).__name__}: {exc}")
             return
         if lineno == 0:
             self._bad(rel, None, "empty_file", "empty file")
@@ -217,6 +251,8 @@ class DocumentReader(PipelineStep):
             yield doc if doc is not None else b""  # b"": counted already, keeps the numbering
 
     def _bad(self, rel: str, line: int | None, reason: str, message: str) -> None:
+        if self._first_problem is None:
+            self._first_problem = f"line {line}: {message}" if line else message
         self.stats.error(rel, line, message)
         self.stats.drop(self.name, reason)
 
@@ -263,7 +299,8 @@ class DocumentReader(PipelineStep):
                         id=f"{rel}:{row}", text=text, source=str(source) if source is not None else self.default_source
                     )
         except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) on corrupt files
-            self._bad(rel, row + 1 if row else None, "unreadable_file", f"unreadable: {type(exc).__name__}: {exc}")
+            kind = "unreadable_file" if isinstance(exc, OSError) and exc.errno is not None else "unreadable_parquet"
+            self._bad(rel, row + 1 if row else None, kind, f"unreadable: {type(exc).__name__}: {exc}")
             return
         if row == 0:
             self._bad(rel, None, "empty_file", "empty file")

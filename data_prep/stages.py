@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import zstandard
-from tqdm import tqdm
 
 from data_prep.atomic import atomic_path, save_npz, write_json
 from data_prep.config import PrepConfig, config_hash
@@ -29,12 +28,8 @@ from data_prep.doc_table import key_of
 from data_prep.document import Document
 from data_prep.holdout import SPLITS, TRAIN, VAL, assign_splits
 from data_prep.layout import WorkDir
+from data_prep.progress import Heartbeat, Progress, progress
 from data_prep.stats import PrepStats
-
-
-def progress(iterable, desc: str, unit: str = "doc"):
-    """A tqdm bar on stderr (one per task; SLURM logs keep the last refresh)."""
-    return tqdm(iterable, desc=desc, unit=unit, mininterval=2.0, dynamic_ncols=True, file=sys.stderr, leave=False)
 
 
 @dataclass(frozen=True)
@@ -103,8 +98,9 @@ class Context:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}{self._root_hint()}") from None
         if not files:
+            more = f" and {len(other) - 20} more" if len(other) > 20 else ""
             raise FileNotFoundError(f"prep.inputs={self.cfg.inputs}: no jsonl/json/parquet/txt files found (plain, "
-                                    f".zst, .gz or .bz2); skipped: {[str(p) for p in other[:20]]}")
+                                    f".zst, .gz or .bz2); skipped: {[str(p) for p in other[:20]]}{more}")
         if skipped is not None:
             skipped.extend(other)
         return files, root
@@ -182,6 +178,7 @@ def clean_inputs(ctx: Context, i: int) -> dict[str, Any]:
         write_json(ctx.work.inputs, {"root": str(root), "files": rel}, indent=None)
         for p in state.skipped:
             stats.error(os.path.relpath(p, root), None, skip_reason(p))
+            stats.bad_file(os.path.relpath(p, root), skip_reason(p))
             stats.drop(DocumentReader.name, "unsupported_file")
     mine = files[i :: ctx.n]
     docs = DocumentReader(mine, root, cfg.text_key, cfg.source_key, stats=stats).run()
@@ -248,7 +245,7 @@ def compute_signatures(ctx: Context, i: int) -> dict[str, Any]:
         from data_prep.decontam import eval_ngrams, eval_texts
 
         ngrams = eval_ngrams(eval_texts(cfg.decontam.eval_files, cfg.text_key), cfg.decontam.ngram,
-                             cfg.decontam.min_words)
+                             cfg.decontam.min_words, cfg.dedup.punctuation)
     docs = progress(read_clean(ctx.work.clean_part(i)), f"signatures {i}/{ctx.n}")
     res = write_signatures(docs, i, ctx.n, cfg.dedup, ctx.work, eval_ngrams=ngrams)
     if ngrams is not None:
@@ -281,7 +278,11 @@ def record_removals(ctx: Context, i: int) -> dict[str, Any]:
 def split_holdout(ctx: Context, i: int) -> dict[str, Any]:
     """removed.jsonl; holdout (ratio or count); hash and n-gram decontamination."""
     from data_prep.dedup_tasks import merge_removed_records
+    from data_prep.report import nothing_read
 
+    # Stop here, clearly, when every input file was bad, rather than in the tokenizer on an empty sample.
+    if (error := nothing_read([ctx.result("clean", p) for p in range(ctx.n)])) is not None:
+        raise RuntimeError(error)
     merge_removed_records(ctx.n, ctx.work, ctx.out / "removed.jsonl")
     stats, train_bytes = assign_splits(ctx.work, ctx.n, ctx.cfg.holdout.ratio, ctx.cfg.holdout.count)
     return {"stats": stats.to_dict(), "train_bytes": train_bytes}
@@ -321,7 +322,10 @@ def train_tokenizer(ctx: Context, i: int) -> dict[str, Any]:
             raise ValueError(f"no training text for the tokenizer: inputs={list(cfg.inputs)} (input_root="
                              f"{cfg.input_root}) yielded {docs} documents after cleaning and none in the train split; "
                              "give inputs with longer documents (min_doc_chars) or tokenizer=pretrained")
-    obtain_tokenizer(cfg.tokenizer, sample, out, cfg.seed)
+    what = (f"copying {cfg.tokenizer.model_path}" if cfg.tokenizer.model_path is not None else
+            f"training SentencePiece BPE ({cfg.tokenizer.vocab_size:,} pieces) on {info['sample_bytes'] / 1e6:.1f} MB")
+    with Heartbeat(f"tokenizer: {what}"):  # SentencePiece reports nothing while it trains
+        obtain_tokenizer(cfg.tokenizer, sample, out, cfg.seed)
     return {**tokenizer_info(out), "training": info}
 
 
@@ -394,20 +398,23 @@ def write_shards(ctx: Context, i: int) -> dict[str, Any]:
     dtype = token_dtype(tok["vocab_size"])
     B = cfg.block_size
     written = 0
-    for split_name in SPLITS:
-        plan = SplitPlan.load(ctx.work, split_name)
-        for s in range(i, plan.shards, ctx.n):
-            start, n_blocks = int(plan.shard_start[s]), int(plan.shard_blocks[s])
-            toks, srcs = stream_tokens(ctx.work, plan, start, start + n_blocks * B, dtype, tok["eos_id"])
-            writer = ShardWriter(ctx.out / shard_name(split_name, s), s, dtype)
-            for b in range(n_blocks):
-                sl = slice(b * B, (b + 1) * B)
-                c = np.bincount(srcs[sl], minlength=len(plan.sources))
-                writer.add(toks[sl], {plan.sources[k]: int(v) for k, v in enumerate(c) if v})
-            entry = writer.close(B)
-            entry["proportions"] = realized(entry["tokens_per_source"])
-            write_json(ctx.work.shard_entry(split_name, s), entry, indent=None)
-            written += 1
+    plans = {name: SplitPlan.load(ctx.work, name) for name in SPLITS}
+    blocks = sum(int(p.shard_blocks[i :: ctx.n].sum()) for p in plans.values())
+    with Progress(f"shards {i}/{ctx.n}", "block", total=blocks) as bar:
+        for split_name, plan in plans.items():
+            for s in range(i, plan.shards, ctx.n):
+                start, n_blocks = int(plan.shard_start[s]), int(plan.shard_blocks[s])
+                toks, srcs = stream_tokens(ctx.work, plan, start, start + n_blocks * B, dtype, tok["eos_id"])
+                writer = ShardWriter(ctx.out / shard_name(split_name, s), s, dtype)
+                for b in range(n_blocks):
+                    sl = slice(b * B, (b + 1) * B)
+                    c = np.bincount(srcs[sl], minlength=len(plan.sources))
+                    writer.add(toks[sl], {plan.sources[k]: int(v) for k, v in enumerate(c) if v})
+                    bar.update()
+                entry = writer.close(B)
+                entry["proportions"] = realized(entry["tokens_per_source"])
+                write_json(ctx.work.shard_entry(split_name, s), entry, indent=None)
+                written += 1
     return {"shards_written": written}
 
 

@@ -1,4 +1,9 @@
-"""Documents and bytes in/out per step and per source: SlimPajama's retention table."""
+"""Documents and bytes in/out per step and per source: SlimPajama's retention table.
+
+Bad input is counted per kind (the read step's drop reasons) and listed with file and line, but the
+list is a sample: at most :data:`MAX_LISTED` records and :data:`MAX_LISTED` files per task and after
+merging, with totals, so a corpus of a billion broken lines costs the same memory as a clean one.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +14,8 @@ from typing import Any
 
 from data_prep.document import Document
 
+MAX_LISTED = 1000  # bad records (and files nothing was read from) kept with file and line; the rest are counted
+
 
 class PrepStats:
     """Counters keyed by (step, source); plus free-form drop reasons and notes per step."""
@@ -17,7 +24,10 @@ class PrepStats:
         self._counts: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
         self.reasons: dict[str, Counter] = defaultdict(Counter)
         self.notes: dict[str, Counter] = defaultdict(Counter)
-        self.errors: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []  # the first MAX_LISTED of errors_total
+        self.errors_total = 0
+        self.bad_files: list[dict[str, Any]] = []  # files no document was read from (first MAX_LISTED)
+        self.bad_files_total = 0
         self.timings: Counter = Counter()
         self._order: list[str] = []
 
@@ -52,11 +62,23 @@ class PrepStats:
                 self._counts[step][src].update(c)
             self.reasons[step].update(other.reasons.get(step, {}))
             self.notes[step].update(other.notes.get(step, {}))
-        self.errors.extend(other.errors)
+        self.errors.extend(other.errors[: MAX_LISTED - len(self.errors)])
+        self.errors_total += other.errors_total
+        self.bad_files.extend(other.bad_files[: MAX_LISTED - len(self.bad_files)])
+        self.bad_files_total += other.bad_files_total
         self.timings.update(other.timings)
 
     def error(self, file: str, line: int | None, reason: str) -> None:
-        self.errors.append({"file": file, "line": line, "reason": reason})
+        """Record one bad record (or file) of the input; listed while fewer than MAX_LISTED are."""
+        self.errors_total += 1
+        if len(self.errors) < MAX_LISTED:
+            self.errors.append({"file": file, "line": line, "reason": reason})
+
+    def bad_file(self, file: str, reason: str) -> None:
+        """Record an input file no document was read from (unreadable, empty, garbage, no reader)."""
+        self.bad_files_total += 1
+        if len(self.bad_files) < MAX_LISTED:
+            self.bad_files.append({"file": file, "reason": reason})
 
     def count(self, step: str, docs: Iterable[Document], key: str) -> Iterator[Document]:
         """Pass documents through unchanged while counting them as ``key`` ("in" or "out") of ``step``."""
@@ -80,7 +102,8 @@ class PrepStats:
                     "notes": dict(self.notes.get(step, {})),
                 }
             )
-        return {"steps": steps, "errors": self.errors, "timings": {k: round(v, 4) for k, v in self.timings.items()}}
+        return {"steps": steps, "errors": self.errors, "errors_total": self.errors_total, "bad_files": self.bad_files,
+                "bad_files_total": self.bad_files_total, "timings": {k: round(v, 4) for k, v in self.timings.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrepStats:
@@ -93,6 +116,9 @@ class PrepStats:
             stats.reasons[entry["step"]].update(entry.get("drop_reasons", {}))
             stats.notes[entry["step"]].update(entry.get("notes", {}))
         stats.errors = list(data.get("errors", []))
+        stats.errors_total = data.get("errors_total", len(stats.errors))
+        stats.bad_files = list(data.get("bad_files", []))
+        stats.bad_files_total = data.get("bad_files_total", len(stats.bad_files))
         stats.timings.update(data.get("timings", {}))
         return stats
 
