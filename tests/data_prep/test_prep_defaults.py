@@ -59,9 +59,11 @@ def test_vocab_size_too_high_names_the_value_and_the_fix(tmp_path):
 
 
 def test_no_training_text_names_the_inputs(tmp_path):
+    """Every document read but none long enough to keep (an empty file is caught earlier, by the
+    bad-input summary: test_bad_input.py)."""
     corpus = tmp_path / "corpus"
     (corpus / "train").mkdir(parents=True)
-    (corpus / "train/empty.jsonl").write_text("")
+    (corpus / "train/short.jsonl").write_text("".join(json.dumps({"text": f"too short {i}"}) + "\n" for i in range(5)))
     cfg = small_prep_config(corpus, tmp_path / "out", tokenizer=TokenizerConfig(vocab_size=300, threads=1))
     with pytest.raises(ValueError) as e:
         run_prep(cfg)
