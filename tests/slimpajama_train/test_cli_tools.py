@@ -181,3 +181,59 @@ def test_zero2_runs_as_a_single_process_without_torchrun(demo_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["last_train_loss"] > 0
+
+
+# ---- eval ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def exported(checkpoint, tmp_path) -> Path:
+    from slimpajama_train.export import export_checkpoint
+
+    return export_checkpoint(checkpoint, tmp_path / "hf")
+
+
+def test_eval_names_metrics_by_split_and_shows_progress(exported, demo_shards, capsys):
+    """An export (whose tokenizer matches the shards') scored on the train split: eval/train_*, and
+    progress lines on a stream that is not a terminal."""
+    from slimpajama_train.evaluate import main
+
+    main([str(exported), "--data", str(demo_shards), "--split", "train", "--max-batches", "3", "--batch-size", "2",
+          "--device", "cpu"])
+    out, err = capsys.readouterr()
+    metrics = json.loads(out)
+    assert {"eval/train_loss", "eval/train_ppl", "eval/train_tokens"} <= set(metrics)
+    assert not [k for k in metrics if k.startswith("eval/val")]
+    progress = [line for line in err.splitlines() if line.startswith("perplexity train: ")]
+    assert [line.split(",")[0] for line in progress] == [f"perplexity train: {b}/3 batches" for b in (1, 2, 3)]
+    assert progress[-1].split(", ")[1] == "6 samples"
+
+
+def test_eval_refuses_max_batches_0(capsys):
+    from slimpajama_train.evaluate import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--data", "shards", "--max-batches", "0"])
+    assert info.value.code == 2
+    assert "--max-batches=0: must be >= 1 (omit it to score the whole split)" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_export_whose_tokenizer_differs_from_the_shards(exported, demo_shards, tmp_path, capsys):
+    from data_prep.tokenizer import file_sha256
+    from slimpajama_train.evaluate import main
+
+    other = tmp_path / "other_shards"
+    other.mkdir()
+    manifest = json.loads((demo_shards / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "ab" * 32  # shards of another tokenizer
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as info:
+        main([str(exported), "--data", str(other), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    ours = file_sha256(exported / "tokenizer.model")
+    assert info.value.code == 1 and err[0] == (
+        f"slimpajama-eval: error: {other}/manifest.json: shards were tokenized with tokenizer sha256 abababababab…, "
+        f"the model with {ours[:12]}…; score shards prepared with the model's tokenizer"), err
+
+    (exported / "tokenizer.model").unlink()  # nothing says which tokenizer the model has: refused too
+    with pytest.raises(SystemExit):
+        main([str(exported), "--data", str(demo_shards), "--device", "cpu"])
+    assert "no tokenizer.model and no recorded tokenizer checksum" in capsys.readouterr().err
