@@ -207,11 +207,11 @@ def test_eval_names_metrics_by_split_and_shows_progress(exported, demo_shards, c
     assert progress[-1].split(", ")[1] == "6 samples"
 
 
-def test_eval_refuses_max_batches_0(capsys):
+def test_eval_refuses_max_batches_0(tiny_run, demo_shards, capsys):
     from slimpajama_train.evaluate import main
 
-    with pytest.raises(SystemExit) as info:
-        main(["run", "--data", "shards", "--max-batches", "0"])
+    with pytest.raises(SystemExit) as info:  # it printed NaN metrics
+        main([str(tiny_run[0]), "--data", str(demo_shards), "--max-batches", "0", "--device", "cpu"])
     assert info.value.code == 2
     assert "--max-batches=0: must be >= 1 (omit it to score the whole split)" in capsys.readouterr().err
 

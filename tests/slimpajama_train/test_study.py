@@ -84,3 +84,14 @@ def test_mixture_specs_are_checked():
     with pytest.raises(ValueError, match="distinct names"):
         parse_mixtures("none,none")
     assert sys.executable
+
+
+def test_study_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--out", str(tmp_path / "s"), "--mixtures", "nosuchpreset"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 1 and len(err) == 2, err
+    assert err[0].startswith("slimpajama-study: error: --mixtures: 'nosuchpreset' is not a prep_mixture preset")
+    with pytest.raises(ValueError, match="nosuchpreset"):
+        main(["--out", str(tmp_path / "s"), "--mixtures", "nosuchpreset", "--debug"])
+    assert not (tmp_path / "s").exists()
