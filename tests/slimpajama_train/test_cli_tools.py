@@ -237,3 +237,21 @@ def test_eval_refuses_an_export_whose_tokenizer_differs_from_the_shards(exported
     with pytest.raises(SystemExit):
         main([str(exported), "--data", str(demo_shards), "--device", "cpu"])
     assert "no tokenizer.model and no recorded tokenizer checksum" in capsys.readouterr().err
+
+
+def test_eval_progress_is_a_bar_on_a_terminal():
+    import io
+
+    from slimpajama_train.evaluate import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    p = Progress("perplexity val", 4, term)
+    for b in range(1, 5):
+        p.update(b, 2 * b, 3.0)
+    p.close()
+    assert "perplexity val: 100%" in term.getvalue() and "4/4" in term.getvalue()
+    assert "batches, " not in term.getvalue()  # no log lines on a terminal: the bar only
