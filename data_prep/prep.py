@@ -38,6 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from data_prep.cli import ConfigError
 from data_prep.config import PrepConfig
 from data_prep.stages import STAGE_BY_NAME, STAGES, Context, clear_outputs, stage_hashes
 from data_prep.tasks import Marker, run_tasks
@@ -47,11 +48,11 @@ def run_task(cfg: PrepConfig, stage: str, index: int) -> dict[str, Any]:
     """Run task ``index`` of ``stage`` unless its completion marker says it already ran with this config."""
     spec = STAGE_BY_NAME.get(stage)
     if spec is None:
-        raise ValueError(f"prep.run.stage={stage!r}: expected 'all' or one of {', '.join(s.name for s in STAGES)}")
+        raise ConfigError(f"run.stage={stage}: expected 'all' or one of {', '.join(s.name for s in STAGES)}")
     n = cfg.run.num_tasks if spec.parallel else 1
     if not 0 <= index < n:
-        raise ValueError(f"prep.run.task_index={index}: stage {stage!r} has {n} task(s) "
-                         f"(run.num_tasks={cfg.run.num_tasks})")
+        raise ConfigError(f"run.task_index={index}: stage {stage!r} has {n} task(s) "
+                          f"(run.num_tasks={cfg.run.num_tasks})")
     ctx = Context(cfg)
     marker = Marker(ctx.work.root, stage, index, n, stage_hashes(cfg)[stage])
     done = None if cfg.run.force else marker.result()
@@ -99,16 +100,13 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
 
 def main() -> None:
     """Hydra entry point: compose ``conf/prep.yaml`` with command-line overrides and run."""
-    import hydra
-    from omegaconf import OmegaConf
-
-    from data_prep.config import conf_dir, register_configs
+    from data_prep.cli import hydra_cli, to_config
+    from data_prep.config import register_configs
 
     register_configs()
 
-    @hydra.main(config_path=str(conf_dir()), config_name="prep", version_base="1.3")
     def _app(dcfg) -> None:
-        cfg: PrepConfig = OmegaConf.to_object(dcfg)
+        cfg: PrepConfig = to_config(dcfg)
         run = cfg.run
         if run.stage != "all":
             index = run.task_index if run.task_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
@@ -121,7 +119,8 @@ def main() -> None:
         shards = sum(len(s["shards"]) for s in manifest["splits"].values())
         print(f"wrote {t['samples']} samples / {t['tokens']} tokens in {shards} shards to {cfg.output_dir}")
 
-    _app()
+    # A config error (unknown key, bad value) ends in two lines; HYDRA_FULL_ERROR=1 shows the traceback.
+    hydra_cli("slimpajama-prep", "prep", _app)
 
 
 if __name__ == "__main__":

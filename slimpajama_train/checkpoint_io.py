@@ -15,6 +15,9 @@ from slimpajama_train.model import ModelConfig, Transformer
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint directory, or a checkpoints root / run dir (then follow ``latest``)."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder; give a checkpoint (…/checkpoints/step_XXXXXXXX), "
+                                "its checkpoints/ folder or the run folder")
     for root in (p, p / "checkpoints"):
         if (root / LATEST).is_file():
             return root / (root / LATEST).read_text().strip()

@@ -167,6 +167,17 @@ class TokenBlocks(Dataset):
     most ``max_open_shards`` open in an LRU per process (each DataLoader worker has its own). Nothing is
     opened or stat-ed at construction: a missing or truncated shard fails when first read, naming
     ``manifest.json`` and the shard.
+
+    Checks, priced for 75k shards and every sample read:
+
+    - Shard names must stay inside ``data_dir`` (no absolute path, no ``..``, no symlink out of it),
+      checked when the manifest is read: string tests per name, and one directory listing for the
+      symlinks (no stat per shard). See :func:`check_shard_names`.
+    - Every sample's token ids must be below the manifest's ``tokenizer.vocab_size``, checked on each
+      read, before the sample reaches a batch: a max over the block just read (~1-3 µs per sample;
+      DESIGN.md). An id past the vocabulary would index past the embedding table (an ``IndexError``
+      on CPU, a device-side assert on a GPU), and an id between the tokenizer's and the model's
+      vocabulary would be trained on silently.
     """
 
     def __init__(self, data_dir: Path, manifest: dict[str, Any], split: str, seed: int, shuffle: bool,
@@ -191,6 +202,9 @@ class TokenBlocks(Dataset):
         self.block_size = int(manifest["block_size"])
         self.max_open_shards = max_open_shards
         self.order = GlobalSampleOrder([s["samples"] for s in shards], seed, shuffle)
+        # Ids at or past the tokenizer's vocabulary are refused on read (0: no vocabulary recorded).
+        self.vocab_size = int(vocab)
+        check_shard_names(self.data_dir, [s["name"] for s in shards], self.manifest_path)
         # No manifest dicts, Path or reader objects per shard: fixed-width name bytes and sizes.
         self.shard_names = np.array([s["name"].encode() for s in shards], dtype=np.bytes_)
         self.shard_bytes = np.array([s["bytes"] for s in shards], dtype=np.int64)
@@ -235,8 +249,18 @@ class TokenBlocks(Dataset):
     def __getitem__(self, position: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         shard, index = self.order.locate(self.order.sample_id(position))
         # A copy (the reader's array is a read-only view of the record) in the stored dtype.
-        tokens = torch.from_numpy(np.array(self._reader(shard).read(index), dtype=self.dtype).view(self.item_dtype))
+        block = np.array(self._reader(shard).read(index), dtype=self.dtype)
+        if self.vocab_size and (top := int(block.max())) >= self.vocab_size:
+            self._refuse_ids(shard, index, block, top)
+        tokens = torch.from_numpy(block.view(self.item_dtype))
         return (tokens, int(self.shard_source[shard])) if self.with_source else tokens
+
+    def _refuse_ids(self, shard: int, index: int, block: np.ndarray, top: int) -> None:
+        name = self.shard_names[shard].decode()
+        where = int(np.argmax(block >= self.vocab_size))
+        raise ValueError(f"{self.data_dir / name}: sample {index} holds token id {top} (at position {where}), but "
+                         f"{self.manifest_path} says the tokenizer has {self.vocab_size} ids; the shard was not "
+                         "written with this manifest's tokenizer: re-run prep for it (or restore the right shards)")
 
     def __getstate__(self) -> dict:
         # Open files do not cross process boundaries (spawned workers open their own).
@@ -244,6 +268,42 @@ class TokenBlocks(Dataset):
         state["_open"] = OrderedDict()
         state["_pid"] = None
         return state
+
+
+def check_shard_names(data_dir: Path, names: list[str], manifest_path: Path) -> None:
+    """Refuse a shard name that would read a file outside ``data_dir``: an absolute path, a ``..``
+    component, or a symlink that resolves outside it (a symlink to a file inside is fine).
+
+    Cost: string tests per name (~0.5 µs), plus one listing of each folder that holds shards
+    (``scandir`` reports symlinks from the directory entry, with no stat per shard) and a
+    ``realpath`` only of the symlinks found and of subfolders. Nothing is checked for a folder that
+    does not exist: opening a shard then fails, naming it.
+    """
+    folders: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split("/")
+        if not name or name.startswith(("/", "\\")) or ".." in parts or "\\" in name or name.endswith("/"):
+            raise ValueError(f"{manifest_path}: shard name {name!r} points outside {data_dir}; a shard name must be "
+                             "a file name inside the data folder (as slimpajama-prep writes them)")
+        folders.setdefault("/".join(parts[:-1]), []).append(parts[-1])
+    if not data_dir.is_dir():
+        return
+    root = data_dir.resolve()
+    for folder, files in folders.items():
+        where = data_dir / folder if folder else data_dir
+        if folder and not where.resolve().is_relative_to(root):
+            raise ValueError(f"{manifest_path}: shard {folder}/{files[0]} lies in {where}, which resolves to "
+                             f"{where.resolve()}, outside {root}; move the shards into the data folder")
+        if not where.is_dir():
+            continue
+        wanted = set(files)
+        for entry in os.scandir(where):
+            if entry.name in wanted and entry.is_symlink():
+                target = Path(os.path.realpath(entry.path))
+                if not target.is_relative_to(root):
+                    shown = f"{folder}/{entry.name}" if folder else entry.name
+                    raise ValueError(f"{manifest_path}: shard {shown} is a symlink to {target}, outside {root}; "
+                                     "copy or hard-link the shard into the data folder")
 
 
 def shard_sources(shards: list[dict[str, Any]]) -> tuple[list[str], np.ndarray]:

@@ -21,13 +21,16 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 import torch
+from tqdm import tqdm
 
-from data_prep.shard_format import load_manifest
+from data_prep.cli import add_debug_flag, cli_errors
+from data_prep.shard_format import MANIFEST, load_manifest
 from data_prep.tokenizer import file_sha256
 from slimpajama_train.callbacks.wandb_logger import WANDB_ID_FILE
 from slimpajama_train.checkpoint_io import load_model, resolve_checkpoint
@@ -63,11 +66,24 @@ def load_export(path: Path, device: str | torch.device = "cpu") -> Transformer:
 
 
 def load_for_eval(path: str | Path, device: str) -> tuple[Transformer, dict[str, Any], Path]:
-    """(model in eval mode, checkpoint meta or {} for an export, the directory it came from)."""
+    """(model in eval mode, checkpoint meta, the directory it came from). For an export the meta holds
+    only ``tokenizer_sha256``, of the export's ``tokenizer.model`` (absent if the folder has none)."""
     p = Path(path)
     if is_export(p):
-        return load_export(p, device), {}, p
+        tok = p / TOKENIZER_FILE
+        return load_export(p, device), ({"tokenizer_sha256": file_sha256(tok)} if tok.is_file() else {}), p
     return load_model(resolve_checkpoint(p), device)
+
+
+def model_tokenizer_sha256(model_dir: Path, meta: dict[str, Any], override: str | None) -> str:
+    """The sha256 of the tokenizer the model was trained with: the checkpoint's record, the export's
+    ``tokenizer.model``, else the ``--tokenizer`` file; raise when none says."""
+    if meta.get("tokenizer_sha256"):
+        return meta["tokenizer_sha256"]
+    if override:
+        return file_sha256(Path(override))
+    raise ValueError(f"{model_dir}: no {TOKENIZER_FILE} and no recorded tokenizer checksum, so the shards' ids "
+                     "cannot be checked against the model's; pass --tokenizer FILE (the tokenizer it was trained with)")
 
 
 def load_tokenizer(model_dir: Path, meta: dict[str, Any], data_dir: Path | None,
@@ -89,21 +105,52 @@ def load_tokenizer(model_dir: Path, meta: dict[str, Any], data_dir: Path | None,
 
 
 # ---- perplexity ---------------------------------------------------------------------------------
+class Progress:
+    """Progress of a scoring loop, as the trainer shows it: a tqdm bar on a terminal; otherwise (a log
+    file, a SLURM job) one line every ``every`` batches and at the end."""
+
+    def __init__(self, desc: str, total: int, stream: Any = None, lines: int = 10) -> None:
+        self.desc, self.total, self.stream = desc, total, stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = max(1, total // lines)
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=total, desc=desc, unit="batch", file=self.stream, dynamic_ncols=True,
+                        mininterval=1.0) if self.tty else None
+
+    def update(self, done: int, samples: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        elif done % self.every == 0 or done == self.total:
+            rate = samples / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"{self.desc}: {done}/{self.total} batches, {samples} samples, loss {loss:.4f}, "
+                  f"{rate:.1f} samples/s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @torch.no_grad()
 def shard_perplexity(model: Transformer, data_dir: str | Path, split: str = "val", batch_size: int = 16,
                      max_batches: int | None = None, seed: int = DataConfig.seed,
-                     tokenizer_sha256: str | None = None) -> dict[str, Any]:
+                     tokenizer_sha256: str | None = None, progress_stream: Any = None) -> dict[str, Any]:
     """Mean next-token loss and perplexity over a split of prepared shards, overall and per source
     (where a shard holds one source, as prep writes validation shards), with the tokens behind each.
 
     The loss is the trainer's (``lm_loss(..., per_sample=True)``), so ``loss`` matches its ``val_loss``
     on the same samples. Samples are read in the split's seeded shuffled order, so ``max_batches``
-    draws from every source, not from the first shard only.
+    draws from every source, not from the first shard only. Progress goes to ``progress_stream``
+    (stderr by default; see :class:`Progress`).
     """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"--max-batches={max_batches}: must be >= 1 (omit it to score the whole split)")
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
-    if tokenizer_sha256 and manifest["tokenizer"]["sha256"] != tokenizer_sha256:
-        raise ValueError(f"{data_dir}: shards were tokenized with another tokenizer than the checkpoint's")
+    theirs = manifest["tokenizer"]["sha256"]
+    if tokenizer_sha256 and theirs != tokenizer_sha256:
+        raise ValueError(f"{data_dir}/{MANIFEST}: shards were tokenized with tokenizer sha256 {theirs[:12]}…, the "
+                         f"model with {tokenizer_sha256[:12]}…; score shards prepared with the model's tokenizer")
     if manifest["seq_len"] > model.cfg.max_seq_len:
         raise ValueError(f"{data_dir}: samples of {manifest['seq_len']} tokens exceed model.max_seq_len="
                          f"{model.cfg.max_seq_len}")
@@ -112,8 +159,9 @@ def shard_perplexity(model: Transformer, data_dir: str | Path, split: str = "val
     device = next(model.parameters()).device
     k = len(ds.sources)
     loss_sum, count = torch.zeros(k + 1, dtype=torch.float64), torch.zeros(k + 1, dtype=torch.float64)
+    progress = Progress(f"perplexity {split}", -(-n // batch_size), progress_stream)
     try:
-        for start in range(0, n, batch_size):
+        for b, start in enumerate(range(0, n, batch_size), 1):
             items = [ds[i] for i in range(start, min(n, start + batch_size))]
             blocks = torch.stack([t for t, _ in items])  # (B, T+1)
             src = torch.tensor([s for _, s in items])
@@ -122,7 +170,9 @@ def shard_perplexity(model: Transformer, data_dir: str | Path, split: str = "val
             losses = lm_loss(model(inputs), targets, per_sample=True).double().cpu()  # (B,)
             loss_sum.index_add_(0, slot, losses)
             count.index_add_(0, slot, torch.ones_like(losses))
+            progress.update(b, start + len(items), float(loss_sum.sum() / count.sum()))
     finally:
+        progress.close()
         ds.close()
     tokens_per_sample = int(manifest["seq_len"])
     total = float(loss_sum.sum() / count.sum())
@@ -178,14 +228,16 @@ def run_lm_eval(model: Transformer, tokenizer: spm.SentencePieceProcessor, tasks
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``eval/...`` scalars for W&B: ``eval/val_ppl``, ``eval/val_ppl/<source>``, ``eval/<task>/<metric>``."""
+    """``eval/...`` scalars for W&B, named by the split scored: ``eval/val_ppl``, ``eval/val_ppl/<source>``
+    (``eval/train_ppl``... for ``--split train``), and ``eval/<task>/<metric>``."""
     out: dict[str, float] = {}
     ppl = results.get("perplexity")
     if ppl:
-        out.update({"eval/val_loss": ppl["loss"], "eval/val_ppl": ppl["ppl"], "eval/val_tokens": ppl["tokens"]})
+        sp = ppl["split"]
+        out.update({f"eval/{sp}_loss": ppl["loss"], f"eval/{sp}_ppl": ppl["ppl"], f"eval/{sp}_tokens": ppl["tokens"]})
         for name, s in ppl["per_source"].items():
-            out.update({f"eval/val_loss/{name}": s["loss"], f"eval/val_ppl/{name}": s["ppl"],
-                        f"eval/val_tokens/{name}": s["tokens"]})
+            out.update({f"eval/{sp}_loss/{name}": s["loss"], f"eval/{sp}_ppl/{name}": s["ppl"],
+                        f"eval/{sp}_tokens/{name}": s["tokens"]})
     lm = results.get("lm_eval") or {}
     for task, metrics in {**lm.get("results", {}), **lm.get("groups", {})}.items():
         for key, value in metrics.items():
@@ -265,11 +317,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wandb-run-id", help="run to attach the summary to (default: the training run's, if known)")
     p.add_argument("--wandb-new-run", action="store_true", help="log to a new eval run, not the training run")
     p.add_argument("--wandb-dir", help="where W&B writes (default: the run dir, else the output's folder)")
+    add_debug_flag(p)
     a = p.parse_args(argv)
     if not a.data and not a.tasks:
         p.error("nothing to do: give --data (perplexity) and/or --tasks (lm-eval)")
     if a.batch_size < 1:
         p.error(f"--batch-size={a.batch_size}: must be >= 1")
+    if a.max_batches is not None and a.max_batches < 1:
+        p.error(f"--max-batches={a.max_batches}: must be >= 1 (omit it to score the whole split)")
     if a.limit is not None and a.limit >= 1:
         a.limit = int(a.limit)  # lm-eval reads a float below 1 as a fraction, anything else as a count
     return a
@@ -283,7 +338,7 @@ def evaluate(a: argparse.Namespace) -> dict[str, Any]:
     if a.data:
         seed = meta.get("config", {}).get("data", {}).get("seed", DataConfig.seed)
         results["perplexity"] = shard_perplexity(model, a.data, a.split, a.batch_size, a.max_batches, seed,
-                                                 meta.get("tokenizer_sha256"))
+                                                 model_tokenizer_sha256(model_dir, meta, a.tokenizer))
     if a.tasks:
         sp = load_tokenizer(model_dir, meta, Path(a.data) if a.data else None, a.tokenizer)
         tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
@@ -305,7 +360,9 @@ def evaluate(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    results = evaluate(parse_args(argv))
+    a = parse_args(argv)
+    with cli_errors("slimpajama-eval", a.debug):
+        results = evaluate(a)
     json.dump(results["metrics"], sys.stdout, indent=2)
     print()
 

@@ -13,6 +13,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
+from data_prep.cli import add_debug_flag, cli_errors
 from slimpajama_train.checkpoint_io import load_model
 from slimpajama_train.model import Transformer
 
@@ -54,25 +55,37 @@ def sample(model: Transformer, tokens: list[int], max_new_tokens: int, temperatu
 
 def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
                   top_p: float = 0.95, seed: int = 0) -> str:
-    """Load ``checkpoint`` and its tokenizer; return the prompt followed by the sampled continuation."""
+    """Load ``checkpoint`` and its tokenizer; return the prompt followed by the sampled continuation.
+
+    A prompt that encodes to no tokens ("", or only what the normalizer removes) samples a document
+    from its start: the context is then EOS alone, which is what training put before every document
+    (documents are joined by EOS, with no BOS)."""
     model, _, ckpt = load_model(checkpoint)
     sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
-    ids = sample(model, sp.encode(prompt), max_new_tokens, temperature, top_k, top_p, sp.eos_id(), seed)
+    context = sp.encode(prompt)
+    if not context:
+        if sp.eos_id() < 0:
+            raise ValueError(f"--prompt {prompt!r} encodes to no tokens and {ckpt}/tokenizer.model has no EOS to "
+                             "start from; give a prompt")
+        context = [sp.eos_id()]
+    ids = sample(model, context, max_new_tokens, temperature, top_k, top_p, sp.eos_id(), seed)
     return prompt + sp.decode(ids) if not prompt.endswith(" ") else prompt + sp.decode(ids).lstrip()
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Sample text from a slimpajama_train checkpoint.")
     p.add_argument("checkpoint", help="checkpoint dir (step_XXXXXXXX), its checkpoints/ root, or the run dir")
-    p.add_argument("--prompt", default="def ")
+    p.add_argument("--prompt", default="def ", help='text to continue; "" samples a document from its start')
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {prompt, generated} as JSON")
+    add_debug_flag(p)
     a = p.parse_args(argv)
-    text = generate_text(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
+    with cli_errors("slimpajama-generate", a.debug):
+        text = generate_text(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
     print(json.dumps({"prompt": a.prompt, "generated": text}) if a.json else text)
 
 

@@ -54,6 +54,17 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
 
 
+def schedule_warning(cfg: OptimConfig, max_steps: int) -> str | None:
+    """A line for a warm-up at least as long as the run (the learning rate never reaches ``optim.lr``
+    and never decays), else None."""
+    if max_steps > 0 and cfg.warmup_steps >= max_steps:
+        last = lr_at(max_steps - 1, cfg, max_steps)
+        return (f"warning: optim.warmup_steps={cfg.warmup_steps} >= trainer.max_steps={max_steps}: the whole run is "
+                f"warm-up (the learning rate rises to {last:.3g} of optim.lr={cfg.lr:g} at the last step and never "
+                "decays); set optim.warmup_steps below trainer.max_steps (often 1-10% of it)")
+    return None
+
+
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or WSD decay."""
     if step < cfg.warmup_steps:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep.cli import add_debug_flag, cli_errors
+
 REPO = Path(__file__).resolve().parents[1]
 # Work files of the stages that depend on the mixture; everything else is shared by hard links.
 _MIXTURE_DEPENDENT = ("plan", "shard_entries", "markers/plan", "markers/shards", "markers/report")
@@ -298,11 +300,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="examples per downstream task")
     p.add_argument("--phase", choices=("all", "prep", "train", "table"), default="all")
     p.add_argument("--slurm", action="store_true", help="submit prep, train and table jobs with dependencies")
+    add_debug_flag(p)
     a = p.parse_args(argv)
+    with cli_errors("slimpajama-study", a.debug):
+        _run(a, argv)
+
+
+def _run(a: argparse.Namespace, argv: list[str]) -> None:
     out = Path(a.out).resolve()
     mixtures = parse_mixtures(a.mixtures)
     if a.slurm:
-        passthrough = [x for x in argv if x != "--slurm"]
+        passthrough = [x for x in argv if x not in ("--slurm", "--debug")]
         for name, job in submit_slurm(out, mixtures, passthrough, a.train).items():
             print(f"{name}: job {job}")
         return

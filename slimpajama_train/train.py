@@ -25,12 +25,12 @@ _EARLY_STOP = StopRequest().install() if __name__ == "__main__" else None
 import json  # noqa: E402
 import sys  # noqa: E402
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from data_prep.config import conf_dir  # noqa: E402
+from data_prep.cli import hydra_cli, to_config  # noqa: E402
 from slimpajama_train.config import TrainConfig, register_configs  # noqa: E402
 from slimpajama_train.distributed import destroy_distributed, init_distributed  # noqa: E402
+from slimpajama_train.optim import schedule_warning  # noqa: E402
 from slimpajama_train.trainer import Trainer  # noqa: E402
 
 # Exit status of a run that stopped on SIGTERM/SIGUSR1 after saving: EX_TEMPFAIL ("try again"),
@@ -44,6 +44,8 @@ def run(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
     # SIGUSR1 from now on is recorded and honoured at the first step boundary.
     stop = stop or StopRequest().install()
     dist_info = init_distributed(cfg.dist)
+    if dist_info.is_main and (warning := schedule_warning(cfg.optim, cfg.trainer.max_steps)):
+        print(warning, file=sys.stderr, flush=True)
     trainer, clean = None, False
     try:
         trainer = Trainer(cfg, dist_info, stop=stop)
@@ -64,12 +66,12 @@ def main() -> None:
 
     preempted = False
 
-    @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
     def _app(dcfg: DictConfig) -> None:
         nonlocal preempted
-        preempted = run(OmegaConf.to_object(dcfg), stop).get("preempted", False)  # the raw DictConfig stops here
+        preempted = run(to_config(dcfg), stop).get("preempted", False)  # the raw DictConfig stops here
 
-    _app()
+    # A config error (unknown key, bad value) ends in two lines; HYDRA_FULL_ERROR=1 shows the traceback.
+    hydra_cli("slimpajama-train", "train", _app)
     if preempted:
         sys.exit(PREEMPTED_EXIT_CODE)
 

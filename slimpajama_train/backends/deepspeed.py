@@ -231,6 +231,11 @@ class DeepSpeedBackend(Backend):
         self.grad_accum = grad_accum
         self.optim_cfg = optim_cfg
         self.ds_config = deepspeed_config(self.cfg, optim_cfg, micro_batch, grad_accum, self.dist.world_size)
+        # DeepSpeed reads the local rank from the environment (and asserts it is there). Our process
+        # group is already formed, by torchrun's variables or, for a plain single process, as a group
+        # of one: tell DeepSpeed the local rank that group uses, so `slimpajama-train backend=zero2`
+        # runs without a launcher as it does with FSDP2.
+        os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         if self.cfg.zero_stage == 3:
             # ZeRO-3: every parameter is partitioned as its module is constructed, then gathered one

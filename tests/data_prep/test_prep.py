@@ -1,12 +1,16 @@
 """The whole prep pipeline on a small real corpus."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import sentencepiece as spm
 
 from data_prep.prep import run_prep
 from data_prep.shard_format import RecordLayout, ShardReader
-from tests.conftest import small_prep_config
+from tests.conftest import REPO, small_prep_config
 
 SOURCES = {"RedPajamaGithub", "RedPajamaBook", "RedPajamaWikipedia", "RedPajamaCommonCrawl"}
 
@@ -61,3 +65,20 @@ def test_rerun_skips_finished_stages_and_is_byte_identical(demo_corpus, demo_sha
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["train"]["shards"][0]["samples"] == 100
     assert (out / "tokenizer.model").read_bytes() == (demo_shards / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("seq_lenn=3", "seq_lenn: no such key; did you mean seq_len?"),
+    ("run.stage=nosuch", "run.stage=nosuch: expected 'all' or one of clean, signatures,"),
+    ("seq_len=many", "seq_len: Value 'many' of type 'str' could not be converted to Integer"),
+])
+def test_prep_config_error_is_two_lines_naming_the_key(tmp_path, override, expected):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    cmd = [sys.executable, "-m", "data_prep.prep", override, f"output_dir={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr
+    assert lines[0].startswith(f"slimpajama-prep: config error: {expected}"), lines
+    assert lines[1] == "(set HYDRA_FULL_ERROR=1 for the traceback)"
+    assert not (tmp_path / "out").exists()

@@ -119,3 +119,14 @@ def test_study_mixture_with_unknown_source_stops_before_any_mixture(demo_corpus,
     msg = str(e.value)
     assert "--mixtures x: mixture.proportions.RedPajamaBooks: no such source, did you mean 'RedPajamaBook'?" in msg
     assert not (tmp_path / "data/none/manifest.json").exists()  # checked before the first mixture's shards
+
+
+def test_study_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--out", str(tmp_path / "s"), "--mixtures", "nosuchpreset"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 1 and len(err) == 2, err
+    assert err[0].startswith("slimpajama-study: error: --mixtures: 'nosuchpreset' is not a prep_mixture preset")
+    with pytest.raises(ValueError, match="nosuchpreset"):
+        main(["--out", str(tmp_path / "s"), "--mixtures", "nosuchpreset", "--debug"])
+    assert not (tmp_path / "s").exists()
