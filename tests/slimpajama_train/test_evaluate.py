@@ -177,15 +177,22 @@ def test_adapter_scores_are_our_models_loss(trained):
     (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("", short), 0)])
     assert ll == pytest.approx(expected, rel=1e-5)
 
-    # Every token of the long text is scored exactly once, with up to max_seq_len - 1 tokens of context.
+    # Every token of the long text is scored exactly once, in lm-eval's rolling windows (disjoint
+    # windows of max_seq_len tokens, each a forward pass of its own; lm-eval defines them), and each
+    # window's score is our model's log-probability of its tokens given that window's inputs.
+    from lm_eval.utils import get_rolling_token_windows
+
     long_ids = sp.encode(long)
     assert len(long_ids) > model.cfg.max_seq_len
-    manual, seq = 0.0, [sp.eos_id()] + long_ids
+    windows = list(get_rolling_token_windows(token_list=long_ids, prefix_token=sp.eos_id(),
+                                             max_seq_len=model.cfg.max_seq_len, context_len=1))
+    assert len(windows) >= 2 and [t for _, pred in windows for t in pred] == long_ids
+    manual = 0.0
     with torch.no_grad():
-        for t in range(1, len(seq)):
-            window = torch.tensor([seq[max(0, t - model.cfg.max_seq_len):t]])
-            manual += float(F.log_softmax(model(window)[0, -1].float(), -1)[seq[t]])
-    assert rolling_long == pytest.approx(manual, rel=1e-3)
+        for inputs, pred in windows:
+            logp = F.log_softmax(model(torch.tensor([inputs]))[0, -len(pred):].float(), -1)
+            manual += float(logp[torch.arange(len(pred)), torch.tensor(pred)].sum())
+    assert rolling_long == pytest.approx(manual, rel=1e-5)
 
     # context/continuation: the continuation's log-probability given the context; greedy flag.
     (ll_cont, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, ("Return the number of", " items"), 0)])

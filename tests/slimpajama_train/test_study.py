@@ -110,13 +110,14 @@ def test_readme_study_example_prepares_every_mixture(demo_corpus, tmp_path, monk
     assert cfg.trainer.max_steps == 200 and cfg.logger.wandb.enabled is False
 
 
-def test_study_mixture_with_unknown_source_stops_before_any_mixture(demo_corpus, tmp_path):
+def test_study_mixture_with_unknown_source_stops_before_any_mixture(demo_corpus, tmp_path, capsys):
     prep = [f"inputs=[{demo_corpus}/train]", f"input_root={demo_corpus}", "seq_len=64", "samples_per_shard=64",
             "tokenizer.vocab_size=1000", "tokenizer.max_sample_bytes=2000000", "tokenizer.threads=1"]
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path), "--mixtures", "none,x=RedPajamaGithub:0.5+RedPajamaBooks:0.5", "--phase", "prep",
               *(f"--prep={p}" for p in prep)])
-    msg = str(e.value)
+    msg = capsys.readouterr().err
+    assert e.value.code == 1 and "\nslimpajama-study: error: --mixtures x:" in msg
     assert "--mixtures x: mixture.proportions.RedPajamaBooks: no such source, did you mean 'RedPajamaBook'?" in msg
     assert not (tmp_path / "data/none/manifest.json").exists()  # checked before the first mixture's shards
 
