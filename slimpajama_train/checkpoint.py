@@ -365,6 +365,9 @@ class CheckpointManager:
             names = [p.name for p in list_checkpoints(self.root) if top is None or checkpoint_step(p) > top]
         names = broadcast_object(names)
         if not names:
+            if in_root and world()[0] == 0 and not _points_to(self.root / LATEST, chosen):
+                self._point_latest(chosen)  # `latest` was deleted, or named a corrupt checkpoint
+            barrier()
             return
         what = "a fresh start" if chosen is None else f"resuming {chosen}"
         policy = self.cfg.on_existing
@@ -555,6 +558,10 @@ def _free_name(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}.{n}")
     return candidate
+
+
+def _points_to(pointer: Path, target: Path) -> bool:
+    return pointer.is_file() and pointer.read_text().strip() == Path(target).name
 
 
 def _span(names: list[str]) -> str:
