@@ -502,7 +502,7 @@ class CheckpointManager:
         files = {k: v for d in _gather(digests) for k, v in d.items()}  # also: every rank's shards are on disk
         if rank == 0:
             listed = _checkpoint_files(tmp)
-            complete = sorted(files) == listed and all(files[k][0] == (tmp / k).stat().st_size for k in listed)
+            complete = set(files) == set(listed) and all(files[k][0] == (tmp / k).stat().st_size for k in listed)
             loss_finite = bool(meta.pop("loss_finite", True))
             meta = {**meta, "state_files": state_files(tmp / STATE), "checksum": CHECKSUM, "files": files,
                     "verified": complete and loss_finite}
