@@ -477,7 +477,9 @@ class Trainer:
                    if key in saved.get(group, {}) and saved[group][key] != now[group][key]]
         if changes:
             step = meta["step"]
-            before = lr_at(step, OptimConfig(**saved["optim"]), saved["trainer"]["max_steps"])
+            known = OptimConfig.__dataclass_fields__  # a checkpoint of another version may have other keys
+            old_optim = OptimConfig(**{k: v for k, v in saved["optim"].items() if k in known})
+            before = lr_at(step, old_optim, saved["trainer"]["max_steps"])
             after = lr_at(step, self.cfg.optim, self.cfg.trainer.max_steps)
             self.log(f"warning: this resume changes the LR schedule of {path}: {'; '.join(changes)}. "
                      f"The LR of step {step + 1} is {after:.3g} (the checkpoint's schedule: {before:.3g})")
