@@ -36,8 +36,9 @@ META = "meta.json"
 STATE = "state"
 ARCHIVE_PREFIX = "archive_"
 CORRUPT_DIR = "corrupt"
-# sha256 (hashlib, SHA-NI): 1.6 GB/s on this repository's CI host, 0.6 s per GB; blake2b 0.9 GB/s;
-# zlib.crc32 3.8 GB/s (benchmarks/bench_checksum.py). A rank at 64 GPUs x 7B hashes ~1.3 GB: ~0.8 s.
+# sha256 (hashlib): 1.2-1.6 GB/s in memory, 1.16 GB/s reading a fresh shard back from the page cache
+# (~0.9 s per GB) on a shared 2-core host; blake2b is slower, zlib.crc32 ~3.5x faster but weak
+# (benchmarks/bench_checksum.py). A rank at 64 GPUs x 7B hashes ~1.3 GB: ~1.1 s per synchronous save.
 CHECKSUM = "sha256"
 READ_CHUNK = 8 << 20
 ON_EXISTING = ("refuse", "archive", "overwrite")
@@ -279,7 +280,7 @@ class CheckpointManager:
     def verify(self, path: Path) -> list[str]:
         """Every problem of checkpoint ``path``: structure and sizes (every rank), checksums (each rank
         hashes 1/world of the files, the ones it wrote when the world is unchanged: ~1.3 GB per rank
-        for 7B on 64 ranks, under a second at 1.6 GB/s plus the read). The same list on every rank."""
+        for 7B on 64 ranks, ~1 s at 1.2-1.6 GB/s plus the read). The same list on every rank."""
         rank, world_size = world()
         try:
             meta = read_meta(path)
@@ -400,7 +401,7 @@ class CheckpointManager:
         """Write checkpoint ``step``; ``extra_files`` (e.g. the tokenizer) are copied in so it stands alone.
 
         Returns the seconds training was blocked (with a synchronous save: writing plus hashing this
-        rank's files, ~0.6 s per GB). With ``async_save`` the write and the hashing continue in the
+        rank's files, ~0.9 s per GB). With ``async_save`` the write and the hashing continue in the
         background and the checkpoint is finalized by a later :meth:`poll` or :meth:`wait`.
         """
         t0 = time.perf_counter()
