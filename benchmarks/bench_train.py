@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         backend=BackendConfig(name="fsdp2", precision=precision, always_shard=a.always_shard),
         trainer=LoopConfig(max_steps=a.steps, global_batch_size=a.micro_batch, log_interval=a.steps, eval_interval=0,
                            compile=a.compile),
-        checkpoint=CheckpointConfig(interval=0, resume="none"),
+        checkpoint=CheckpointConfig(interval=0, resume="none", on_existing="overwrite"),
         logger=LoggerConfig(console=False, metrics_file=False, wandb=WandbConfig(enabled=False)),
     )
     dist_info = init_distributed()

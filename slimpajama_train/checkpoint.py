@@ -1,20 +1,26 @@
 """Sharded checkpoints: ``<dir>/step_00001000/{state/, meta.json}`` plus an atomic ``latest`` pointer.
 
 A checkpoint is written under a temporary directory and renamed into place only after every rank has
-finished its shards and ``meta.json`` (which lists every state file and its size) is on disk;
-``latest`` is then replaced atomically. A crash mid-save therefore leaves the previous checkpoint in
-charge, and a directory whose files do not match its ``meta.json`` is reported, never loaded.
+finished its shards, hashed them (sha256, each rank its own files) and ``meta.json`` (which lists
+every file with its size and checksum) is on disk; ``latest`` is then replaced atomically. A crash or
+a full disk mid-save therefore leaves the previous checkpoint in charge, and a checkpoint whose files
+do not match its ``meta.json`` is reported naming the file, never loaded: ``resume=auto`` then falls
+back to the newest intact one. Checkpoints are ordered by step number; a fresh start in a directory
+that holds checkpoints is refused unless ``checkpoint.on_existing`` says what to do with them.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,11 +29,23 @@ import torch
 import torch.distributed as dist
 
 from slimpajama_train.backends.base import Backend
-from slimpajama_train.distributed import all_ranks_true, barrier, world
+from slimpajama_train.distributed import all_ranks_true, barrier, broadcast_object, world
 
 LATEST = "latest"
 META = "meta.json"
 STATE = "state"
+ARCHIVE_PREFIX = "archive_"
+CORRUPT_DIR = "corrupt"
+# sha256 (hashlib): 1.2-1.6 GB/s in memory, 1.16 GB/s reading a fresh shard back from the page cache
+# (~0.9 s per GB) on a shared 2-core host; blake2b is slower, zlib.crc32 ~3.5x faster but weak
+# (benchmarks/bench_checksum.py). A rank at 64 GPUs x 7B hashes ~1.3 GB: ~1.1 s per synchronous save.
+CHECKSUM = "sha256"
+READ_CHUNK = 8 << 20
+ON_EXISTING = ("refuse", "archive", "overwrite")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Files one rank writes: DCP's ``__<rank>_<n>.distcp``, DeepSpeed's ``zero_pp_rank_<rank>_...``. The
+# rest (DCP's .metadata, DeepSpeed's mp_rank_00 model states, the tokenizer) are rank 0's.
+_RANK_FILE = (re.compile(r"(?:^|/)__(\d+)_\d+\.distcp$"), re.compile(r"zero_pp_rank_(\d+)_"))
 
 
 @dataclass
@@ -37,11 +55,19 @@ class CheckpointConfig:
     Attributes:
         dir: checkpoint directory; None means ``<run_dir>/checkpoints``.
         interval: save every N optimizer steps (0: only at the end and on preemption).
-        keep_last: keep this many most recent checkpoints (0 keeps all).
+        keep_last: keep this many most recent checkpoints by step (0 keeps all). The newest
+            checkpoint that was verified (every file hashed, finite loss) is also kept until a
+            newer one is verified.
         keep_every: also keep every checkpoint whose step is a multiple of this (0: none extra).
-        resume: ``auto`` (from ``latest`` if there is one), ``none``, or a checkpoint directory.
-        async_save: FSDP2 only: write with ``dcp.async_save`` in a background thread; training waits
-            only for the copy to CPU memory (the blocking time is logged as ``checkpoint_blocking_s``).
+        resume: ``auto`` (from ``latest``; a corrupt one falls back to the newest intact checkpoint),
+            ``none``, or a checkpoint directory.
+        on_existing: what a run that would overwrite checkpoints does with them: a fresh start in a
+            directory that holds checkpoints, or a resume from one that is older than others there.
+            ``refuse`` (stop with a message), ``archive`` (move them to ``<dir>/archive_<time>/``),
+            ``overwrite`` (delete them).
+        async_save: FSDP2 only: write with ``dcp.async_save`` in a background thread (which also
+            hashes the files); training waits only for the copy to CPU memory (the blocking time is
+            logged as ``checkpoint_blocking_s``).
     """
 
     dir: str | None = None
@@ -49,11 +75,14 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_every: int = 0
     resume: str = "auto"
+    on_existing: str = "refuse"
     async_save: bool = False
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_last < 0 or self.keep_every < 0:
             raise ValueError("checkpoint.interval, checkpoint.keep_last and checkpoint.keep_every must be >= 0")
+        if self.on_existing not in ON_EXISTING:
+            raise ValueError(f"checkpoint.on_existing={self.on_existing!r}: choose one of {ON_EXISTING}")
 
 
 @contextlib.contextmanager
@@ -77,8 +106,27 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint directory is incomplete or does not match its ``meta.json``."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A save failed (e.g. the disk is full); its temporary directory is removed, ``latest`` is unchanged."""
+
+
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``step_<N>`` directory name, or None for anything else."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """The ``step_<N>`` directories under ``root``, ordered by step number (never by name)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(found)]
 
 
 def rng_state() -> dict[str, str]:
@@ -99,15 +147,47 @@ def state_files(state_dir: Path) -> dict[str, int]:
     return {p.relative_to(state_dir).as_posix(): p.stat().st_size for p in sorted(state_dir.rglob("*")) if p.is_file()}
 
 
+def file_owner(rel: str, world_size: int) -> int:
+    """The rank that hashes file ``rel`` of a checkpoint: the rank that wrote it (DCP's and
+    DeepSpeed's per-rank files), else rank 0; modulo ``world_size`` when the world changed."""
+    for pattern in _RANK_FILE:
+        if m := pattern.search(rel):
+            return int(m.group(1)) % world_size
+    return 0
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 8 MiB chunks (hashlib releases the GIL: a background thread hashing
+    does not stall the training loop's Python)."""
+    h = hashlib.new(CHECKSUM)
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_files(ckpt: Path) -> list[str]:
+    """Every file of a checkpoint directory except ``meta.json`` and its temporary, relative to it."""
+    return [p.relative_to(ckpt).as_posix() for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and p.name not in (META, f".{META}.tmp")]
+
+
+def hash_own_files(ckpt: Path, rank: int, world_size: int) -> dict[str, list]:
+    """``{relative path: [bytes, sha256]}`` of the files of ``ckpt`` this rank wrote (not collective)."""
+    return {rel: [(ckpt / rel).stat().st_size, file_digest(ckpt / rel)]
+            for rel in _checkpoint_files(ckpt) if file_owner(rel, world_size) == rank}
+
+
 def read_meta(path: Path) -> dict[str, Any]:
-    """Read a checkpoint's ``meta.json`` and check its state files; raise :class:`CorruptCheckpointError`."""
+    """Read a checkpoint's ``meta.json`` and check that its files exist with their recorded sizes
+    (cheap; checksums are checked by :func:`verify_files`); raise :class:`CorruptCheckpointError`."""
     path = Path(path)
     meta_path = path / META
     if not meta_path.is_file():
         raise CorruptCheckpointError(f"{path}: no {META}; not a complete checkpoint")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"{meta_path}: corrupt ({exc})") from exc
     state_dir = path / STATE
     if not state_dir.is_dir():
@@ -118,28 +198,75 @@ def read_meta(path: Path) -> dict[str, Any]:
     found = state_files(state_dir)
     for name, size in expected.items():
         if name not in found:
-            raise CorruptCheckpointError(f"{path}: {STATE}/{name} is missing")
+            raise CorruptCheckpointError(f"{path}/{STATE}/{name} is missing")
         if found[name] != size:
-            raise CorruptCheckpointError(f"{path}: {STATE}/{name} has {found[name]} bytes, {META} says {size}")
+            raise CorruptCheckpointError(f"{path}/{STATE}/{name} has {found[name]} bytes, {META} says {size}")
     return meta
+
+
+def verify_files(path: Path, meta: dict[str, Any], rank: int = 0, world_size: int = 1) -> list[str]:
+    """Check the files this rank owns against the sizes and checksums in ``meta``; one line per bad
+    file (not collective: :meth:`CheckpointManager.verify` splits the files over the ranks)."""
+    problems = []
+    for rel, (size, digest) in sorted(meta.get("files", {}).items()):
+        if file_owner(rel, world_size) != rank:
+            continue
+        f = Path(path) / rel
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{f} has {f.stat().st_size} bytes, {META} says {size}")
+        elif file_digest(f) != digest:
+            problems.append(f"{f}: {CHECKSUM} differs from the one recorded at save (same size: contents changed)")
+    return problems
+
+
+def _gather(obj: Any) -> list[Any]:
+    rank, world_size = world()
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a save failed for lack of space: ENOSPC/EDQUOT anywhere in the chain, or torch's
+    zip writer's words for a short write (``unexpected pos``), or DCP's wrapped message."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left" in text or "unexpected pos" in text or "Disk quota exceeded" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0
 
 
 @dataclass
 class _Pending:
-    future: Future
+    future: Future  # resolves to this rank's file digests once its shards are written and hashed
     step: int
     tmp: Path
     meta: dict[str, Any]
 
 
 class CheckpointManager:
-    """Save, find and load checkpoints of one run (methods are collective unless noted)."""
+    """Save, find, verify and load checkpoints of one run (methods are collective unless noted)."""
 
-    def __init__(self, cfg: CheckpointConfig, root: Path) -> None:
+    def __init__(self, cfg: CheckpointConfig, root: Path, log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         self.root = Path(root)
+        self.log = log
         self.pending: _Pending | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
+    # ---- finding ---------------------------------------------------------------------------------
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` points to, or None (not collective)."""
         pointer = self.root / LATEST
@@ -150,81 +277,252 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"{pointer} points to {target.name}, which does not exist")
         return target
 
-    def resume_path(self) -> Path | None:
-        if self.cfg.resume == "none":
-            return None
-        if self.cfg.resume == "auto":
-            return self.latest()
-        path = Path(self.cfg.resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"resume_from / checkpoint.resume={self.cfg.resume!r}: "
-                                    "no such checkpoint directory")
-        return path
+    def verify(self, path: Path) -> list[str]:
+        """Every problem of checkpoint ``path``: structure and sizes (every rank), checksums (each rank
+        hashes 1/world of the files, the ones it wrote when the world is unchanged: ~1.3 GB per rank
+        for 7B on 64 ranks, ~1 s at 1.2-1.6 GB/s plus the read). The same list on every rank."""
+        rank, world_size = world()
+        try:
+            meta = read_meta(path)
+            problems = verify_files(path, meta, rank, world_size)
+            if rank == 0 and "files" not in meta:
+                self.log(f"checkpoint: {path} records no checksums (written before they were); sizes checked only")
+        except CorruptCheckpointError as exc:
+            problems = [str(exc)]
+        return sorted({p for ps in _gather(problems) for p in ps})
 
+    def start(self) -> Path | None:
+        """Where this run starts: the checkpoint to resume (verified), or None for a fresh start.
+        Checkpoints the run would overwrite are refused, archived or deleted (``on_existing``)."""
+        resume = self.cfg.resume
+        if resume == "none":
+            chosen = None
+        elif resume == "auto":
+            chosen = self._newest_intact()
+        else:
+            chosen = Path(resume)
+            if not chosen.is_dir():
+                raise FileNotFoundError(f"resume_from / checkpoint.resume={resume!r}: no such checkpoint directory")
+            if problems := self.verify(chosen):
+                raise CorruptCheckpointError(f"checkpoint.resume={resume}: " + "; ".join(problems[:3])
+                                             + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+        self._clear_the_way(chosen)
+        return chosen
+
+    def _candidates(self) -> list[Path]:
+        """``latest`` first, then every older checkpoint by step, newest first (rank 0 reads the
+        directory; every rank gets its answer)."""
+        found: list[str] = []
+        if world()[0] == 0:
+            pointer, ckpts = self.root / LATEST, list_checkpoints(self.root)
+            target = self.root / pointer.read_text().strip() if pointer.is_file() else None
+            if target is not None and target.is_dir() and checkpoint_step(target) is not None:
+                top = checkpoint_step(target)
+                found = [target.name] + [p.name for p in reversed(ckpts) if checkpoint_step(p) < top]
+            else:
+                if target is not None:
+                    self.log(f"checkpoint: {pointer} names {target.name}, which does not exist; "
+                             "looking for the newest intact checkpoint")
+                found = [p.name for p in reversed(ckpts)]
+        return [self.root / name for name in broadcast_object(found)]
+
+    def _newest_intact(self) -> Path | None:
+        corrupt: list[Path] = []
+        chosen = None
+        for path in self._candidates():
+            problems = self.verify(path)
+            if not problems:
+                chosen = path
+                break
+            corrupt.append(path)
+            self.log(f"checkpoint: {path.name} is corrupt, not loaded: " + "; ".join(problems[:3]))
+        if not corrupt:
+            return chosen
+        names = ", ".join(p.name for p in corrupt)
+        if chosen is None:
+            raise CorruptCheckpointError(
+                f"{self.root}: no intact checkpoint ({names} are corrupt, reasons above); to start over keep "
+                f"them with checkpoint.resume=none checkpoint.on_existing=archive")
+        lost = f"steps {checkpoint_step(chosen) + 1}-{checkpoint_step(corrupt[0])}"
+        self.log(f"checkpoint: falling back to {chosen.name}; {lost} are lost and will be trained again. "
+                 f"The corrupt {names} are moved to {self.root / CORRUPT_DIR}/")
+        if world()[0] == 0:
+            (self.root / CORRUPT_DIR).mkdir(exist_ok=True)
+            for path in corrupt:
+                os.replace(path, _free_name(self.root / CORRUPT_DIR / path.name))
+            self._point_latest(chosen)
+        barrier()
+        return chosen
+
+    def _clear_the_way(self, chosen: Path | None) -> None:
+        """Checkpoints this run would overwrite or prune (all of them for a fresh start; those past
+        the resumed step otherwise) are refused, archived or deleted, per ``on_existing``."""
+        in_root = chosen is not None and chosen.resolve().parent == self.root.resolve()
+        top = checkpoint_step(chosen) if in_root else None
+        if chosen is not None and not in_root:
+            top = -1  # resuming another run's checkpoint into this root: everything here is in the way
+        names: list[str] = []
+        if world()[0] == 0:
+            names = [p.name for p in list_checkpoints(self.root) if top is None or checkpoint_step(p) > top]
+        names = broadcast_object(names)
+        if not names:
+            if in_root and world()[0] == 0 and not _points_to(self.root / LATEST, chosen):
+                self._point_latest(chosen)  # `latest` was deleted, or named a corrupt checkpoint
+            barrier()
+            return
+        what = "a fresh start" if chosen is None else f"resuming {chosen}"
+        policy = self.cfg.on_existing
+        if policy == "refuse":
+            raise FileExistsError(
+                f"{self.root} holds checkpoints {_span(names)} that {what} would overwrite; set "
+                f"checkpoint.on_existing=archive (moves them to {self.root}/{ARCHIVE_PREFIX}<time>/), "
+                f"=overwrite (deletes them), or use another run_dir")
+        if world()[0] == 0:
+            if policy == "archive":
+                dest = _free_name(self.root / f"{ARCHIVE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}")
+                dest.mkdir(parents=True)
+                for name in names:
+                    os.replace(self.root / name, dest / name)
+                if chosen is None and (self.root / LATEST).is_file():
+                    os.replace(self.root / LATEST, dest / LATEST)
+                self.log(f"checkpoint: {what}; moved {_span(names)} to {dest} (checkpoint.on_existing=archive)")
+            else:
+                for name in names:
+                    shutil.rmtree(self.root / name)
+                if chosen is None:
+                    (self.root / LATEST).unlink(missing_ok=True)
+                self.log(f"checkpoint: {what}; deleted {_span(names)} (checkpoint.on_existing=overwrite)")
+            if chosen is not None and in_root:
+                self._point_latest(chosen)
+        barrier()
+
+    # ---- saving ----------------------------------------------------------------------------------
     def save(self, step: int, backend: Backend, meta: dict[str, Any], extra_files: list[Path] = ()) -> float:
         """Write checkpoint ``step``; ``extra_files`` (e.g. the tokenizer) are copied in so it stands alone.
 
-        Returns the seconds training was blocked. With ``async_save`` the write continues in the
+        Returns the seconds training was blocked (with a synchronous save: writing plus hashing this
+        rank's files, ~0.9 s per GB). With ``async_save`` the write and the hashing continue in the
         background and the checkpoint is finalized by a later :meth:`poll` or :meth:`wait`.
         """
         t0 = time.perf_counter()
         self.wait()  # at most one checkpoint in flight
         rank, world_size = world()
         tmp = self.root / f".tmp_{step_dirname(step)}"
+        error: BaseException | None = None
         if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for f in extra_files:
-                shutil.copyfile(f, tmp / Path(f).name)
-        barrier()
-        rngs: list[Any] = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+            try:
+                if (self.root / step_dirname(step)).exists():
+                    raise FileExistsError(f"{self.root / step_dirname(step)} exists; it is never overwritten")
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # a save of ours that a crash cut short
+                tmp.mkdir()
+                for f in extra_files:
+                    shutil.copyfile(f, tmp / Path(f).name)
+            except Exception as exc:  # noqa: BLE001 - reported by _agree_written on every rank
+                error = exc
+        self._agree_written(step, tmp, backend, error)
+        rngs = _gather(rng_state())
         full_meta = {**meta, "step": step, "world_size": world_size, "rng": rngs}
         if self.cfg.async_save:
-            self.pending = _Pending(backend.save_async(tmp / STATE), step, tmp, full_meta)
+            written = backend.save_async(tmp / STATE)
+            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash")
+            digests = self._pool.submit(lambda: (written.result(), hash_own_files(tmp, rank, world_size))[1])
+            self.pending = _Pending(digests, step, tmp, full_meta)
         else:
-            backend.save(tmp / STATE)
-            self._finalize(step, tmp, full_meta)
+            try:
+                backend.save(tmp / STATE)
+                digests = hash_own_files(tmp, rank, world_size)
+            except Exception as exc:  # noqa: BLE001 - reported by _agree_written on every rank
+                error, digests = exc, {}
+            self._agree_written(step, tmp, backend, error)
+            self._finalize(step, tmp, full_meta, digests)
         return time.perf_counter() - t0
 
+    def _agree_written(self, step: int, tmp: Path, backend: Backend, error: BaseException | None) -> None:
+        """Every rank learns whether any rank failed; then the temporary directory is removed and every
+        rank raises :class:`CheckpointWriteError` (the previous checkpoint and ``latest`` stay)."""
+        if all_ranks_true(error is None):
+            return
+        rank, _ = world()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        if error is None:
+            raise CheckpointWriteError(f"checkpoint step {step}: another rank failed to write {tmp} (its error is "
+                                       f"above); removed it, {self._kept()}")
+        if _disk_full(error):
+            need, free = self._bytes_needed(backend), shutil.disk_usage(self.root).free
+            raise CheckpointWriteError(
+                f"checkpoint step {step}: disk full writing {tmp} ({free / 1e9:.2f} GB free, a checkpoint needs "
+                f"about {need / 1e9:.2f} GB = {need} bytes); removed it, {self._kept()}. Free space or set "
+                "checkpoint.dir to a larger filesystem") from error
+        raise CheckpointWriteError(f"checkpoint step {step}: writing {tmp} failed ({type(error).__name__}: "
+                                   f"{error}); removed it, {self._kept()}") from error
+
+    def _kept(self) -> str:
+        try:
+            latest = self.latest()
+        except CorruptCheckpointError:
+            latest = None
+        return f"{latest} is kept as latest" if latest else "no earlier checkpoint exists"
+
+    def _bytes_needed(self, backend: Backend) -> int:
+        """The size of the previous checkpoint; without one, 12 bytes per parameter (fp32 weights and
+        AdamW's two moments, the floor of what the backend saves)."""
+        with contextlib.suppress(CorruptCheckpointError):
+            if (latest := self.latest()) is not None:
+                return _dir_bytes(latest)
+        model = getattr(backend, "model", None)
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) if model is not None else 0
+        return 12 * n
+
     def poll(self) -> Path | None:
-        """Finalize the in-flight async checkpoint if every rank has finished writing it."""
+        """Finalize the in-flight async checkpoint if every rank has finished writing and hashing it."""
         if self.pending is None or not all_ranks_true(self.pending.future.done()):
             return None
         return self.wait()
 
-    def wait(self) -> Path | None:
-        """Block until the in-flight async checkpoint is written, then finalize it."""
+    def wait(self, backend: Backend | None = None) -> Path | None:
+        """Block until the in-flight async checkpoint is written and hashed, then finalize it."""
         if self.pending is None:
             return None
         p, self.pending = self.pending, None
-        p.future.result()
-        return self._finalize(p.step, p.tmp, p.meta)
+        error, digests = None, {}
+        try:
+            digests = p.future.result()
+        except Exception as exc:  # noqa: BLE001 - reported by _agree_written on every rank
+            error = exc
+        self._agree_written(p.step, p.tmp, backend, error)
+        return self._finalize(p.step, p.tmp, p.meta, digests)
 
-    def _finalize(self, step: int, tmp: Path, meta: dict[str, Any]) -> Path:
+    def _finalize(self, step: int, tmp: Path, meta: dict[str, Any], digests: dict[str, list]) -> Path:
+        """Gather every rank's digests (a few hundred bytes each), write ``meta.json``, rename the
+        checkpoint into place, point ``latest`` at it and prune."""
         rank, _ = world()
         final = self.root / step_dirname(step)
-        barrier()  # every rank's shards are on disk
+        files = {k: v for d in _gather(digests) for k, v in d.items()}  # also: every rank's shards are on disk
         if rank == 0:
-            meta = {**meta, "state_files": state_files(tmp / STATE)}
+            listed = _checkpoint_files(tmp)
+            complete = set(files) == set(listed) and all(files[k][0] == (tmp / k).stat().st_size for k in listed)
+            loss_finite = bool(meta.pop("loss_finite", True))
+            meta = {**meta, "state_files": state_files(tmp / STATE), "checksum": CHECKSUM, "files": files,
+                    "verified": complete and loss_finite}
             meta_tmp = tmp / f".{META}.tmp"
             meta_tmp.write_text(json.dumps(meta, indent=1))
             os.replace(meta_tmp, tmp / META)
-            if final.exists():
-                shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer_tmp = self.root / f".{LATEST}.tmp"
-            pointer_tmp.write_text(final.name + "\n")
-            os.replace(pointer_tmp, self.root / LATEST)
+            self._point_latest(final)
             self._prune()
         barrier()
         return final
 
+    def _point_latest(self, target: Path) -> None:
+        pointer_tmp = self.root / f".{LATEST}.tmp"
+        pointer_tmp.write_text(Path(target).name + "\n")
+        os.replace(pointer_tmp, self.root / LATEST)
+
     def load(self, path: Path, backend: Backend) -> dict[str, Any]:
+        """Load a checkpoint :meth:`start` chose (and verified) into ``backend``; restore the RNGs."""
         meta = read_meta(path)
         backend.load(Path(path) / STATE)
         rank, world_size = world()
@@ -233,18 +531,47 @@ class CheckpointManager:
         return meta
 
     def _prune(self) -> None:
+        """Delete checkpoints beyond ``keep_last`` by step number, except ``keep_every`` multiples,
+        ``latest``'s target and the newest verified checkpoint (not collective: rank 0)."""
         if self.cfg.keep_last <= 0:
             return
-        done = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        for old in done[: -self.cfg.keep_last]:
-            step = int(old.name.split("_")[1])
-            if self.cfg.keep_every and step % self.cfg.keep_every == 0:
+        ckpts = list_checkpoints(self.root)
+        keep = set(ckpts[-self.cfg.keep_last:])
+        with contextlib.suppress(CorruptCheckpointError):
+            if (latest := self.latest()) is not None:
+                keep.add(latest)
+        for path in reversed(ckpts):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads((path / META).read_text()).get("verified"):
+                    keep.add(path)
+                    break
+        for old in ckpts:
+            step = checkpoint_step(old)
+            if old in keep or (self.cfg.keep_every and step % self.cfg.keep_every == 0):
                 continue
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``... whichever does not exist yet."""
+    n, candidate = 0, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
+def _points_to(pointer: Path, target: Path) -> bool:
+    return pointer.is_file() and pointer.read_text().strip() == Path(target).name
+
+
+def _span(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]} ({len(names)})"
+
+
 class CheckpointState(Protocol):
-    """What the checkpointer pulls from the trainer: small JSON-able run state, and its restore."""
+    """What the checkpointer pulls from the trainer: small JSON-able run state, and its restore.
+    ``check_resume(meta)`` (optional) refuses or warns about a checkpoint before any tensor is read."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -258,7 +585,7 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, root: Path, backend: Backend, state: CheckpointState,
                  extra_files: list[Path] = (), log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
-        self.manager = CheckpointManager(cfg, root)
+        self.manager = CheckpointManager(cfg, root, log=log)
         self.backend = backend
         self.state = state
         self.extra_files = list(extra_files)
@@ -267,10 +594,14 @@ class Checkpointer:
         self.last_checkpoint: Path | None = None
 
     def resume(self) -> dict[str, Any] | None:
-        """Load ``checkpoint.resume`` (``latest`` by default) into the backend and the trainer."""
-        path = self.manager.resume_path()
+        """Find and verify the checkpoint to start from (:meth:`CheckpointManager.start`), let the
+        trainer check it against this run's config, then load it into the backend and the trainer."""
+        path = self.manager.start()
         if path is None:
             return None
+        meta = {**read_meta(path), "path": str(path)}
+        if (check := getattr(self.state, "check_resume", None)) is not None:
+            check(meta)
         meta = {**self.manager.load(path, self.backend), "path": str(path)}
         self.state.load_state_dict(meta)
         self.last_saved_step, self.last_checkpoint = meta["step"], Path(path)

@@ -44,6 +44,8 @@ class DataConfig:
         tokenizer_sha256: when set, the manifest's tokenizer must have this checksum.
         max_open_shards: shard files each loader process keeps open (an LRU); with a global random
             order every read may hit another shard, so this bounds file descriptors per worker.
+        allow_change: resume onto data whose manifest (``prep_config_hash``) differs from the one the
+            checkpoint was trained on (a warning instead of an error).
     """
 
     path: str = "data/demo_shards"
@@ -52,6 +54,7 @@ class DataConfig:
     num_workers: int = 1
     tokenizer_sha256: str | None = None
     max_open_shards: int = 16
+    allow_change: bool = False
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:

@@ -23,16 +23,21 @@ from slimpajama_train.backends.base import StepResult
 from slimpajama_train.backends.hardware import compile_problem
 from slimpajama_train.callbacks.base import Callback, ordered
 from slimpajama_train.callbacks.build import build_callbacks
-from slimpajama_train.checkpoint import Checkpointer
+from slimpajama_train.checkpoint import Checkpointer, checkpoint_step, list_checkpoints
 from slimpajama_train.config import TrainConfig, config_hash, resolve_config
 from slimpajama_train.data import check_manifest, open_dataset, shut_down_workers, train_loader, val_loader
 from slimpajama_train.distributed import AsyncVote, DistInfo, all_reduce_sum, set_collective_timeout
 from slimpajama_train.metrics import detect_peak_tflops, flops_per_token, host_peak_rss_bytes, mfu_off_reason
 from slimpajama_train.model import Transformer, count_parameters
-from slimpajama_train.optim import lr_at
+from slimpajama_train.optim import OptimConfig, lr_at
 from slimpajama_train.preemption import StopRequest
 
 PREEMPTED_MARKER = "preempted.json"
+# Model fields that only shape the initialization: a resume may change them.
+INIT_ONLY_MODEL_KEYS = ("init_std", "init_scaled_residual")
+# What the LR at a step depends on: a resume that changes one of them changes the schedule.
+SCHEDULE_KEYS = (("trainer", "max_steps"), ("optim", "lr"), ("optim", "schedule"), ("optim", "warmup_steps"),
+                 ("optim", "min_lr_ratio"), ("optim", "decay_fraction"))
 
 
 def build_model(cfg: TrainConfig) -> Transformer:
@@ -126,6 +131,12 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.preempted = False
+        # Resume health: a checkpoint after which no step has a finite loss is suspect (corrupt or
+        # diverged weights); the run then stops before saving over, or pruning, anything good.
+        self.resumed_from: str | None = None
+        self._resumed_step = 0
+        self._finite_since_resume = False
+        self._last_loss_finite = True
         # Steps since the last log step: their losses and step results stay on the device until then.
         self._window: list[StepRecord] = []
         self._host_s = self._wait_s = self._excluded_s = 0.0
@@ -202,8 +213,10 @@ class Trainer:
                     gc.collect(1)  # the same step on every rank: no rank pauses while others wait on it
                 if self.val_data is not None and (self.step % loop.eval_interval == 0 or self.step == loop.max_steps):
                     metrics.update(self.evaluate())
-                if self._window and self.checkpointer.due(self.step):
-                    metrics.update(self._read_window())  # the checkpoint records the skip count
+                if self.checkpointer.due(self.step):
+                    if self._window:
+                        metrics.update(self._read_window())  # the checkpoint records the skip count
+                    self._refuse_suspect_checkpoint()
                 # A step's metrics are written before its checkpoint: a kill right after the save cannot
                 # leave a checkpointed step without its record. The save's blocking time is reported
                 # with the next record.
@@ -216,6 +229,7 @@ class Trainer:
                 self.preempted = True
             if self._window:  # steps not logged yet (a stop between log steps): nothing is lost
                 self._emit({**self._read_window(), **carried})
+            self._refuse_suspect_checkpoint()
         finally:
             self._thaw_gc()
         if self.preempted:
@@ -304,6 +318,8 @@ class Trainer:
                 self._record_skip(rec.step, rec.batch_start, loss, norm)
             else:
                 self.consecutive_skips = 0
+            self._finite_since_resume |= math.isfinite(loss)
+        self._last_loss_finite = math.isfinite(losses[-1])
         # Per rank and step: host time in train_step and, within it, time waiting for the loader. On
         # GPUs the host blocks on nothing between log steps, so host time is the rank's own CPU work
         # (input, Python, launches, GC): a slow host shows as the max. Gloo on CPU blocks the host in
@@ -350,12 +366,27 @@ class Trainer:
             self.log(f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped. "
                      f"Batch = global positions [{batch_start}, {batch_start + G}); its samples are in {path}")
         if self.consecutive_skips >= self.cfg.trainer.max_consecutive_skips:
+            self._refuse_suspect_checkpoint()
             raise RuntimeError(
                 f"{self.consecutive_skips} consecutive steps had non-finite loss or gradients "
                 f"(last: step {step}); "
                 f"stopping. Lower optim.lr, check the data listed in {self.cfg.run_dir}/skipped_batches.jsonl, "
                 f"or raise trainer.max_consecutive_skips"
             )
+
+    def _refuse_suspect_checkpoint(self) -> None:
+        """After a resume, every step so far had a non-finite loss: the checkpoint is suspect. Stop
+        (non-zero exit) before a save could replace it or prune the ones before it."""
+        if self.resumed_from is None or self._finite_since_resume or self.step <= self._resumed_step:
+            return
+        older = [p.name for p in list_checkpoints(Path(self.cfg.checkpoint_dir))
+                 if checkpoint_step(p) < self._resumed_step]
+        raise RuntimeError(
+            f"every step since resuming from {self.resumed_from} (steps {self._resumed_step + 1}-{self.step}) had a "
+            f"non-finite loss: that checkpoint is suspect; nothing was saved or pruned. "
+            + (f"Resume from an earlier one (resume_from={Path(self.cfg.checkpoint_dir) / older[-1]}) "
+               if older else "Start a new run (checkpoint.resume=none with a new run_dir) ")
+            + "or check optim.lr and the data")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -413,19 +444,53 @@ class Trainer:
             "tokenizer_sha256": self.manifest["tokenizer"]["sha256"],
             "code_version": __version__,
             "skipped_steps": self.skipped_steps,
+            "loss_finite": self._last_loss_finite,
             "backend_state": self.backend.extra_state(),
             "callbacks": {cb.name: state for cb in self.callbacks if (state := cb.state_dict())},
         }
 
-    def load_state_dict(self, meta: dict[str, Any]) -> None:
+    def check_resume(self, meta: dict[str, Any]) -> None:
+        """Before any tensor is read: refuse a checkpoint of another model shape, backend, tokenizer or
+        (unless ``data.allow_change``) dataset; warn when the LR schedule changes."""
         path = meta.get("path", self.cfg.checkpoint.resume)
+        saved = meta.get("config", {})
+        now = asdict(self.cfg)
+        fix = "resume with the checkpoint's values, or start a new run: checkpoint.resume=none and a new run_dir"
+        differ = [f"model.{k}={saved['model'][k]} (now {v})" for k, v in now["model"].items()
+                  if k not in INIT_ONLY_MODEL_KEYS and k in saved.get("model", {}) and saved["model"][k] != v]
+        if differ:
+            raise ValueError(f"{path} was trained with {', '.join(differ)}; {fix}")
+        if saved.get("backend", {}).get("name", now["backend"]["name"]) != now["backend"]["name"]:
+            raise ValueError(f"{path} was written by backend.name={saved['backend']['name']} "
+                             f"(now {now['backend']['name']}); {fix}")
         if meta["tokenizer_sha256"] != self.manifest["tokenizer"]["sha256"]:
             raise ValueError(f"{path}: trained with tokenizer {meta['tokenizer_sha256'][:12]}…, but data.path uses "
                              f"{self.manifest['tokenizer']['sha256'][:12]}…")
+        old_data, new_data = meta.get("data_manifest_hash"), self.manifest.get("prep_config_hash")
+        if old_data != new_data:
+            where = (f"{path} was trained on data {old_data} ({saved.get('data', {}).get('path')}), "
+                     f"data.path={self.cfg.data.path} is {new_data}")
+            if not self.cfg.data.allow_change:
+                raise ValueError(f"{where}; resume on the checkpoint's data, or set data.allow_change=true")
+            self.log(f"warning: {where} (data.allow_change=true)")
+        changes = [f"{group}.{key} {saved[group][key]} -> {now[group][key]}" for group, key in SCHEDULE_KEYS
+                   if key in saved.get(group, {}) and saved[group][key] != now[group][key]]
+        if changes:
+            step = meta["step"]
+            known = OptimConfig.__dataclass_fields__  # a checkpoint of another version may have other keys
+            old_optim = OptimConfig(**{k: v for k, v in saved["optim"].items() if k in known})
+            before = lr_at(step, old_optim, saved["trainer"]["max_steps"])
+            after = lr_at(step, self.cfg.optim, self.cfg.trainer.max_steps)
+            self.log(f"warning: this resume changes the LR schedule of {path}: {'; '.join(changes)}. "
+                     f"The LR of step {step + 1} is {after:.3g} (the checkpoint's schedule: {before:.3g})")
+
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        path = meta.get("path", self.cfg.checkpoint.resume)
         if meta["samples_consumed"] % self.cfg.trainer.global_batch_size:
             raise ValueError(f"{path}: {meta['samples_consumed']} samples consumed is not a multiple of "
                              f"trainer.global_batch_size={self.cfg.trainer.global_batch_size}")
         self.step = meta["step"]
+        self.resumed_from, self._resumed_step, self._finite_since_resume = str(path), self.step, False
         self.samples_consumed = meta["samples_consumed"]
         self.skipped_steps = meta.get("skipped_steps", 0)
         self.backend.load_extra_state(meta.get("backend_state", {}))

@@ -20,10 +20,10 @@ signal_to_send = getattr(signal, os.environ.get("CRASH_SIGNAL", "SIGUSR1"))
 if crash_at == "save":
     finalize = CheckpointManager._finalize
 
-    def crashing_finalize(self, step, tmp, meta):
+    def crashing_finalize(self, step, tmp, *rest):
         if step == crash_step and rank == crash_rank:
             os.kill(os.getpid(), signal.SIGKILL)
-        return finalize(self, step, tmp, meta)
+        return finalize(self, step, tmp, *rest)
 
     CheckpointManager._finalize = crashing_finalize
 elif crash_at == "build":
