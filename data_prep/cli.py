@@ -4,8 +4,10 @@ and the fix, with the traceback one switch away.
 - Hydra entry points (``slimpajama-train``, ``slimpajama-prep``) run through :func:`hydra_cli`. An
   unknown key, a value of the wrong type, a missing config group option, or a value a config
   dataclass refuses in ``__post_init__`` ends in two lines on stderr and exit status 2;
-  ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Errors of the job itself (after the config
-  is built) are reported by Hydra as before.
+  ``HYDRA_FULL_ERROR=1`` shows the traceback instead. In the job itself, a :class:`UserError`,
+  ``ValueError`` or ``OSError`` (a corrupt checkpoint, a changed dataset, a full disk, a shard past
+  the vocabulary: messages that name the fix) ends in two lines and exit status 1; any other error
+  (a bug) keeps Hydra's report with its traceback.
 - argparse entry points (``slimpajama-export``, ``-generate``, ``-eval``, ``-study``) add
   :func:`add_debug_flag` and run inside :func:`cli_errors`: any exception ends in one line plus a
   hint, exit status 1; ``--debug`` shows the traceback.
@@ -28,8 +30,24 @@ FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 CONFIG_ERROR_EXIT = 2
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem with the user's input or files whose message already names the file, key or value
+    and what to do (a checkpoint that is corrupt, a dataset that changed, a full disk): entry points
+    print it in one or two lines, without the traceback. Subclasses also derive from the builtin
+    type that fits (``ValueError``, ``OSError``, ``RuntimeError``), so callers can catch those."""
+
+
+class ConfigError(UserError, ValueError):
     """A config the dataclasses refuse; the message names the key and the fix."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of ``exc`` for a user: an error re-raised from a DataLoader worker carries the
+    worker's traceback in its text, of which the last line is the error itself."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text or type(exc).__name__
 
 
 def to_config(dcfg: Any) -> Any:
@@ -89,8 +107,17 @@ def describe_config_error(exc: BaseException) -> str:
     return _first_line(str(exc)) or type(exc).__name__
 
 
+def _print_error(text: str) -> None:
+    """``text`` on stderr on lines of its own: tqdm.write clears a progress bar still drawn (a run that
+    stopped mid-way leaves one on the line) and redraws it below."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _report(prog: str, message: str, hint: str) -> None:
-    print(f"{prog}: config error: {message}\n({hint})", file=sys.stderr, flush=True)
+    _print_error(f"{prog}: config error: {message}\n({hint})")
 
 
 def hydra_cli(prog: str, config_name: str, task: Callable[[Any], None]) -> None:
@@ -117,6 +144,11 @@ def hydra_cli(prog: str, config_name: str, task: Callable[[Any], None]) -> None:
                 raise
             _report(prog, str(exc), hint)
             sys.exit(CONFIG_ERROR_EXIT)
+        except (UserError, ValueError, OSError) as exc:  # ours name the fix (other errors keep Hydra's report)
+            if full:
+                raise
+            _print_error(f"{prog}: error: {user_message(exc)}\n({hint})")
+            sys.exit(1)
 
     # Composition errors (unknown key, bad type, missing option) happen before the job: with the
     # variable set, Hydra raises them to us instead of printing its own report.
@@ -147,8 +179,8 @@ def cli_errors(prog: str, debug: bool) -> Iterator[None]:
         if debug:
             raise
         # Ours name the file, key or value and the fix; others keep their type for a bug report.
-        text = str(exc).strip() or type(exc).__name__
-        if not isinstance(exc, (ValueError, OSError)):
+        text = user_message(exc)
+        if not isinstance(exc, (ValueError, OSError, UserError)):
             text = f"{type(exc).__name__}: {text}"
-        print(f"{prog}: error: {text}\n(run with --debug for the traceback)", file=sys.stderr, flush=True)
+        _print_error(f"{prog}: error: {text}\n(run with --debug for the traceback)")
         sys.exit(1)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from data_prep.cli import UserError
 from slimpajama_train.backends.base import Backend
 from slimpajama_train.distributed import all_ranks_true, barrier, broadcast_object, world
 
@@ -102,11 +103,11 @@ def weights_only_loads(allowed_globals: list = ()) -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(UserError, RuntimeError):
     """A checkpoint directory is incomplete or does not match its ``meta.json``."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(UserError, RuntimeError):
     """A save failed (e.g. the disk is full); its temporary directory is removed, ``latest`` is unchanged."""
 
 

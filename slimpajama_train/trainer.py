@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from data_prep.cli import ConfigError, UserError
 from slimpajama_train import __version__
 from slimpajama_train.backends import build_backend
 from slimpajama_train.backends.base import StepResult
@@ -40,6 +41,11 @@ SCHEDULE_KEYS = (("trainer", "max_steps"), ("optim", "lr"), ("optim", "schedule"
                  ("optim", "min_lr_ratio"), ("optim", "decay_fraction"))
 
 
+class TrainingStopped(UserError, RuntimeError):
+    """The run cannot go on usefully (steps that keep failing, a suspect checkpoint); the message
+    says why and what to do, and nothing good was overwritten."""
+
+
 def build_model(cfg: TrainConfig) -> Transformer:
     """The model of ``cfg`` without initialized weights (the backend builds it on the meta device or
     under ZeRO-3's partitioning and initializes each rank's part)."""
@@ -61,7 +67,7 @@ def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
         note = f"trainer.compile: off ({problem})" if device.type == "cuda" and problem else None
         return replace(cfg, trainer=replace(cfg.trainer, compile=on)), note
     if want and problem:
-        raise RuntimeError(f"trainer.compile=true: {problem}; set trainer.compile=false")
+        raise ConfigError(f"trainer.compile=true: {problem}; set trainer.compile=false")
     return cfg, None
 
 
@@ -367,7 +373,7 @@ class Trainer:
                      f"Batch = global positions [{batch_start}, {batch_start + G}); its samples are in {path}")
         if self.consecutive_skips >= self.cfg.trainer.max_consecutive_skips:
             self._refuse_suspect_checkpoint()
-            raise RuntimeError(
+            raise TrainingStopped(
                 f"{self.consecutive_skips} consecutive steps had non-finite loss or gradients "
                 f"(last: step {step}); "
                 f"stopping. Lower optim.lr, check the data listed in {self.cfg.run_dir}/skipped_batches.jsonl, "
@@ -381,7 +387,7 @@ class Trainer:
             return
         older = [p.name for p in list_checkpoints(Path(self.cfg.checkpoint_dir))
                  if checkpoint_step(p) < self._resumed_step]
-        raise RuntimeError(
+        raise TrainingStopped(
             f"every step since resuming from {self.resumed_from} (steps {self._resumed_step + 1}-{self.step}) had a "
             f"non-finite loss: that checkpoint is suspect; nothing was saved or pruned. "
             + (f"Resume from an earlier one (resume_from={Path(self.cfg.checkpoint_dir) / older[-1]}) "
@@ -430,6 +436,8 @@ class Trainer:
         for loader in (self.train_data, self.val_data):
             if loader is not None:
                 shut_down_workers(loader)
+        for cb in self.callbacks:
+            cb.close()
         self.backend.close()
 
     # ---- the run state the checkpointer pulls ---------------------------------------------------

@@ -24,6 +24,9 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None: ...
 
+    def close(self) -> None:
+        """Release what the callback holds (a progress bar) when the run ends, also on an error."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

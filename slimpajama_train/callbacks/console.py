@@ -51,4 +51,8 @@ class ConsoleCallback(Callback):
                 f"{name} {loss:.4f} ({tokens / 1e3:.0f}k tok)" for name, loss, tokens in per_source), file=sys.stderr)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.bar.close()
+        self.close()
+
+    def close(self) -> None:
+        if (bar := getattr(self, "bar", None)) is not None:
+            bar.close()  # idempotent; on an error, so the message below it is not followed by a redrawn bar

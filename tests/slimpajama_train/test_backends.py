@@ -418,6 +418,6 @@ def test_compile_defaults_to_on_for_cuda_and_off_on_cpu(monkeypatch):
     monkeypatch.setattr(trainer_module, "compile_problem", lambda device: "no triton")
     resolved, note = trainer_module.resolve_compile(auto, cuda)
     assert resolved.trainer.compile is False and "no triton" in note
-    with pytest.raises(RuntimeError, match="trainer.compile=true: no triton"):
+    with pytest.raises(ValueError, match="trainer.compile=true: no triton"):
         trainer_module.resolve_compile(TrainConfig(trainer=LoopConfig(compile=True)), cuda)
     assert auto.trainer.compile is None  # the given config is not changed

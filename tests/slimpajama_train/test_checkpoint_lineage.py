@@ -210,7 +210,8 @@ def test_trainer_refuses_a_fresh_start_in_a_used_run_dir(demo_shards, tmp_path):
     before = _snapshot(ckpts)
     refused = train("checkpoint.resume=none")
     assert refused.returncode != 0
-    last = [line for line in refused.stderr.splitlines() if line.startswith("FileExistsError: ")][-1]
+    last = [line for line in refused.stderr.splitlines() if line.startswith("slimpajama-train: error: ")][-1]
+    assert "Traceback" not in refused.stderr  # one line and the HYDRA_FULL_ERROR hint
     assert f"{ckpts} holds checkpoints step_00000004 that a fresh start would overwrite" in last, last
     assert "checkpoint.on_existing=archive" in last and "=overwrite" in last
     assert _snapshot(ckpts) == before
