@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -14,6 +16,6 @@ def test_bench_data_checks_smoke(demo_shards, tmp_path):
     lines = proc.stdout.strip().splitlines()
     out = json.loads(lines[-1])
     assert lines[0].startswith("token-id check per sample") and out["block_ids"] == 65 and out["shard_names"] == 1000
-    assert out["check_over_read"] == out["check_us_per_sample"] / out["read_us_per_sample"]
-    assert out["scan_over_check"] == out["scan_us_per_shard"] / out["check_us_per_sample"]
+    assert out["check_over_read"] == pytest.approx(out["check_us_per_sample"] / out["read_us_per_sample"])
+    assert out["scan_over_check"] == pytest.approx(out["scan_us_per_shard"] / out["check_us_per_sample"])
     assert all(out[k] > 0 for k in ("check_us_per_sample", "read_us_per_sample", "scan_us_per_shard", "name_check_ms"))
