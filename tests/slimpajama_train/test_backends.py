@@ -15,6 +15,7 @@ from slimpajama_train.backends.deepspeed import deepspeed_config
 from slimpajama_train.distributed import DistInfo
 from slimpajama_train.optim import OptimConfig
 from tests.conftest import REPO, read_metrics, run_torchrun
+from tests.slimpajama_train.equivalence import compare, step_records
 
 EQUIV_STEPS = 24
 # The device the trainer runs on here; the probes say what it cannot do, and the tests skip with that.
@@ -41,40 +42,144 @@ def _train_losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
 
 
+EQUIV_HELPER = REPO / "tests/slimpajama_train/equivalence_helper.py"
+HSDP = ["backend.replicate_size=2", "backend.shard_size=2"]
+# Every layout that must compute the one-process training: (processes, overrides).
+LAYOUTS = {
+    "accum4_vs_batch4x": (1, ["data.micro_batch_size=8"]),  # one batch 4x larger instead of 4 accumulated
+    "fsdp2_2proc": (2, ["backend=fsdp2"]),
+    "zero1_2proc": (2, ["backend=zero1"]),
+    "zero2_2proc": (2, ["backend=zero2"]),
+    "zero3_2proc": (2, ["backend=zero3"]),
+    # HSDP: 2 replicas x 2 shards, without (micro-batch 2: 8 = 2 x 1 x 4) and with (micro-batch 1:
+    # 2 accumulated micro-batches, the cross-replica all-reduce deferred to the second) accumulation.
+    "hsdp_2x2": (4, ["backend=fsdp2", *HSDP]),
+    "hsdp_2x2_accum2": (4, ["backend=fsdp2", *HSDP, "data.micro_batch_size=1"]),
+}
+# Layouts whose equivalence test must fail under each injected bug (equivalence_helper.py).
+MUTATED = ("fsdp2_2proc", "hsdp_2x2", "zero2_2proc")
+MUTATIONS = ("grad_x2", "drop_micro", "wrong_divisor", "perturb_shard")
+MUTATION_STEPS = 4
+
+
+def _equiv_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The equivalence runs: no clipping (nothing bounds a wrong gradient), a checkpoint every 4 steps
+    (parameters compared at any of them)."""
+    return _overrides(shards, run_dir, f"trainer.max_steps={EQUIV_STEPS}", "optim.grad_clip=0",
+                      "checkpoint.interval=4", "checkpoint.keep_last=10", *extra)
+
+
+def _run_cases(nproc: int, cases: list[dict], work: Path) -> None:
+    """Run the cases (``overrides``, ``mutation``) one after another in one torchrun launch."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "cases.json").write_text(json.dumps(cases))
+    env = {**os.environ, "EQUIV_CASES": str(work / "cases.json"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(EQUIV_HELPER)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+
+
 @pytest.fixture(scope="module")
-def reference(demo_shards, tmp_path_factory) -> list[float]:
-    """One process, 4 micro-batches of 2 accumulated per step."""
+def reference(demo_shards, tmp_path_factory) -> Path:
+    """One process, 4 micro-batches of 2 accumulated per step: the run every layout must reproduce."""
     run_dir = tmp_path_factory.mktemp("ref")
-    run_torchrun(1, _overrides(demo_shards, run_dir, f"trainer.max_steps={EQUIV_STEPS}"), cwd=REPO)
-    losses = _train_losses(run_dir)
+    _run_cases(1, [{"overrides": _equiv_overrides(demo_shards, run_dir)}], run_dir / "work")
+    losses = [m["loss"] for m in step_records(run_dir).values()]
     assert len(losses) == EQUIV_STEPS and losses[-1] < losses[0]
-    return losses
+    return run_dir
 
 
-@pytest.mark.parametrize(
-    "nproc,extra",
-    [
-        (1, ["data.micro_batch_size=8"]),  # one batch 4x larger instead of 4 accumulated micro-batches
-        (2, ["backend=fsdp2"]),
-        (2, ["backend=zero1"]),
-        (2, ["backend=zero2"]),
-        (2, ["backend=zero3"]),
-        # HSDP: 2 replicas x 2 shards, without (micro-batch 2: 8 = 2 x 1 x 4) and with (micro-batch 1:
-        # 2 accumulated micro-batches, the cross-replica all-reduce deferred to the second) accumulation.
-        (4, ["backend=fsdp2", "backend.replicate_size=2", "backend.shard_size=2"]),
-        (4, ["backend=fsdp2", "backend.replicate_size=2", "backend.shard_size=2", "data.micro_batch_size=1"]),
-    ],
-    ids=["accum4_vs_batch4x", "fsdp2_2proc", "zero1_2proc", "zero2_2proc", "zero3_2proc", "hsdp_2x2",
-         "hsdp_2x2_accum2"],
-)
-def test_same_loss_curve_within_1e_5(reference, demo_shards, tmp_path, nproc, extra):
-    run_torchrun(nproc, _overrides(demo_shards, tmp_path, f"trainer.max_steps={EQUIV_STEPS}", *extra,
-                                   "backend.precision=fp32"), cwd=REPO)
-    losses = _train_losses(tmp_path)
-    assert len(losses) == EQUIV_STEPS
-    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
-    print(f"{' '.join(extra)} on {nproc} process(es): max |loss - reference| over {EQUIV_STEPS} steps = {worst:.2e}")
-    assert worst < 1e-5
+@pytest.fixture(scope="module")
+def layout_runs(demo_shards, tmp_path_factory):
+    """Per layout, in one launch: the clean run and, for the layouts in MUTATED, one run per injected
+    bug (``perturb_shard`` after resuming at step 2); run dirs by case name."""
+    done: dict[str, dict[str, Path]] = {}
+
+    def run(layout: str) -> dict[str, Path]:
+        if layout not in done:
+            nproc, extra = LAYOUTS[layout]
+            root = tmp_path_factory.mktemp(layout)
+            dirs = {"clean": root / "clean", **{m: root / m for m in MUTATIONS if layout in MUTATED}}
+            cases = [{"overrides": _equiv_overrides(demo_shards, dirs["clean"], *extra)}]
+            halt = f"trainer.halt_at_step={MUTATION_STEPS}"
+            for m in ("grad_x2", "drop_micro", "wrong_divisor"):
+                if m in dirs:
+                    cases.append({"overrides": _equiv_overrides(demo_shards, dirs[m], halt, *extra), "mutation": m})
+            if "perturb_shard" in dirs:
+                d = dirs["perturb_shard"]
+                cases += [{"overrides": _equiv_overrides(demo_shards, d, "trainer.halt_at_step=2", *extra)},
+                          {"overrides": _equiv_overrides(demo_shards, d, halt, *extra), "mutation": "perturb_shard"}]
+            _run_cases(nproc, cases, root / "work")
+            done[layout] = dirs
+        return done[layout]
+
+    return run
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_trains_as_one_process(reference, layout_runs, layout):
+    """Per-step loss and gradient norm (before clipping; grad_clip=0) over 24 steps and every
+    parameter at step 24 against the one-process reference (tolerances: tests/slimpajama_train/equivalence.py)."""
+    diff = compare(layout_runs(layout)["clean"], reference)
+    print(f"{layout}: {diff}")
+    assert diff.steps == EQUIV_STEPS and diff.within_tolerance, diff
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+@pytest.mark.parametrize("layout", MUTATED)
+def test_an_injected_bug_fails_the_equivalence(reference, layout_runs, layout, mutation):
+    """Negative controls: each bug, injected into the real trainer, puts the run outside the
+    tolerances the clean run of the same layout meets (the closing note's table)."""
+    diff = compare(layout_runs(layout)[mutation], reference)
+    print(f"{layout} with {mutation}: {diff}")
+    assert diff.steps == MUTATION_STEPS and not diff.within_tolerance, diff
+
+
+def _layouts(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("layout.rank*.json"),
+                                                      key=lambda p: int(p.stem.split("rank")[1]))]
+
+
+@pytest.mark.parametrize("layout", ["hsdp_2x2", "hsdp_2x2_accum2", "fsdp2_2proc"])
+def test_fsdp2_builds_the_mesh_the_test_claims(layout_runs, layout):
+    """HSDP: a (replicate 2, shard 2) mesh; every parameter Replicate over replicas and Shard(0) over
+    the shard group: half of it on each rank of a group, the same half on the rank of the other
+    replica at the same shard coordinate, both halves adding up to the parameter. FSDP2: one
+    dimension of 2 ranks."""
+    ranks = _layouts(layout_runs(layout)["clean"])
+    hsdp = layout.startswith("hsdp")
+    assert len(ranks) == (4 if hsdp else 2)
+    for name in ranks[0]["params"]:
+        shards = [r["params"][name] for r in ranks]
+        for rank, p in enumerate(shards):
+            assert p["mesh"] == ([2, 2] if hsdp else [2]), (name, p)
+            assert p["mesh_dims"] == (["replicate", "shard"] if hsdp else ["shard"]), (name, p)
+            assert p["placements"] == (["R", "S(0)"] if hsdp else ["S(0)"]), (name, p)
+            assert p["coordinate"] == ([rank // 2, rank % 2] if hsdp else [rank]), (name, p)
+            rows = p["global"][0]
+            assert p["local"] == [-(-rows // 2) if p["coordinate"][-1] == 0 else rows // 2, *p["global"][1:]], (name, p)
+        groups = [shards[0:2], shards[2:4]] if hsdp else [shards]
+        for group in groups:  # the two shards of a group hold the whole parameter
+            assert group[0]["local_sum"] + group[1]["local_sum"] == pytest.approx(group[0]["global_sum"], abs=1e-4)
+            assert group[0]["local_sum"] != group[1]["local_sum"], name
+        if hsdp:  # replicas: the same shard on both
+            assert shards[0]["local_sum"] == shards[2]["local_sum"] and shards[1]["local_sum"] == shards[3]["local_sum"]
+
+
+@pytest.mark.parametrize("layout,stage", [("zero1_2proc", 1), ("zero2_2proc", 2), ("zero3_2proc", 3)])
+def test_zero_stage_partitions_what_the_stage_claims(layout_runs, layout, stage):
+    """ZeRO-1: optimizer state (and fp32 master weights) partitioned, gradients and parameters whole;
+    ZeRO-2: gradients partitioned too; ZeRO-3: parameters too. Counted in elements held per rank
+    (parameters after the run; gradients: the most held after any micro-batch of step 1)."""
+    ranks = _layouts(layout_runs(layout)["clean"])
+    assert [r["stage"] for r in ranks] == [stage, stage]
+    total = ranks[0]["param_numel"]
+    half = pytest.approx(total / 2, rel=0.01)  # partitions are padded to an alignment
+    for r in ranks:
+        assert r["optimizer_state_held"] == half and r["fp32_master_held"] == half, r
+        assert r["grads_held"] == (total if stage == 1 else half), r
+        assert r["params_held"] == (half if stage == 3 else total), r
 
 
 def test_deepspeed_config_is_derived_from_ours(tmp_path):
@@ -311,16 +416,16 @@ def test_consecutive_nonfinite_steps_stop_the_run(demo_shards, tmp_path):
 def test_compiled_blocks_and_loss_match_and_resume(reference, demo_shards, tmp_path):
     """trainer.compile=true (CPU inductor; the default on CUDA): blocks and the chunked loss
     compiled, FSDP2 on 2 ranks, stopped after 4 steps and resumed (compiled again) to 8: the same
-    per-step losses as the eager one-process reference, within compile's reordering of fp32 sums."""
-    steps = [f"trainer.max_steps={EQUIV_STEPS}", "trainer.compile=true", "backend.loss_chunk_tokens=256"]
-    run_torchrun(2, _overrides(demo_shards, tmp_path, *steps, "trainer.halt_at_step=4"), cwd=REPO, timeout=900)
-    proc = run_torchrun(2, _overrides(demo_shards, tmp_path, *steps, "trainer.halt_at_step=8"), cwd=REPO, timeout=900)
+    per-step losses, gradient norms and step-8 parameters as the eager one-process reference,
+    within the equivalence tolerances (compile reorders fp32 sums, as sharding does)."""
+    steps = ["trainer.compile=true", "backend.loss_chunk_tokens=256"]
+    run_torchrun(2, _equiv_overrides(demo_shards, tmp_path, *steps, "trainer.halt_at_step=4"), cwd=REPO, timeout=900)
+    proc = run_torchrun(2, _equiv_overrides(demo_shards, tmp_path, *steps, "trainer.halt_at_step=8"), cwd=REPO,
+                        timeout=900)
     assert "compile on" in proc.stderr and "resumed from" in proc.stderr
-    by_step = {m["step"]: m["loss"] for m in read_metrics(tmp_path) if "loss" in m}
-    losses = [by_step[s] for s in range(1, 9)]
-    worst = max(abs(a - b) for a, b in zip(losses, reference[:8], strict=True))
-    print(f"compiled, 2 ranks, resumed at 4: max |loss - eager reference| over 8 steps = {worst:.2e}")
-    assert worst < 1e-4
+    diff = compare(tmp_path, reference)
+    print(f"compiled, 2 ranks, resumed at 4, against the eager reference: {diff}")
+    assert diff.steps == 8 and diff.within_tolerance, diff
 
 
 def test_zero3_offload_trains_in_bf16(demo_shards, tmp_path):
@@ -361,25 +466,20 @@ def test_fsdp2_gradient_accumulation_holds_sharded_gradients_only(demo_shards, t
         assert r["grad_accum"] == 4 and 0.45 < share < 0.6
 
 
-HSDP = ["backend.replicate_size=2", "backend.shard_size=2"]
-
-
 @pytest.mark.parametrize("first,second", [((4, HSDP), (2, [])), ((2, []), (4, HSDP))],
                          ids=["hsdp4_then_fsdp2_2", "fsdp2_2_then_hsdp4"])
 def test_checkpoint_moves_between_hsdp_and_fsdp2(reference, demo_shards, tmp_path, first, second):
     """A DCP checkpoint written under HSDP (2 replicas x 2 shards) resumes under plain FSDP2 on 2
-    processes and the other way round; the whole run matches the one-process reference."""
+    processes and the other way round; the whole run (losses, gradient norms, step-24 parameters)
+    matches the one-process reference."""
     half = EQUIV_STEPS // 2
-    run_torchrun(first[0], _overrides(demo_shards, tmp_path, f"trainer.max_steps={EQUIV_STEPS}",
-                                      f"trainer.halt_at_step={half}", *first[1]), cwd=REPO)
-    proc = run_torchrun(second[0], _overrides(demo_shards, tmp_path, f"trainer.max_steps={EQUIV_STEPS}", *second[1]),
-                        cwd=REPO)
+    run_torchrun(first[0], _equiv_overrides(demo_shards, tmp_path, f"trainer.halt_at_step={half}", *first[1]),
+                 cwd=REPO)
+    proc = run_torchrun(second[0], _equiv_overrides(demo_shards, tmp_path, *second[1]), cwd=REPO)
     assert f"resumed from {tmp_path}" in proc.stderr and f"step {half}" in proc.stderr
-    by_step = {m["step"]: m["loss"] for m in read_metrics(tmp_path) if "loss" in m}
-    losses = [by_step[s] for s in range(1, EQUIV_STEPS + 1)]
-    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
-    print(f"{first} -> {second}: max |loss - reference| = {worst:.2e}")
-    assert worst < 1e-5
+    diff = compare(tmp_path, reference)
+    print(f"{first} -> {second}: {diff}")
+    assert diff.steps == EQUIV_STEPS and diff.within_tolerance, diff
 
 
 def test_mesh_shape_defaults_to_one_node_per_shard_group():
