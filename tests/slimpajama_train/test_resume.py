@@ -135,6 +135,27 @@ def test_single_process_sigterm_exits_for_requeue(demo_shards, tmp_path):
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000003"
 
 
+def test_a_sigterm_while_exiting_for_requeue_keeps_exit_status_75():
+    """After the save, a rank exits 75; a SIGTERM can still come (torchrun sends one to the ranks
+    still running when the first exits 75). During interpreter shutdown Python has put back the
+    default action, so a handled signal would kill the process (status -15): it must be ignored."""
+    code = ("import sys, time\n"
+            "from slimpajama_train.preemption import StopRequest\n"
+            "from slimpajama_train.train import exit_for_requeue\n"
+            "class SlowTeardown:\n"
+            "    def __del__(self):  # runs while the interpreter shuts down, as a rank's teardown does\n"
+            "        print('shutting down', flush=True)\n"
+            "        time.sleep(2)\n"
+            "teardown = SlowTeardown()\n"
+            "exit_for_requeue(StopRequest().install())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "shutting down\n", proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, (proc.returncode, err[-2000:])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
 def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second):
