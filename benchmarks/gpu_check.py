@@ -13,7 +13,8 @@ Parts, each a subprocess with a timeout (its process group is killed when it run
   messages, and the figures the tests recorded (loss differences, kernels);
 - ``bench_train``: ``benchmarks/bench_train.py`` on the GPU (bf16, synthetic shards): trainer vs a bare loop;
 - ``mfu``: ``benchmarks/bench_mfu.py`` (FSDP2 ``always_shard``, median step time, MFU under PaLM's and
-  Megatron's conventions) for ``--models``; rows finished before a timeout are kept.
+  Megatron's conventions) for ``--models`` at micro-batch ``MFU_MICRO_BATCH`` x seq ``MFU_SEQ_LEN``, the
+  shape of the README's MFU table; rows finished before a timeout are kept.
 
 The JSON line: ``{"gpu_check": 1, "device", "gpus", "torch", "cuda", "tests", "nccl", "mfu",
 "bench_train", "skipped": {part: reason}, "ok", "wall_s"}``. A human summary precedes it; each part's
@@ -45,6 +46,9 @@ PARTS = ("nccl", "tests", "bench_train", "mfu")
 DEFAULT_TIMEOUT_S = {"nccl": 120, "tests": 330, "bench_train": 150, "mfu": 300}
 NO_GPU = "no CUDA GPU"
 MIN_PART_S = 30  # a part is not started with less of the budget left than this
+# The shape the README's MFU table reports ("micro-batch 8 × seq 2048"); bench_mfu's own default
+# micro-batch (4) would give other figures. tests/benchmarks/test_gpu_check.py reads the README.
+MFU_MICRO_BATCH, MFU_SEQ_LEN = 8, 2048
 
 DEVICE_INFO = (
     "import json, torch\n"
@@ -244,8 +248,9 @@ def part_command(part: str, a: argparse.Namespace, gpus: int, work: Path) -> tup
             cmd += ["--device", "cpu", "--models", "tiny", "--seq-len", "64", "--micro-batch", "2", "--steps", "3",
                     "--warmup", "1", "--precision", "fp32", "--peak-tflops", "1"]
         else:
-            cmd += ["--models", *a.models, "--steps", str(a.steps), "--warmup", str(a.warmup),
-                    "--nproc", str(a.mfu_nproc), "--compile" if a.compile else "--no-compile"]
+            cmd += ["--models", *a.models, "--micro-batch", str(MFU_MICRO_BATCH), "--seq-len", str(MFU_SEQ_LEN),
+                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--nproc", str(a.mfu_nproc),
+                    "--compile" if a.compile else "--no-compile"]
     else:
         raise ValueError(f"unknown part {part!r}")
     return cmd, env

@@ -30,6 +30,18 @@ class StopRequest:
                 signal.signal(sig, self._handle)
         return self
 
+    def ignore_from_now(self) -> None:
+        """Ignore SIGTERM and SIGUSR1 from now on: for a process that has saved and exits for requeue.
+
+        A later signal has nothing left to stop (torchrun SIGTERMs the ranks still running as soon as
+        the first one exits 75; a scheduler may repeat its signal), and while the interpreter shuts
+        down, Python has put back the default action: the signal would kill the process and turn its
+        exit status 75 into -15. An ignored signal stays ignored through that shutdown.
+        """
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum, self.received_at = signum, time.monotonic()

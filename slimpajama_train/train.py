@@ -24,6 +24,7 @@ _EARLY_STOP = StopRequest().install() if __name__ == "__main__" else None
 
 import json  # noqa: E402
 import sys  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 from omegaconf import DictConfig  # noqa: E402
 
@@ -73,7 +74,13 @@ def main() -> None:
     # A config error (unknown key, bad value) ends in two lines; HYDRA_FULL_ERROR=1 shows the traceback.
     hydra_cli("slimpajama-train", "train", _app)
     if preempted:
-        sys.exit(PREEMPTED_EXIT_CODE)
+        exit_for_requeue(stop)
+
+
+def exit_for_requeue(stop: StopRequest) -> NoReturn:
+    """End the process with PREEMPTED_EXIT_CODE, which no later stop signal can change."""
+    stop.ignore_from_now()
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -95,5 +95,14 @@ def run_torchrun(nproc: int, overrides: list[str], cwd: Path, timeout: int = 600
     return proc
 
 
+# Runs a torchrun rank as its child and records its exit status (torchrun reports only the first failure).
+EXIT_STATUS_HELPER = REPO / "tests/slimpajama_train/exit_status_helper.py"
+
+
+def rank_exit_statuses(status_dir: Path) -> dict[int, int]:
+    """Each rank's exit status, as written by EXIT_STATUS_HELPER (rank -> status; -N: killed by signal N)."""
+    return {int(p.name.removeprefix("rank")): int(p.read_text()) for p in sorted(status_dir.glob("rank*"))}
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

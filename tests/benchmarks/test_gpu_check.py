@@ -2,6 +2,7 @@
 the parsing of each part's output, the timeout, and (``--cpu``) the whole flow through real parts."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -89,6 +90,20 @@ def test_gpu_mode_commands_parse_in_the_scripts(tmp_path):
     assert pytest_cmd[1:3] == ["-m", "pytest"] and "gpu" in pytest_cmd and "tests/gpu" in pytest_cmd
     assert pytest_cmd[pytest_cmd.index("--confcutdir") + 1] == "tests/gpu"  # tests/conftest.py stays out
     assert env["GPU_CHECK_RECORD"] == str(tmp_path / "records.jsonl") and env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"]
+
+
+def test_mfu_part_runs_the_shape_the_readme_reports(tmp_path):
+    """The README's MFU table is for "micro-batch B × seq T": the command gpu-check runs on a GPU host
+    passes that B and T to bench_mfu (whose own default micro-batch differs), so the two cannot drift."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("**On a GPU host** `make gpu-check`"):]
+    section = section[:section.index("| model |")]  # the paragraph that introduces the MFU table
+    shapes = re.findall(r"micro-batch (\d+) × seq (\d+)", section)
+    assert len(shapes) == 1, shapes
+    micro, seq = map(int, shapes[0])
+    cmd, _ = gpu_check.part_command("mfu", gpu_check.parse_args([]), 1, tmp_path)
+    m = bench_mfu.parse_args(cmd[2:])
+    assert (m.micro_batch, m.seq_len) == (micro, seq) == (gpu_check.MFU_MICRO_BATCH, gpu_check.MFU_SEQ_LEN)
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="1"

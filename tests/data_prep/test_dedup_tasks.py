@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from data_prep import dedup_tasks
 from data_prep.atomic import write_json
 from data_prep.dedup_core import DedupConfig, band_keys, dedup_texts, shingle_hashes, signatures
 from data_prep.dedup_tasks import (
@@ -25,8 +26,9 @@ FILES = 6
 
 
 def dedup_on_disk(texts: list[str], cfg: DedupConfig, work: WorkDir, num_tasks: int,
-                  bucket_memory: int = 2 << 30) -> set[int]:
-    """Run signatures, buckets, components and removals as the pipeline does; return removed indices.
+                  bucket_memory: int = 2 << 30, bucket_stats: list[dict] | None = None) -> set[int]:
+    """Run signatures, buckets, components and removals as the pipeline does; return removed indices
+    (and append each buckets task's report to ``bucket_stats``).
 
     Text ``i`` is line ``i`` of file ``i * FILES // len(texts)``: contiguous files, so key order is
     index order (as in :func:`dedup_texts`), and part ``p`` holds files ``p, p + n, ...``.
@@ -38,7 +40,9 @@ def dedup_on_disk(texts: list[str], cfg: DedupConfig, work: WorkDir, num_tasks: 
                 for i, t in enumerate(texts) if file_of[i] % num_tasks == part)
         write_signatures(docs, part, num_tasks, cfg, work, batch_bytes=64 << 10)
     for b in range(num_tasks):
-        verify_bucket(b, num_tasks, cfg, work, memory_bytes=bucket_memory)
+        stats = verify_bucket(b, num_tasks, cfg, work, memory_bytes=bucket_memory)
+        if bucket_stats is not None:
+            bucket_stats.append(stats)
     # with a small bucket budget, also fold the buckets' edges after every bucket
     find_components(num_tasks, num_tasks, work, fold_at=1 if bucket_memory < (1 << 20) else 1 << 22)
     for part in range(num_tasks):
@@ -51,16 +55,35 @@ def dedup_on_disk(texts: list[str], cfg: DedupConfig, work: WorkDir, num_tasks: 
     return removed
 
 
-def test_on_disk_stages_match_the_in_memory_core_for_any_task_count(tmp_path):
+def test_on_disk_stages_match_the_in_memory_core_for_any_task_count(tmp_path, monkeypatch):
     texts, truth, _ = planted_corpus(groups=45)
     cfg = DedupConfig()
     expected = dedup_texts(texts, cfg)
     assert len(expected & truth) >= 0.95 * len(truth)
     one = dedup_on_disk(texts, cfg, WorkDir(tmp_path / "one"), 1)
     three = dedup_on_disk(texts, cfg, WorkDir(tmp_path / "three"), 3)
-    # a tiny memory budget makes every buckets task read its shard in several passes
-    passes = dedup_on_disk(texts, cfg, WorkDir(tmp_path / "passes"), 3, bucket_memory=64 << 10)
+    # A tiny memory budget (16 KiB: ~160 band records in memory; each bucket shard holds ~600) makes
+    # every buckets task read its shard in several passes, each holding one sub-bucket of its records.
+    reads: dict[int, list[tuple[int, int, int]]] = {}
+    bucket_records = dedup_tasks._bucket_records
+
+    def counted(work, bucket, num_parts, passes, j):
+        rec = bucket_records(work, bucket, num_parts, passes, j)
+        reads.setdefault(bucket, []).append((passes, j, len(rec)))
+        return rec
+
+    monkeypatch.setattr(dedup_tasks, "_bucket_records", counted)
+    stats: list[dict] = []
+    passes = dedup_on_disk(texts, cfg, WorkDir(tmp_path / "passes"), 3, bucket_memory=16 << 10, bucket_stats=stats)
     assert one == three == passes == expected
+    work = WorkDir(tmp_path / "passes")
+    for b, s in enumerate(stats):
+        total = sum(work.bands(b, p).stat().st_size for p in range(3)) // BAND_RECORD.itemsize
+        print(f"buckets task {b}: {total} band records in {s['passes']} passes of {[n for *_, n in reads[b]]}")
+        assert s["passes"] >= 2, (b, total, s)
+        assert [(p, j) for p, j, _ in reads[b]] == [(s["passes"], j) for j in range(s["passes"])]
+        sizes = [n for *_, n in reads[b]]
+        assert sum(sizes) == total and max(sizes) < total  # each record in one pass, no pass holds them all
     lines = (tmp_path / "one/removed.jsonl").read_text()
     assert lines == (tmp_path / "three/removed.jsonl").read_text() == (tmp_path / "passes/removed.jsonl").read_text()
     rows = [json.loads(line) for line in lines.splitlines()]

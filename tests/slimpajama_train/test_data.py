@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from data_prep.shard_format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    RecordLayout,
+    ShardReader,
+    ShardWriter,
+    load_manifest,
+    shard_name,
+)
 from slimpajama_train.data import (
     DataConfig,
     GlobalSampleOrder,
@@ -196,6 +207,153 @@ def test_workers_keep_few_shards_open_and_flat_memory_over_100k_shards(tmp_path)
         assert rss_end - rss_warm < 4 * 2**20
         assert rss_warm - parent_rss < 128 * 2**20  # a materialized permutation of the epoch alone: 3.3 GB
     assert sum(max(m for m, _ in s) for s in stats.values()) <= 64
+
+
+# ---- open shard files: an LRU of max_open_shards per process, counted on real files ---------------
+SHARD_BLOCK = 9
+
+
+def _write_shards(out: Path, shards: int, samples: int) -> Path:
+    """``shards`` real shards (prep's format) of ``samples`` samples each; sample ``i`` of shard ``s``
+    holds ``[s, i, s, s, ...]``, so a row names the file and record it was read from."""
+    out.mkdir(parents=True)
+    dtype = np.dtype(np.uint16)
+    entries = []
+    for s in range(shards):
+        writer = ShardWriter(out / shard_name("train", s), s, dtype)
+        for i in range(samples):
+            block = np.full(SHARD_BLOCK, s)
+            block[1] = i
+            writer.add(block, {"A": SHARD_BLOCK})
+        entries.append(writer.close(SHARD_BLOCK))
+    manifest = {"format_version": FORMAT_VERSION, "seq_len": SHARD_BLOCK - 1, "block_size": SHARD_BLOCK,
+                "dtype": dtype.name, "record": asdict(RecordLayout.for_block(SHARD_BLOCK, dtype)),
+                "tokenizer": {"file": "none", "sha256": "0" * 64, "vocab_size": 2**16},
+                "splits": {"train": {"shards": entries}}}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+class _LoggedShards(TokenBlocks):
+    """Real shard files; logs every reader opened and closed, in order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, int]] = []
+
+    def open_shard(self, shard: int) -> ShardReader:
+        reader = super().open_shard(shard)
+        self.events.append(("open", shard))
+        close = reader.close
+
+        def logged_close() -> None:
+            self.events.append(("close", shard))
+            close()
+
+        reader.close = logged_close
+        return reader
+
+
+def _lru_events(accesses: list[int], bound: int) -> list[tuple[str, int]]:
+    """The opens and closes of a least-recently-used cache of ``bound`` readers over ``accesses``."""
+    recent: list[int] = []  # least recent first
+    events = []
+    for s in accesses:
+        if s in recent:
+            recent.remove(s)
+        else:
+            if len(recent) == bound:
+                events.append(("close", recent.pop(0)))
+            events.append(("open", s))
+        recent.append(s)
+    return events
+
+
+def test_open_shards_are_evicted_least_recently_used_first(tmp_path):
+    """With the default bound (16), a shard read again stays open and the one unread the longest is
+    closed: eviction in order of opening (FIFO) or at random gives other opens and closes."""
+    data_dir = _write_shards(tmp_path / "shards", shards=40, samples=1)
+    ds = _LoggedShards(data_dir, load_manifest(data_dir), "train", seed=0, shuffle=False)  # position = shard
+    bound = DataConfig().max_open_shards
+    assert ds.max_open_shards == bound == 16
+    # Fill the cache, read shard 0 again, then a 17th shard: LRU closes 1 (FIFO would close 0). Then
+    # a random walk with locality (hits and evictions interleaved): random eviction strays at once.
+    rng = np.random.default_rng(0)
+    accesses = [*range(bound), 0, bound, 0] + [int(s) for s in (np.cumsum(rng.integers(-6, 7, 3000)) % 40)]
+    for s in accesses:
+        assert ds[s][:2].tolist() == [s, 0]  # read from shard s's own file
+    want = _lru_events(accesses, bound)
+    got = ds.events
+    first = next((k for k, (g, w) in enumerate(zip(got, want, strict=False)) if g != w), min(len(got), len(want)))
+    assert got == want, f"event {first}: got {got[first:first + 2]}, LRU gives {want[first:first + 2]}"
+    hits = len(accesses) - sum(e == "open" for e, _ in want)
+    evictions = sum(e == "close" for e, _ in want)
+    print(f"{len(accesses)} reads over 40 shards, bound {bound}: {hits} hits, {evictions} evictions, LRU order kept")
+    assert hits > 500 and evictions > 500  # both paths exercised many times
+    ds.close()
+    assert len(ds.events) == len(want) + bound  # close() shuts the last 16
+
+
+def _shard_fds(pid: int, data_dir: Path) -> int:
+    """Descriptors of process ``pid`` that point at shard files of ``data_dir``."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    n = 0
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(fd_dir / fd)
+        except FileNotFoundError:  # closed while we looked
+            continue
+        n += target.startswith(f"{data_dir}/train-") and target.endswith(".tar")
+    return n
+
+
+def _collate_with_fds(data_dir: Path, samples: list[torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    return torch.stack(samples), os.getpid(), _shard_fds(os.getpid(), data_dir)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_workers_keep_at_most_max_open_shards_files_open_over_1000_real_shards(tmp_path):
+    """1,000 real shard files read in the global random order by 4 DataLoader workers: each worker's
+    open shard descriptors (counted in /proc/<pid>/fd, inside the worker after each batch and from the
+    main process while the workers run) stay within max_open_shards, though the main process holds 16
+    open when the workers are forked (their copies are closed on the first read)."""
+    shards, bound, workers, batches, B = 1000, 16, 4, 25, 32
+    data_dir = _write_shards(tmp_path / "shards", shards, samples=4)
+    ds = TokenBlocks(data_dir, load_manifest(data_dir), "train", seed=1234, shuffle=True, max_open_shards=bound)
+    for p in range(64):  # the main process fills its own cache before the workers are forked
+        ds[p]
+    assert _shard_fds(os.getpid(), data_dir) == bound
+    loader = DataLoader(ds, batch_sampler=RankBatchSampler(0, B, B, 0, 1), num_workers=workers,
+                        collate_fn=partial(_collate_with_fds, data_dir), worker_init_fn=_ignore_preemption_signals)
+    inside: dict[int, list[int]] = {}
+    outside: dict[int, list[int]] = {}
+    totals = []
+    touched: dict[int, set[int]] = {}
+    it = iter(loader)
+    for b in range(workers * batches):
+        x, pid, fds = next(it)
+        shard_index = [ds.order.locate(ds.order.sample_id(p)) for p in range(b * B, (b + 1) * B)]
+        assert x[:, :2].tolist() == [list(si) for si in shard_index]  # the right record of the right file
+        inside.setdefault(pid, []).append(fds)
+        touched.setdefault(pid, set()).update(s for s, _ in shard_index)
+        now = {w.pid: _shard_fds(w.pid, data_dir) for w in it._workers}
+        for w, n in now.items():
+            outside.setdefault(w, []).append(n)
+        totals.append(sum(now.values()))
+    it._shutdown_workers()
+    assert len(inside) == workers
+    for pid in inside:
+        print(f"worker {pid}: {len(touched[pid])} shards touched, shard fds max {max(inside[pid])} after its "
+              f"batches, max {max(outside[pid])} seen from the main process")
+        assert max(inside[pid]) == bound  # full, and never more
+        assert max(outside[pid]) <= bound
+        assert len(touched[pid]) > 10 * bound  # far more shards than the cache holds: many evictions
+    print(f"all workers together: max {max(totals)} shard fds (bound {workers} x {bound} = {workers * bound})")
+    assert max(totals) <= workers * bound
+    assert _shard_fds(os.getpid(), data_dir) == bound  # the main process's own, untouched
+    ds.close()
+    assert _shard_fds(os.getpid(), data_dir) == 0
 
 
 def _signal_from_another_process(pids: list[int], *signals: int) -> None:

@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from slimpajama_train.checkpoint import CheckpointConfig, CheckpointManager, CorruptCheckpointError, read_meta
-from tests.conftest import REPO, losses_by_step, read_metrics, run_torchrun, tiny_train_overrides
+from tests.conftest import (
+    EXIT_STATUS_HELPER,
+    REPO,
+    losses_by_step,
+    rank_exit_statuses,
+    read_metrics,
+    run_torchrun,
+    tiny_train_overrides,
+)
 from tests.slimpajama_train.equivalence import assert_bitwise_same, compare
 
 STEPS = 8
@@ -100,12 +108,13 @@ def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_sha
 
 
 def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, demo_shards, tmp_path):
-    env = _env(CRASH_AT="signal", CRASH_STEP="3", CRASH_RANK="1")
-    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"),
+    env = _env(CRASH_AT="signal", CRASH_STEP="3", CRASH_RANK="1", EXIT_STATUS_DIR=str(tmp_path / "exit_status"))
+    proc = _launch(2, [str(EXIT_STATUS_HELPER), str(REPO / "tests/slimpajama_train/crash_helper.py"),
                        *_overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
                                    "logger.wandb.mode=offline")], env)
     _, err = proc.communicate(timeout=600)
-    assert "exitcode  : 75" in err  # both ranks exit with the requeue status
+    assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, err[-3000:]  # both: the requeue status
+    assert proc.returncode == 1 and "exitcode  : 75" in err, err[-3000:]  # torchrun reports the first and fails
     marker = json.loads((tmp_path / "preempted.json").read_text())
     # the signal arrived during step 3 on rank 1 only; both ranks stopped after step 4 at the latest
     assert marker["step"] in (3, 4) and marker["checkpoint"].endswith(f"step_0000000{marker['step']}")
@@ -125,6 +134,27 @@ def test_single_process_sigterm_exits_for_requeue(demo_shards, tmp_path):
     assert proc.returncode == 75, proc.stderr[-3000:]
     # the signal lands after step 2; the trainer notices it in the next step and stops after step 3
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000003"
+
+
+def test_a_sigterm_while_exiting_for_requeue_keeps_exit_status_75():
+    """After the save, a rank exits 75; a SIGTERM can still come (torchrun sends one to the ranks
+    still running when the first exits 75). During interpreter shutdown Python has put back the
+    default action, so a handled signal would kill the process (status -15): it must be ignored."""
+    code = ("import sys, time\n"
+            "from slimpajama_train.preemption import StopRequest\n"
+            "from slimpajama_train.train import exit_for_requeue\n"
+            "class SlowTeardown:\n"
+            "    def __del__(self, sleep=time.sleep):  # runs while the interpreter shuts down (its globals\n"
+            "        print('shutting down', flush=True)  # may be gone then), as a rank's teardown does\n"
+            "        sleep(2)\n"
+            "teardown = SlowTeardown()\n"
+            "exit_for_requeue(StopRequest().install())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "shutting down\n", proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and "Exception ignored" not in err, (proc.returncode, err[-2000:])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -257,19 +287,22 @@ def test_sigterm_to_every_process_saves_exits_75_and_resumes_bitwise(straight_lo
     import signal as signal_module
 
     overrides = tiny_train_overrides(demo_shards, tmp_path, "checkpoint.interval=10", steps=LONG)
-    env = _env()
+    env = _env(EXIT_STATUS_DIR=str(tmp_path / "exit_status"))
     preexec = None
     if launcher == "torchrun_ignores":
         env["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle
         preexec = lambda: signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)  # noqa: E731
+    # Each rank runs under EXIT_STATUS_HELPER, which records its exit status (torchrun, signalled
+    # itself, reports none) and passes torchrun's forwarded SIGTERM on to it.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "slimpajama_train.train", *overrides]
+           str(EXIT_STATUS_HELPER), "-m", "slimpajama_train.train", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=preexec)
     _wait_for_step(tmp_path, 3, proc)
     root = psutil.Process(proc.pid)
-    workers = [c for c in root.children(recursive=True) if c.parent() and c.parent().pid != proc.pid]
-    assert workers, "the ranks should have loader workers (data.num_workers=1)"
+    ranks = [rank for helper in root.children() for rank in helper.children()]
+    assert len(ranks) == 2 and all(rank.children() for rank in ranks), \
+        "the ranks should have loader workers (data.num_workers=1)"
     signalled = _signal_tree(root, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert "DataLoader worker" not in err, err[-3000:]
@@ -277,10 +310,11 @@ def test_sigterm_to_every_process_saves_exits_75_and_resumes_bitwise(straight_lo
     assert 3 <= marker["step"] < LONG, (marker, err[-3000:])
     assert marker["checkpoint"].endswith(f"step_{marker['step']:08d}"), (marker, err[-3000:])
     assert (tmp_path / "checkpoints/latest").read_text().strip() == f"step_{marker['step']:08d}"
+    assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, err[-3000:]  # every rank
     if launcher == "torchrun_ignores":
-        assert "exitcode  : 75" in err, err[-3000:]
+        assert proc.returncode == 1 and "exitcode  : 75" in err, err[-3000:]  # torchrun reports the first
     else:
-        assert "got signal: 15" in err, err[-3000:]
+        assert proc.returncode == 1 and "got signal: 15" in err, err[-3000:]  # torchrun raised on its SIGTERM
     assert "exiting for requeue" in err and "after the signal" in err
     print(f"{launcher}: signalled {len(signalled)} processes; stopped and saved at step {marker['step']}")
     resumed = run_torchrun(2, overrides, cwd=REPO)
@@ -293,11 +327,13 @@ def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
     checkpoint: the ranks agree before training anything, save nothing new (nothing changed),
     exit 75 for requeue; the requeued run then finishes with the uninterrupted run's losses."""
     run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "trainer.halt_at_step=4"), cwd=REPO)
-    env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="1", CRASH_SIGNAL="SIGTERM")
-    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"),
+    env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="1", CRASH_SIGNAL="SIGTERM",
+               EXIT_STATUS_DIR=str(tmp_path / "exit_status"))
+    proc = _launch(2, [str(EXIT_STATUS_HELPER), str(REPO / "tests/slimpajama_train/crash_helper.py"),
                        *_overrides(demo_shards, tmp_path, "fsdp2")], env)
     _, err = proc.communicate(timeout=600)
-    assert "exitcode  : 75" in err, err[-3000:]
+    assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, err[-3000:]
+    assert proc.returncode == 1 and "exitcode  : 75" in err, err[-3000:]
     marker = json.loads((tmp_path / "preempted.json").read_text())
     assert marker == {"step": 4, "checkpoint": str(tmp_path / "checkpoints/step_00000004")}
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000004"]
