@@ -27,7 +27,14 @@ from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.checkpoint import Checkpointer, checkpoint_step, list_checkpoints
 from slimpajama_train.config import TrainConfig, config_hash, resolve_config
 from slimpajama_train.data import check_manifest, open_dataset, shut_down_workers, train_loader, val_loader
-from slimpajama_train.distributed import AsyncVote, DistInfo, all_reduce_sum, set_collective_timeout
+from slimpajama_train.distributed import (
+    AsyncVote,
+    DistInfo,
+    all_gather_tensor,
+    all_reduce_sum,
+    all_reduce_tensor_,
+    set_collective_timeout,
+)
 from slimpajama_train.metrics import detect_peak_tflops, flops_per_token, host_peak_rss_bytes, mfu_off_reason
 from slimpajama_train.model import Transformer, count_parameters
 from slimpajama_train.optim import OptimConfig, lr_at
@@ -201,7 +208,7 @@ class Trainer:
         self.preempted = self._agree_to_stop()
         if self.step == 0 and self.val_data is not None and not self.preempted:
             self._emit({"step": 0, **self.evaluate()})
-        vote = AsyncVote(self.dist.device)
+        vote = AsyncVote()
         carried: dict[str, float] = {}
         self._freeze_gc()
         self._window_t0 = time.perf_counter()
@@ -305,12 +312,7 @@ class Trainer:
         k, W, dev = len(window), self.dist.world_size, self.dist.device
         mine = torch.cat([torch.stack([r.loss_sum.float().reshape(()) for r in window]),
                           torch.tensor([self._host_s, self._wait_s], device=dev)])
-        if W > 1:
-            gathered = torch.empty(W * (k + 2), dtype=mine.dtype, device=dev)
-            gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
-            gather(gathered, mine)
-        else:
-            gathered = mine
+        gathered = all_gather_tensor(mine)  # (W * (k + 2),): rank by rank
         last = window[-1].result
         parts = [gathered, *(_on_device(r.result.grad_norm, dev) for r in window),
                  *(_on_device(r.result.skipped, dev) for r in window), _on_device(last.loss_scale, dev)]
@@ -408,9 +410,7 @@ class Trainer:
             slot = torch.where(src >= 0, src, n).to(self.dist.device, non_blocking=True)
             sums[: n + 1].index_add_(0, slot, losses)
             sums[n + 1 :].index_add_(0, slot, torch.ones_like(losses))
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(sums)
-        total = sums.tolist()  # the evaluation's one device-to-host transfer
+        total = all_reduce_tensor_(sums).tolist()  # the evaluation's one device-to-host transfer
         loss, count = total[: n + 1], total[n + 1 :]
         val = sum(loss) / sum(count)
         self.summary.setdefault("first_val_loss", val)
