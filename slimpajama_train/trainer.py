@@ -6,11 +6,13 @@ W&B, speed); :class:`StopRequest` records scheduler signals, which the ranks agr
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,24 @@ def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
     if want and problem:
         raise ConfigError(f"trainer.compile=true: {problem}; set trainer.compile=false")
     return cfg, None
+
+
+@contextlib.contextmanager
+def collector_frozen(gc_interval: int) -> Iterator[None]:
+    """With ``gc_interval`` (``trainer.gc_interval``): everything built so far (model, loaders,
+    config) leaves the garbage collector's view and automatic collection is off inside, so the loop
+    collects only at the steps it chooses, the same on every rank; 0 leaves the collector alone."""
+    if not gc_interval:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 @dataclass
@@ -210,9 +230,8 @@ class Trainer:
             self._emit({"step": 0, **self.evaluate()})
         vote = AsyncVote()
         carried: dict[str, float] = {}
-        self._freeze_gc()
-        self._window_t0 = time.perf_counter()
-        try:
+        with collector_frozen(loop.gc_interval):
+            self._window_t0 = time.perf_counter()
             while self.step < end and not self.preempted:
                 if vote.pending and vote.result():  # a signal voted at the start of the previous step
                     self.preempted = True
@@ -243,8 +262,6 @@ class Trainer:
             if self._window:  # steps not logged yet (a stop between log steps): nothing is lost
                 self._emit({**self._read_window(), **carried})
             self._refuse_suspect_checkpoint()
-        finally:
-            self._thaw_gc()
         if self.preempted:
             self.log(f"stop requested ({self.stop.describe()} on some rank): saving at step {self.step} "
                      "and exiting for requeue")
@@ -265,19 +282,6 @@ class Trainer:
         for cb in self.callbacks:  # after the save and the marker: an observer cannot cost a checkpoint
             cb.on_train_end(self)
         return self.summary
-
-    def _freeze_gc(self) -> None:
-        """Everything built so far (model, loaders, config) leaves the collector's view; collection
-        then happens only at the steps :meth:`fit` chooses, the same on every rank."""
-        if self.cfg.trainer.gc_interval:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-
-    def _thaw_gc(self) -> None:
-        if self.cfg.trainer.gc_interval:
-            gc.unfreeze()
-            gc.enable()
 
     def _agree_to_stop(self) -> bool:
         return all_reduce_sum([float(self.stop.requested)], self.dist.device)[0] > 0

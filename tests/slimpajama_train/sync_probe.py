@@ -85,8 +85,10 @@ class SyncCounter(HostTensorMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in SYNC_METHODS and phase["key"] is not None and not is_host(args[0]):
-            to_host = name != "to" or any(isinstance(a, str) and a.startswith("cpu")
-                                          for a in (*args[1:], *(kwargs or {}).values()))
+            # .to("cpu") from the project only: DeepSpeed's CPU accelerator names its device "cpu" too.
+            to_host = name != "to" or (any(isinstance(a, str) and a.startswith("cpu")
+                                           for a in (*args[1:], *(kwargs or {}).values()))
+                                       and self.from_project(sys._getframe(1)))
             if to_host:
                 _count(syncs, f"{name}@{_origin(2)}")  # the caller of this method
         return super().__torch_function__(func, types, args, kwargs)

@@ -100,5 +100,5 @@ def test_validation_reads_the_device_once_per_evaluation(demo_shards, tmp_path):
         extra_colls = Counter(probe["collectives"]["5"]) - Counter(probe["collectives"]["bare1"])
         # the evaluation's one all-reduce: loss sum and count per source plus a mixed-shard slot
         assert sorted(extra_colls) == sorted([VOTE, next(k for k in extra_colls if k.startswith("all_reduce[") and
-                                                         k.endswith("async=False"))]), extra_colls
+                                                         k.endswith("async=False@default"))]), extra_colls
         assert sum(extra_colls.values()) == 2, extra_colls
