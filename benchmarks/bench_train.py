@@ -1,13 +1,26 @@
-"""Trainer overhead: our trainer against a bare PyTorch loop (same model, batch, precision, device, one process).
+"""Trainer overhead: our trainer against a bare PyTorch loop (same model, kernels, batch, precision, device;
+one process).
 
-    python benchmarks/bench_train.py [--data data/demo_shards] [--steps 30] [--warmup 5] [--device auto|cuda|cpu]
+    python benchmarks/bench_train.py [--data data/demo_shards] [--steps 30] [--warmup 5] [--repeats 5]
+        [--device auto|cuda|cpu]
     python benchmarks/bench_train.py --synthetic --data /tmp/synthetic_shards --seq-len 1024   # no data_prep needed
 
 The trainer runs as users run it (FSDP2 backend: unwrapped on one process unless ``--always-shard``,
-the shard loader, metrics on log steps); the bare loop trains an unwrapped copy of the same model
-with AdamW on the same batches held in device memory, reading the loss on the same steps the trainer
-logs. On CUDA both run in bf16 by default (fp32 on CPU). Prints a table and, last, one JSON object
-with ``trainer_tokens_s``, ``bare_loop_tokens_s`` and ``ratio``.
+the shard loader, metrics on log steps). The bare loop trains the model the trainer builds
+(``trainer.build_model``: the chunked loss, activation checkpointing, ``torch.compile`` of the blocks
+when on), initialized the same way, with the trainer's optimizer (``optim.build_optimizer``: fused
+AdamW) and gradient clipping, on the same batches held in device memory, reading the loss on the
+steps the trainer logs: what is left between the two is the trainer's own overhead (loader, step
+records, callbacks, stop vote). On CUDA both run in bf16 by default (fp32 on CPU).
+
+On a shared machine the speed drifts over a run, so the two alternate: ``--repeats`` pairs, each a
+trainer run and a bare run back to back (in turn first), each building its model afresh and timing
+the steps after ``--warmup``. The ratio of each pair, trainer / bare, is a paired measurement; the
+median over the pairs is the result and the lowest and highest pair its spread. Prints a table
+and, last, one JSON object with ``ratio`` (the median), ``ratio_min``, ``ratio_max``, ``ratios``,
+``trainer_tokens_s`` and ``bare_loop_tokens_s`` (medians); on the CPU also ``cpu_time_ratio``, the
+same ratio of tokens per CPU second of this process (steadier than wall time on a machine shared
+with other work; the trainer's loader workers are other processes).
 
 ``--synthetic`` writes shards of synthetic token sequences in prep's format (:func:`write_synthetic_shards`)
 instead of building the demo corpus, which needs data_prep's dependencies (zstandard, rensa,
@@ -16,9 +29,11 @@ matplotlib); the GPU check (``benchmarks/gpu_check.py``) and ``tests/gpu`` use i
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +53,7 @@ from data_prep.shard_format import (  # noqa: E402 - after the sys.path insert a
     shard_name,
     token_dtype,
 )
+from slimpajama_train.callbacks.base import Callback  # noqa: E402 - imports no torch (--device cpu must come first)
 
 SYNTHETIC_SOURCE = "synthetic"
 
@@ -119,15 +135,6 @@ def ensure_demo_shards(path: Path) -> None:
                     f"output_dir={path}"], check=True)
 
 
-def split_batch(batch, device):
-    """(inputs, targets) as int64 on ``device`` from a loader batch: a (B, T+1) tensor, or an
-    (inputs, targets) pair from loaders that split it themselves."""
-    if isinstance(batch, (tuple, list)):
-        return batch[0].to(device).long(), batch[1].to(device).long()
-    b = batch.to(device).long()
-    return b[:, :-1], b[:, 1:]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/demo_shards")
@@ -136,7 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="sequence length of --synthetic shards")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary of --synthetic shards")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="steps of each run not timed")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="trainer/bare pairs, alternating (the median ratio is reported)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -149,7 +158,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.warmup < 0 or a.steps <= a.warmup:
         p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup}) >= 0")
+    if a.repeats < 1:
+        p.error(f"--repeats {a.repeats}: must be >= 1")
     return a
+
+
+class StepClock(Callback):
+    """Wall time from the start of step ``warmup + 1`` to the end of step ``steps``, the device
+    drained at both ends (the trainer reads the device only on log steps: per-step host times
+    would be the host's queueing, not the step)."""
+
+    name = "step_clock"
+
+    def __init__(self, warmup: int, steps: int, sync) -> None:
+        self.warmup, self.steps, self.sync = warmup, steps, sync
+        self.t0 = self.t1 = self.cpu_s = None
+
+    def on_step_start(self, trainer) -> None:
+        if trainer.step == self.warmup:
+            self.sync()
+            self.t0, self._cpu0 = time.perf_counter(), time.process_time()
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if metrics.get("step") == self.steps:
+            self.sync()
+            self.t1, self.cpu_s = time.perf_counter(), time.process_time() - self._cpu0
+
+
+def bare_loop_seconds(cfg, batches: list, device, dtype, warmup: int, sync) -> tuple[float, float]:
+    """Wall and CPU seconds (of this process) of the steps after ``warmup`` of a bare loop over
+    ``batches`` ((inputs, targets) on the device): the trainer's model (``build_model``: chunked
+    loss, AC, compile as configured), initialized as the trainer's backend does, the trainer's
+    optimizer and clipping, and its garbage-collector policy (frozen, collected every
+    ``trainer.gc_interval`` steps); nothing else."""
+    import torch
+
+    from slimpajama_train.optim import build_optimizer, lr_at
+    from slimpajama_train.trainer import build_model, collector_frozen
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_weights(cfg.seed)
+    opt = build_optimizer(model, cfg.optim, device)
+    model.train()
+    steps, t_start, cpu_start, gc_interval = len(batches), 0.0, 0.0, cfg.trainer.gc_interval
+    with collector_frozen(gc_interval):  # the trainer's garbage-collector policy too (a process setting)
+        for step, (x, y) in enumerate(batches):
+            if step == warmup:
+                sync()
+                t_start, cpu_start = time.perf_counter(), time.process_time()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(x, y)  # the loss as the trainer computes it (chunked unless loss_chunk_tokens=0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.optim, steps)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step == 0 or step == steps - 1:
+                loss.item()  # the trainer reads the loss on its log steps (the first and the last here)
+            if gc_interval and (step + 1) % gc_interval == 0:
+                gc.collect(1)
+        sync()
+        return time.perf_counter() - t_start, time.process_time() - cpu_start
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, lowest, highest)."""
+    return statistics.median(values), min(values), max(values)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,15 +236,14 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initializes CUDA: the trainer picks the CPU
     import torch
 
-    from slimpajama_train.backends.base import BackendConfig
-    from slimpajama_train.callbacks.base import Callback
+    from slimpajama_train.backends.base import PRECISIONS, BackendConfig
     from slimpajama_train.callbacks.config import LoggerConfig, WandbConfig
     from slimpajama_train.checkpoint import CheckpointConfig
     from slimpajama_train.config import LoopConfig, TrainConfig
-    from slimpajama_train.data import DataConfig, open_dataset, train_loader
+    from slimpajama_train.data import DataConfig, open_dataset, to_device_batch, train_loader
     from slimpajama_train.distributed import destroy_distributed, init_distributed
-    from slimpajama_train.model import ModelConfig, Transformer, lm_loss
-    from slimpajama_train.optim import OptimConfig, build_optimizer, lr_at
+    from slimpajama_train.model import ModelConfig
+    from slimpajama_train.optim import OptimConfig
     from slimpajama_train.trainer import Trainer
 
     cuda = torch.cuda.is_available()
@@ -177,24 +254,6 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     precision = a.precision or ("bf16" if cuda else "fp32")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    class StepClock(Callback):
-        """Wall time from the start of step ``warmup + 1`` to the end of the last step, the device
-        drained at both ends (the trainer reads the device only on log steps: per-step host times
-        would be the host's queueing, not the step)."""
-
-        def __init__(self) -> None:
-            self.t0 = self.t1 = None
-
-        def on_step_start(self, trainer) -> None:
-            if trainer.step == a.warmup:
-                sync()
-                self.t0 = time.perf_counter()
-
-        def on_step_end(self, trainer, metrics) -> None:
-            if metrics.get("step") == a.steps:
-                sync()
-                self.t1 = time.perf_counter()
 
     data = Path(a.data)
     if a.synthetic:
@@ -214,58 +273,69 @@ def main(argv: list[str] | None = None) -> None:
         logger=LoggerConfig(console=False, metrics_file=False, wandb=WandbConfig(enabled=False)),
     )
     dist_info = init_distributed()
-    clock = StepClock()
-    trainer = Trainer(cfg, dist_info, callbacks=[clock])
-    seq = trainer.manifest["seq_len"]
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    trainer_tps = (a.steps - a.warmup) * trainer.tokens_per_step / (clock.t1 - clock.t0)
 
-    # Bare loop: the same batches, pre-loaded on the device; an unwrapped copy of the same model; nothing else.
+    def trainer_run() -> tuple[float, float]:
+        nonlocal resolved, n_params, seq
+        clock = StepClock(a.warmup, a.steps, sync)
+        trainer = Trainer(cfg, dist_info, callbacks=[clock])
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        resolved, n_params, seq = trainer.cfg, trainer.n_params, trainer.manifest["seq_len"]
+        return (a.steps - a.warmup) * trainer.tokens_per_step / (clock.t1 - clock.t0), clock.cpu_s
+
+    resolved, n_params, seq = None, 0, 0
+    # The bare loop's batches: the first of the trainer's loader, pre-loaded on the device, reused by every bare run.
     manifest, data_dir = open_dataset(cfg.data)
     it = iter(train_loader(DataConfig(path=str(data), micro_batch_size=a.micro_batch, num_workers=0), manifest,
                            data_dir, 0, a.micro_batch, 0, 1))
-    batches = [split_batch(next(it), device) for _ in range(a.steps)]
-    model = Transformer(trainer.cfg.model, seed=cfg.seed).to(device)  # the resolved config, the same initial weights
-    if a.compile:
-        for block in model.layers:
-            block.compile()
-    opt = build_optimizer(model, cfg.optim, device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    t_start = 0.0
-    for step, (x, y) in enumerate(batches):
-        if step == a.warmup:
-            sync()
-            t_start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = lm_loss(model(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.optim, a.steps)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step == 0 or step == a.steps - 1:
-            loss.item()  # the trainer reads the loss on its log steps (the first and the last here)
-    sync()
-    bare_tps = (a.steps - a.warmup) * a.micro_batch * seq / (time.perf_counter() - t_start)
+    batches = [to_device_batch(next(it), device) for _ in range(a.steps)]
+    trainer_tps, bare_tps, trainer_cpu, bare_cpu = [], [], [], []
+    for r in range(a.repeats):
+        for which in (("trainer", "bare") if r % 2 == 0 else ("bare", "trainer")):
+            if which == "trainer":
+                tps, cpu_s = trainer_run()
+                trainer_tps.append(tps)
+                trainer_cpu.append(cpu_s)
+            else:  # on the trainer's resolved config (vocabulary, sequence length, compile): pair 1 ran it first
+                seconds, cpu_s = bare_loop_seconds(resolved, batches, device, PRECISIONS[precision], a.warmup, sync)
+                bare_tps.append((a.steps - a.warmup) * a.micro_batch * seq / seconds)
+                bare_cpu.append(cpu_s)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
     destroy_distributed()
 
-    ratio = trainer_tps / bare_tps
+    ratios = [t / b for t, b in zip(trainer_tps, bare_tps, strict=True)]
+    ratio, lo, hi = spread(ratios)
+    # On a CPU shared with other work, wall time swings with the machine's load; the CPU time of this
+    # process (the trainer's loader workers excluded) is the steadier view of the host work per step.
+    cpu_ratios = [b / t for t, b in zip(trainer_cpu, bare_cpu, strict=True)]
     where = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print("\n| loop | tokens/s | model | batch x seq | precision | device |\n|---|---:|---|---|---|---|")
-    shape = f"{trainer.n_params / 1e6:.1f}M ({a.layers}x{a.dim})"
+    shape = f"{n_params / 1e6:.1f}M ({a.layers}x{a.dim})"
     wrap = "FSDP2 always_shard" if a.always_shard else "FSDP2 backend"
-    for name, tps in ((f"slimpajama trainer ({wrap}, shard loader)", trainer_tps),
-                      ("bare PyTorch loop (in-memory batches)", bare_tps)):
-        print(f"| {name} | {tps:,.0f} | {shape} | {a.micro_batch} x {seq} | {precision} | {where} |")
-    print(f"\nratio trainer / bare = {ratio:.3f} (target >= 0.95)")
-    print(json.dumps({"trainer_tokens_s": trainer_tps, "bare_loop_tokens_s": bare_tps, "ratio": ratio,
-                      "steps_timed": a.steps - a.warmup, "params": trainer.n_params, "precision": precision,
-                      "device": where, "micro_batch": a.micro_batch, "seq_len": seq,
-                      "always_shard": a.always_shard, "compile": a.compile}))
+    print(f"\n{shape}, {a.micro_batch} x {seq} tokens per step, {precision}, {where}, compile "
+          f"{'on' if resolved.trainer.compile else 'off'}; {a.steps - a.warmup} steps timed per run")
+    print(f"\n| pair | slimpajama trainer ({wrap}, shard loader) tokens/s | bare loop (in-memory batches) tokens/s "
+          "| trainer / bare | per CPU second: trainer / bare |\n|---:|---:|---:|---:|---:|")
+    for i, (t, b, c) in enumerate(zip(trainer_tps, bare_tps, cpu_ratios, strict=True)):
+        print(f"| {i + 1} | {t:,.0f} | {b:,.0f} | {t / b:.3f} | {c:.3f} |")
+    print(f"\nratio trainer / bare = {ratio:.3f}, median of {a.repeats} alternating pairs "
+          f"(spread {lo:.3f}-{hi:.3f}; target >= 0.95)")
+    out = {"trainer_tokens_s": statistics.median(trainer_tps), "bare_loop_tokens_s": statistics.median(bare_tps),
+           "ratio": ratio, "ratio_min": lo, "ratio_max": hi, "ratios": ratios, "repeats": a.repeats,
+           "trainer_runs_tokens_s": trainer_tps, "bare_runs_tokens_s": bare_tps,
+           "steps_timed": a.steps - a.warmup, "params": n_params, "precision": precision,
+           "device": where, "micro_batch": a.micro_batch, "seq_len": seq,
+           "always_shard": a.always_shard, "compile": bool(resolved.trainer.compile),
+           "loss_chunk_tokens": resolved.backend.loss_chunk_tokens, "fused_adamw": resolved.optim.fused}
+    if not cuda:  # on a GPU the host's CPU time is mostly spent waiting for the device
+        cpu_ratio, cpu_lo, cpu_hi = spread(cpu_ratios)
+        print(f"tokens per CPU second of this process, trainer / bare = {cpu_ratio:.3f} "
+              f"(spread {cpu_lo:.3f}-{cpu_hi:.3f})")
+        out.update(cpu_time_ratio=cpu_ratio, cpu_time_ratio_min=cpu_lo, cpu_time_ratio_max=cpu_hi)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

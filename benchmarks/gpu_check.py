@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("nccl", "tests", "bench_train", "mfu")
-DEFAULT_TIMEOUT_S = {"nccl": 120, "tests": 330, "bench_train": 150, "mfu": 300}
+DEFAULT_TIMEOUT_S = {"nccl": 120, "tests": 330, "bench_train": 210, "mfu": 300}
 NO_GPU = "no CUDA GPU"
 MIN_PART_S = 30  # a part is not started with less of the budget left than this
 # The shape the README's MFU table reports ("micro-batch 8 × seq 2048"); bench_mfu's own default
@@ -239,9 +239,9 @@ def part_command(part: str, a: argparse.Namespace, gpus: int, work: Path) -> tup
         cmd = [py, str(REPO / "benchmarks/bench_train.py"), "--synthetic", "--data", str(work / "bench_train_data"),
                "--run-dir", str(work / "bench_train_run")]
         cmd += (["--device", "cpu", "--seq-len", "64", "--vocab", "2000", "--dim", "64", "--layers", "2",
-                 "--micro-batch", "2", "--steps", "4", "--warmup", "1"] if a.cpu
+                 "--micro-batch", "2", "--steps", "4", "--warmup", "1", "--repeats", "2"] if a.cpu
                 else ["--device", "cuda", "--seq-len", "1024", "--dim", "768", "--layers", "12", "--micro-batch", "8",
-                      "--steps", "40", "--warmup", "10"])
+                      "--steps", "40", "--warmup", "10", "--repeats", "3"])
     elif part == "mfu":
         cmd = [py, str(REPO / "benchmarks/bench_mfu.py")]
         if a.cpu:
@@ -318,8 +318,10 @@ def fmt_part(part: str, s: dict) -> str:
                 cells.append(f"{r['model']} {r['tokens_s_per_gpu']:,.0f} tok/s/GPU (no peak FLOP/s known)")
         line = ("; ".join(cells) or "no rows") + tail
     else:
+        pairs = f", median of {s['repeats']} pairs, spread {s['ratio_min']:.3f}-{s['ratio_max']:.3f}" \
+            if "ratio_min" in s else ""
         line = (f"trainer / bare loop = {s['ratio']:.3f} ({s['trainer_tokens_s']:,.0f} vs "
-                f"{s['bare_loop_tokens_s']:,.0f} tokens/s){tail}" if "ratio" in s else f"no figures{tail}")
+                f"{s['bare_loop_tokens_s']:,.0f} tokens/s{pairs}){tail}" if "ratio" in s else f"no figures{tail}")
     if s.get("error"):
         line += f"\n      error: {s['error'][-300:]}"
     return line

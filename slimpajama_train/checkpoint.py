@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from data_prep.cli import UserError
 from slimpajama_train.backends.base import Backend
-from slimpajama_train.distributed import all_ranks_true, barrier, broadcast_object, world
+from slimpajama_train.distributed import all_gather_object, all_ranks_true, barrier, broadcast_object, world
 
 LATEST = "latest"
 META = "meta.json"
@@ -222,15 +221,6 @@ def verify_files(path: Path, meta: dict[str, Any], rank: int = 0, world_size: in
     return problems
 
 
-def _gather(obj: Any) -> list[Any]:
-    rank, world_size = world()
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _disk_full(exc: BaseException) -> bool:
     """Whether a save failed for lack of space: ENOSPC/EDQUOT anywhere in the chain, or torch's
     zip writer's words for a short write (``unexpected pos``), or DCP's wrapped message."""
@@ -290,7 +280,7 @@ class CheckpointManager:
                 self.log(f"checkpoint: {path} records no checksums (written before they were); sizes checked only")
         except CorruptCheckpointError as exc:
             problems = [str(exc)]
-        return sorted({p for ps in _gather(problems) for p in ps})
+        return sorted({p for ps in all_gather_object(problems) for p in ps})
 
     def start(self) -> Path | None:
         """Where this run starts: the checkpoint to resume (verified), or None for a fresh start.
@@ -422,7 +412,7 @@ class CheckpointManager:
             except Exception as exc:  # noqa: BLE001 - reported by _agree_written on every rank
                 error = exc
         self._agree_written(step, tmp, backend, error)
-        rngs = _gather(rng_state())
+        rngs = all_gather_object(rng_state())
         full_meta = {**meta, "step": step, "world_size": world_size, "rng": rngs}
         if self.cfg.async_save:
             written = backend.save_async(tmp / STATE)
@@ -501,7 +491,7 @@ class CheckpointManager:
         checkpoint into place, point ``latest`` at it and prune."""
         rank, _ = world()
         final = self.root / step_dirname(step)
-        files = {k: v for d in _gather(digests) for k, v in d.items()}  # also: every rank's shards are on disk
+        files = {k: v for d in all_gather_object(digests) for k, v in d.items()}  # every rank's shards are on disk
         if rank == 0:
             listed = _checkpoint_files(tmp)
             complete = set(files) == set(listed) and all(files[k][0] == (tmp / k).stat().st_size for k in listed)

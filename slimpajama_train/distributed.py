@@ -1,10 +1,12 @@
 """Process-group setup for torchrun (or a single plain process) and small collective helpers.
 
 On GPUs the default group has two backends, ``cuda:nccl,cpu:gloo``: NCCL for the training's device
-tensors, gloo for the few host-side collectives (checkpoint bookkeeping, ``*_object`` helpers of
-libraries). An NCCL-only group raises "No backend type associated with device type cpu" on the
-first collective over a CPU tensor, so every collective here uses device tensors anyway, and
-``tests/slimpajama_train/test_collectives.py`` checks that no module relies on anything else.
+tensors, gloo for the ``*_object`` helpers (of libraries and here), which pickle through tensors of
+their own choice. The project's rule: a collective on the default group carries tensors on the
+training device; host tensors go only over an explicit gloo group (:func:`host_group`, the stop
+vote's). An NCCL-only default group would raise "No backend type associated with device type cpu"
+on the first CPU tensor. Every collective of ``slimpajama_train`` goes through the helpers here:
+``tests/slimpajama_train/test_collectives.py`` checks both (a scan of the sources, and a guarded run).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -77,10 +80,33 @@ def init_distributed(cfg: DistConfig | None = None) -> DistInfo:
     return DistInfo(rank, local, world, device)
 
 
+# The gloo group of host_group() and the timeout it gets: process-wide, like the default group.
+_host: dict = {"group": None, "timeout": None}
+
+
 def set_collective_timeout(seconds: float) -> None:
-    """Change the default group's timeout (start-up and resume run under a long one, steps a short one)."""
+    """Change the collective timeout of the default group and of :func:`host_group` (start-up and
+    resume run under a long one, steps a short one)."""
+    _host["timeout"] = timedelta(seconds=seconds)
     if dist.is_initialized():
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
+        dist.distributed_c10d._set_pg_timeout(_host["timeout"])
+        if _host["group"] is not None:
+            dist.distributed_c10d._set_pg_timeout(_host["timeout"], _host["group"])
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for collectives on host tensors (None alone: nothing to reduce).
+
+    Created on first use, which must come at the same point on every rank (``new_group`` is
+    collective, and groups are matched by creation order); kept until :func:`destroy_distributed`.
+    Gloo runs each asynchronous collective on a thread of its own, apart from the device's streams:
+    waiting for one waits for the other ranks' hosts, never for a device.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if _host["group"] is None:
+        _host["group"] = dist.new_group(backend="gloo", timeout=_host["timeout"])
+    return _host["group"]
 
 
 def destroy_distributed(barrier: bool = False) -> None:
@@ -89,6 +115,7 @@ def destroy_distributed(barrier: bool = False) -> None:
         if barrier and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+    _host["group"] = None
 
 
 def _device() -> torch.device:
@@ -102,6 +129,33 @@ def all_reduce_sum(values: list[float], device: torch.device | None = None) -> l
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_tensor_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` (on the training device) across ranks in place; returns it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (on the training device), concatenated in rank order along dim 0."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    out = torch.empty((dist.get_world_size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    # all_gather_single is the newer name (torch deprecates all_gather_into_tensor where it has it).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, t)
+    return out
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_ranks_true(flag: bool) -> bool:
@@ -132,20 +186,20 @@ def broadcast_object(obj, src: int = 0):
 
 
 class AsyncVote:
-    """A yes/no vote across ranks that never stalls a step: :meth:`start` launches a one-element
-    asynchronous all-reduce on the device; :meth:`result` reads it one step later, when it has long
-    completed (on CUDA through pinned host memory after an event, not a blocking device copy).
+    """A yes/no vote across ranks that never waits for the device: :meth:`start` launches an
+    asynchronous all-reduce of a one-element host tensor over :func:`host_group`; :meth:`result`
+    reads it one step later, when gloo's thread has long finished it: ``work.wait()`` is a wait on
+    that host thread (on the other ranks' hosts at worst), and the read is one of host memory.
+    CPU and GPU runs take the same path (an earlier version reduced a device tensor and waited on
+    a CUDA event every step, which kept the host at most one step ahead of the GPU).
 
     Every rank calls both at the same steps, so all ranks read the same sum at the same step: the
     stop decision it carries is global and deterministic, one step after the signal is voted.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._pending: tuple | None = None
-        self._multi = dist.is_initialized() and dist.get_world_size() > 1
-        # One pinned landing buffer, reused: a vote is read before the next one starts.
-        self._host = torch.empty(1, dtype=torch.float32, pin_memory=device.type == "cuda")
+    def __init__(self) -> None:
+        self._group = host_group()
+        self._pending: tuple[dist.Work | None, torch.Tensor] | None = None
 
     @property
     def pending(self) -> bool:
@@ -154,33 +208,19 @@ class AsyncVote:
     def start(self, flag: bool) -> None:
         if self._pending is not None:
             raise RuntimeError("AsyncVote.start() before the previous vote was read")
-        t = torch.full((1,), 1.0 if flag else 0.0, dtype=torch.float32, device=self.device)  # a fill: no copy
-        work = dist.all_reduce(t, async_op=True) if self._multi else None
-        event = None
-        if self.device.type == "cuda":
-            if work is not None:
-                work.wait()  # on NCCL: the current stream waits for the reduction; the host does not
-            host = self._host
-            host.copy_(t, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            work = None
-        else:
-            host = t
-        self._pending = (work, host, event)
+        votes = torch.tensor([1 if flag else 0], dtype=torch.int32)  # host memory: what gloo reduces
+        work = dist.all_reduce(votes, group=self._group, async_op=True) if self._group is not None else None
+        self._pending = (work, votes)
 
     def result(self) -> bool:
-        """True when any rank voted yes (blocks only if the reduction has not finished yet)."""
+        """True when any rank voted yes (blocks only while another rank has not voted yet)."""
         if self._pending is None:
             raise RuntimeError("AsyncVote.result() without a vote in flight")
-        work, host, event = self._pending
+        work, votes = self._pending
         self._pending = None
-        if event is not None:
-            event.synchronize()
         if work is not None:
             work.wait()
-        # A host-memory read (numpy view of a CPU tensor), not a device transfer.
-        return bool(host.numpy()[0] > 0)
+        return bool(votes.numpy()[0] > 0)
 
 
 def torchrun_argv(nproc: int, script: str, args: list[str]) -> list[str]:

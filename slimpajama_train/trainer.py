@@ -6,11 +6,13 @@ W&B, speed); :class:`StopRequest` records scheduler signals, which the ranks agr
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,14 @@ from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.checkpoint import Checkpointer, checkpoint_step, list_checkpoints
 from slimpajama_train.config import TrainConfig, config_hash, resolve_config
 from slimpajama_train.data import check_manifest, open_dataset, shut_down_workers, train_loader, val_loader
-from slimpajama_train.distributed import AsyncVote, DistInfo, all_reduce_sum, set_collective_timeout
+from slimpajama_train.distributed import (
+    AsyncVote,
+    DistInfo,
+    all_gather_tensor,
+    all_reduce_sum,
+    all_reduce_tensor_,
+    set_collective_timeout,
+)
 from slimpajama_train.metrics import detect_peak_tflops, flops_per_token, host_peak_rss_bytes, mfu_off_reason
 from slimpajama_train.model import Transformer, count_parameters
 from slimpajama_train.optim import OptimConfig, lr_at
@@ -69,6 +78,24 @@ def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
     if want and problem:
         raise ConfigError(f"trainer.compile=true: {problem}; set trainer.compile=false")
     return cfg, None
+
+
+@contextlib.contextmanager
+def collector_frozen(gc_interval: int) -> Iterator[None]:
+    """With ``gc_interval`` (``trainer.gc_interval``): everything built so far (model, loaders,
+    config) leaves the garbage collector's view and automatic collection is off inside, so the loop
+    collects only at the steps it chooses, the same on every rank; 0 leaves the collector alone."""
+    if not gc_interval:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 @dataclass
@@ -201,11 +228,10 @@ class Trainer:
         self.preempted = self._agree_to_stop()
         if self.step == 0 and self.val_data is not None and not self.preempted:
             self._emit({"step": 0, **self.evaluate()})
-        vote = AsyncVote(self.dist.device)
+        vote = AsyncVote()
         carried: dict[str, float] = {}
-        self._freeze_gc()
-        self._window_t0 = time.perf_counter()
-        try:
+        with collector_frozen(loop.gc_interval):
+            self._window_t0 = time.perf_counter()
             while self.step < end and not self.preempted:
                 if vote.pending and vote.result():  # a signal voted at the start of the previous step
                     self.preempted = True
@@ -236,8 +262,6 @@ class Trainer:
             if self._window:  # steps not logged yet (a stop between log steps): nothing is lost
                 self._emit({**self._read_window(), **carried})
             self._refuse_suspect_checkpoint()
-        finally:
-            self._thaw_gc()
         if self.preempted:
             self.log(f"stop requested ({self.stop.describe()} on some rank): saving at step {self.step} "
                      "and exiting for requeue")
@@ -258,19 +282,6 @@ class Trainer:
         for cb in self.callbacks:  # after the save and the marker: an observer cannot cost a checkpoint
             cb.on_train_end(self)
         return self.summary
-
-    def _freeze_gc(self) -> None:
-        """Everything built so far (model, loaders, config) leaves the collector's view; collection
-        then happens only at the steps :meth:`fit` chooses, the same on every rank."""
-        if self.cfg.trainer.gc_interval:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-
-    def _thaw_gc(self) -> None:
-        if self.cfg.trainer.gc_interval:
-            gc.unfreeze()
-            gc.enable()
 
     def _agree_to_stop(self) -> bool:
         return all_reduce_sum([float(self.stop.requested)], self.dist.device)[0] > 0
@@ -305,12 +316,7 @@ class Trainer:
         k, W, dev = len(window), self.dist.world_size, self.dist.device
         mine = torch.cat([torch.stack([r.loss_sum.float().reshape(()) for r in window]),
                           torch.tensor([self._host_s, self._wait_s], device=dev)])
-        if W > 1:
-            gathered = torch.empty(W * (k + 2), dtype=mine.dtype, device=dev)
-            gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
-            gather(gathered, mine)
-        else:
-            gathered = mine
+        gathered = all_gather_tensor(mine)  # (W * (k + 2),): rank by rank
         last = window[-1].result
         parts = [gathered, *(_on_device(r.result.grad_norm, dev) for r in window),
                  *(_on_device(r.result.skipped, dev) for r in window), _on_device(last.loss_scale, dev)]
@@ -408,9 +414,7 @@ class Trainer:
             slot = torch.where(src >= 0, src, n).to(self.dist.device, non_blocking=True)
             sums[: n + 1].index_add_(0, slot, losses)
             sums[n + 1 :].index_add_(0, slot, torch.ones_like(losses))
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(sums)
-        total = sums.tolist()  # the evaluation's one device-to-host transfer
+        total = all_reduce_tensor_(sums).tolist()  # the evaluation's one device-to-host transfer
         loss, count = total[: n + 1], total[n + 1 :]
         val = sum(loss) / sum(count)
         self.summary.setdefault("first_val_loss", val)

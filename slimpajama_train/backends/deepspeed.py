@@ -18,6 +18,7 @@ import deepspeed  # noqa: E402
 from slimpajama_train.backends.base import Backend, BackendConfig, StepResult  # noqa: E402
 from slimpajama_train.checkpoint import weights_only_loads  # noqa: E402
 from slimpajama_train.data import to_device_batch  # noqa: E402
+from slimpajama_train.distributed import barrier  # noqa: E402
 from slimpajama_train.model import Transformer  # noqa: E402
 from slimpajama_train.optim import OptimConfig, build_optimizer, param_groups  # noqa: E402
 
@@ -314,7 +315,7 @@ class DeepSpeedBackend(Backend):
             tag = UNIVERSAL_TAG
             if self.dist.rank == 0 and not (path / UNIVERSAL_TAG / "zero").is_dir():
                 to_universal(path / CKPT_TAG, path / UNIVERSAL_TAG)
-            torch.distributed.barrier()
+            barrier()
             self.model._config.load_universal_checkpoint = True
         # Two flaws of DeepSpeed's ZeRO-3 universal load are undone after it: it copies the
         # hyperparameters of param group 0 into every group (giving the no-decay group weight decay),

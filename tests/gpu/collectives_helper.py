@@ -67,7 +67,7 @@ def main() -> None:
     summed = sd.all_reduce_sum([1.0, float(rank)], dev)
     check("all_reduce_sum_helper", summed == [float(world), world * (world - 1) / 2], str(summed))
     if hasattr(sd, "AsyncVote"):
-        vote = sd.AsyncVote(dev)
+        vote = sd.AsyncVote()
         vote.start(rank == world - 1)  # the preemption vote: one rank says stop
         check("async_vote", vote.result() is True)
         vote.start(False)

@@ -45,3 +45,26 @@ def test_sync_debug_errors_exactly_on_quiet_steps(monkeypatch):
         trainer.step = step
         cb.on_step_start(trainer)
     assert cb.error_steps == [2, 3, 5, 7, 9, 11]
+
+
+def test_sync_debug_counts_explicit_syncs_on_quiet_steps_only(monkeypatch):
+    """``Event.synchronize`` passes the error mode unnoticed: SyncDebug counts it, per caller, in the
+    quiet steps (here a stand-in for the CUDA method, called once per step as the old stop vote did)."""
+    torch = train_helper.torch
+    real: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda self: real.append(1))
+    trainer = _Trainer([f"trainer.max_steps={STEPS}", f"trainer.log_interval={LOG_INTERVAL}",
+                        "trainer.eval_interval=0", "checkpoint.interval=0"])
+    cb = train_helper.SyncDebug()
+    cb.on_train_start(trainer)
+    for step in range(STEPS):
+        trainer.step = step
+        cb.on_step_start(trainer)
+        torch.cuda.Event.synchronize(object())
+    cb.on_train_end(trainer)
+    torch.cuda.Event.synchronize(object())  # after the run: not counted, and the stand-in is back
+    assert len(real) == STEPS + 1
+    ((where, calls),) = cb.explicit_syncs.items()
+    assert calls == len(QUIET_STEPS) and where.startswith("test_helpers_cpu.py:") and where.endswith(
+        " Event.synchronize")

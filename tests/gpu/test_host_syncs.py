@@ -1,6 +1,8 @@
 """Steps that do not log never wait for the GPU: ``torch.cuda.set_sync_debug_mode("error")`` is on
-around every such step (``train_helper.SyncDebug``), so any host-device synchronization there (an
-``.item()``, a ``.tolist()``, a blocking copy, ``torch.cuda.synchronize``) raises and fails the run."""
+around every such step (``train_helper.SyncDebug``), so any implicit host-device synchronization
+there (an ``.item()``, a ``.tolist()``, a blocking copy) raises and fails the run; the explicit ones
+that mode lets pass (``Event.synchronize``, as the stop vote once did every step,
+``Stream.synchronize``, ``torch.cuda.synchronize``) are counted in the same steps and must be none."""
 import pytest
 
 from tests.gpu.conftest import last_json, launch, train_overrides
@@ -29,6 +31,8 @@ def test_no_host_sync_on_non_log_steps(shards, tmp_path, gpus, path, record):
     proc = launch(nproc, ["--sync-debug", *train_overrides(shards, tmp_path, *extra, steps=STEPS)],
                   torchrun=nproc > 1 or path != "one_process_unwrapped", timeout=420)
     summary = last_json(proc.stdout)
-    record(path=path, gpus=nproc, error_mode_steps=summary["sync_debug_error_steps"])
+    record(path=path, gpus=nproc, error_mode_steps=summary["sync_debug_error_steps"],
+           explicit_syncs=summary["explicit_syncs_on_quiet_steps"])
     assert summary["step"] == STEPS and not summary["preempted"]
     assert summary["sync_debug_error_steps"] == QUIET_STEPS
+    assert summary["explicit_syncs_on_quiet_steps"] == {}

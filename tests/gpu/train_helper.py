@@ -6,7 +6,9 @@ hydra-core/omegaconf). Run directly (one process) or under torchrun.
         [--pid-dir DIR] data.path=... run_dir=... backend.always_shard=true trainer.max_steps=8 ...
 
 - ``--sync-debug``: :class:`SyncDebug`: ``torch.cuda.set_sync_debug_mode("error")`` around every
-  step that is not a log, eval or checkpoint step, so any host-device synchronization there raises.
+  step that is not a log, eval or checkpoint step, so any implicit host-device synchronization there
+  raises; the explicit ones, which that mode lets pass (``Event.synchronize``, ``Stream.synchronize``,
+  ``torch.cuda.synchronize``), are counted there, by caller, into the summary.
 - ``--kill-at S``: rank ``--kill-rank`` sends itself ``--kill-signal`` once step S is done (as SLURM
   signals a job); the ranks must vote, save and exit for requeue. (Not ``--signal*``: torchrun's
   parser would take that for an abbreviation of its ``--signals-to-handle``.)
@@ -86,25 +88,53 @@ def config_from_overrides(overrides: list[str]) -> TrainConfig:
 class SyncDebug(Callback):
     """``torch.cuda.set_sync_debug_mode("error")`` from the start of every step that is neither a log,
     an eval nor a checkpoint step until the start of the next step; "default" around the others.
-    ``trainer.step`` is the number of steps done, so the coming step is ``trainer.step + 1``."""
+    ``trainer.step`` is the number of steps done, so the coming step is ``trainer.step + 1``.
+
+    The error mode catches implicit synchronizations (``.item()``, blocking copies) but not the
+    explicit waits of :data:`EXPLICIT`, so in the same windows those are counted, by caller
+    (``explicit_syncs``, "file:line name" -> calls): an ``Event.synchronize`` per step keeps the host
+    at most one step ahead of the GPU as surely as an ``.item()``."""
 
     name = "sync_debug"
     priority = 1000  # first: the other callbacks' on_step_start run under the mode set here
+    EXPLICIT = ((torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda, "synchronize"))
 
     def __init__(self) -> None:
         self.error_steps: list[int] = []
+        self.explicit_syncs: dict[str, int] = {}
+        self.quiet = False
+        self._saved: list[tuple] = []
+
+    def on_train_start(self, trainer) -> None:
+        for owner, name in self.EXPLICIT:
+            fn = getattr(owner, name)
+            self._saved.append((owner, name, fn))
+            setattr(owner, name, self._counting(f"{getattr(owner, '__name__', owner)}.{name}", fn))
+
+    def _counting(self, what: str, fn):
+        def counted(*args, **kwargs):
+            if self.quiet:
+                caller = sys._getframe(1)
+                key = f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {what}"
+                self.explicit_syncs[key] = self.explicit_syncs.get(key, 0) + 1
+            return fn(*args, **kwargs)
+        return counted
 
     def on_step_start(self, trainer) -> None:
         nxt, loop, ckpt = trainer.step + 1, trainer.cfg.trainer, trainer.cfg.checkpoint
-        quiet = not (nxt % loop.log_interval == 0 or nxt == 1 or nxt == loop.max_steps
-                     or (loop.eval_interval and nxt % loop.eval_interval == 0)
-                     or (ckpt.interval and nxt % ckpt.interval == 0))
-        torch.cuda.set_sync_debug_mode("error" if quiet else "default")
-        if quiet:
+        self.quiet = not (nxt % loop.log_interval == 0 or nxt == 1 or nxt == loop.max_steps
+                          or (loop.eval_interval and nxt % loop.eval_interval == 0)
+                          or (ckpt.interval and nxt % ckpt.interval == 0))
+        torch.cuda.set_sync_debug_mode("error" if self.quiet else "default")
+        if self.quiet:
             self.error_steps.append(nxt)
 
     def on_train_end(self, trainer) -> None:
+        self.quiet = False
         torch.cuda.set_sync_debug_mode("default")
+        for owner, name, fn in reversed(self._saved):
+            setattr(owner, name, fn)
+        self._saved.clear()
 
 
 class SelfSignal(Callback):
@@ -150,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.fit()
         if sync_debug is not None:
             summary["sync_debug_error_steps"] = sync_debug.error_steps
+            summary["explicit_syncs_on_quiet_steps"] = sync_debug.explicit_syncs
         if dist_info.is_main:
             print(json.dumps(summary), flush=True)
         clean = True

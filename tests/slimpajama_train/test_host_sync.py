@@ -1,5 +1,6 @@
 """Steps that do not log never wait for the device, and add one small asynchronous collective (the
-stop vote) to the training's own. Counted by instrumenting tensor reads and collectives
+stop vote, a host tensor over a gloo group) to the training's own. Counted by instrumenting tensor
+reads, CUDA event and stream synchronizations, waits on collectives and the collectives themselves
 (sync_probe.py) in a 12-step run with log_interval=10: steps 2-9 and 11 are non-log steps."""
 import json
 import os
@@ -11,7 +12,8 @@ import pytest
 
 from tests.conftest import REPO
 
-VOTE = "all_reduce[1]async=True"
+VOTE = "all_reduce[1]async=True@group"  # on the gloo group of distributed.host_group()
+VOTE_WAIT = "all_reduce.wait@slimpajama_train:distributed.py:"
 
 
 def _probe(demo_shards, tmp_path, backend: str, **env_extra: str) -> dict:
@@ -43,6 +45,13 @@ def test_no_host_sync_and_one_async_collective_on_non_log_steps(demo_shards, tmp
         at_log = [sum(probe["syncs"].get(str(s), {}).values()) for s in probe["log_steps"]]
         print(f"{backend} rank {rank}: host syncs per non-log step {count} (the backend's bare step: "
               f"{sum(bare_syncs.values())}: {dict(bare_syncs)}); per log step {at_log}")
+        # The stop vote never waits for the device: no CUDA event or stream synchronization, no wait
+        # on a collective over a device tensor; its one wait per step is on gloo's host thread.
+        device_waits = {s: probe["device_waits"].get(str(s)) for s in quiet}
+        host_waits = [probe["host_waits"].get(str(s), {}) for s in quiet]
+        print(f"{backend} rank {rank}: device waits per non-log step {device_waits}; host waits {host_waits[0]}")
+        assert not any(device_waits.values()) and not probe["device_waits"].get("bare1"), device_waits
+        assert all(len(w) == 1 and next(iter(w)).startswith(VOTE_WAIT) and sum(w.values()) == 1 for w in host_waits)
         assert not any(ours.values()), f"the trainer synchronizes on non-log steps: {ours}"
         for s in quiet:
             syncs = Counter(probe["syncs"].get(str(s), {}))
@@ -91,5 +100,5 @@ def test_validation_reads_the_device_once_per_evaluation(demo_shards, tmp_path):
         extra_colls = Counter(probe["collectives"]["5"]) - Counter(probe["collectives"]["bare1"])
         # the evaluation's one all-reduce: loss sum and count per source plus a mixed-shard slot
         assert sorted(extra_colls) == sorted([VOTE, next(k for k in extra_colls if k.startswith("all_reduce[") and
-                                                         k.endswith("async=False"))]), extra_colls
+                                                         k.endswith("async=False@default"))]), extra_colls
         assert sum(extra_colls.values()) == 2, extra_colls
