@@ -193,6 +193,7 @@ def bare_loop_seconds(cfg, batches: list, device, dtype, warmup: int, sync) -> t
     ``trainer.gc_interval`` steps); nothing else."""
     import torch
 
+    from slimpajama_train.backends.fsdp2 import global_grad_norm
     from slimpajama_train.optim import build_optimizer, lr_at
     from slimpajama_train.trainer import build_model, collector_frozen
 
@@ -212,7 +213,9 @@ def bare_loop_seconds(cfg, batches: list, device, dtype, warmup: int, sync) -> t
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = model(x, y)  # the loss as the trainer computes it (chunked unless loss_chunk_tokens=0)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            params = [p for p in model.parameters() if p.grad is not None]
+            norm = global_grad_norm([p.grad for p in params])  # the trainer's norm (fp64 sums) and clipping
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, norm)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg.optim, steps)
             opt.step()
