@@ -5,8 +5,8 @@ Tolerances come from the fp32 reduction noise measured between layouts of the sa
 (tiny model of ``tests/slimpajama_train/test_backends.py``, fp32, ``grad_clip=0``, 24 steps): 1 and 2
 processes, HSDP 2x2 with and without accumulation, ZeRO-1/2/3 and compiled FSDP2 differed by at most
 9.5e-7 in the loss, 1.1e-7 relative in the gradient norm (summed in fp64 by ``global_grad_norm``) and
-3.9e-7 in any parameter; resumed on another world size (8 steps, clipped at 1.0) 7.9e-7 (FSDP2 1 -> 2
-processes). Each tolerance is 6-45x that: 1e-5, 5e-6 and 5e-6. A constant gradient scale, which
+3.9e-7 in any parameter; resumed on another world size (8 steps, clipped at 1.0) and compared with
+one process, 1.6e-6 (ZeRO-3 1 -> 2). Each tolerance is 6-45x that: 1e-5, 5e-6 and 1e-5. A constant gradient scale, which
 AdamW hides from the loss, moves the gradient norm by the scale itself; a change of the gradients' direction
 moves the parameters by ~lr per step (1e-3 here). docs/TESTING.md has the measured table.
 """
@@ -24,7 +24,7 @@ from tests.conftest import read_metrics
 
 LOSS_TOL = 1e-5
 GRAD_NORM_REL_TOL = 5e-6
-PARAM_TOL = 5e-6
+PARAM_TOL = 1e-5
 
 
 @dataclass

@@ -61,12 +61,14 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 @pytest.fixture(scope="module")
 def straight(demo_shards, tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted runs, one per backend."""
+    """Uninterrupted runs, one per backend on 2 processes, and ``one_process`` (FSDP2 unwrapped)."""
     runs = {}
     for backend in BACKENDS:
         run_dir = tmp_path_factory.mktemp(f"straight_{backend}")
         run_torchrun(2, _overrides(demo_shards, run_dir, backend), cwd=REPO)
         runs[backend] = run_dir
+    runs["one_process"] = tmp_path_factory.mktemp("straight_one_process")
+    run_torchrun(1, _overrides(demo_shards, runs["one_process"], "fsdp2"), cwd=REPO)
     return runs
 
 
@@ -162,13 +164,15 @@ def test_a_sigterm_while_exiting_for_requeue_keeps_exit_status_75():
 def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second):
     """FSDP2 through DCP resharding; ZeRO through DeepSpeed's universal checkpoint: the resumed run's
     losses, gradient norms (clipped at 1.0 here) and step-8 parameters match the uninterrupted
-    2-process run within the equivalence tolerances (tests/slimpajama_train/equivalence.py)."""
+    2-process run and the one-process run within the equivalence tolerances
+    (tests/slimpajama_train/equivalence.py)."""
     run_torchrun(first, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4"), cwd=REPO)
     proc = run_torchrun(second, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
     assert "resumed from" in proc.stderr
-    diff = compare(tmp_path, straight[backend])
-    print(f"{backend} {first} -> {second} processes: {diff}")
-    assert diff.steps == STEPS and diff.within_tolerance, diff
+    for reference in (backend, "one_process"):
+        diff = compare(tmp_path, straight[reference])
+        print(f"{backend} {first} -> {second} processes, against {reference}: {diff}")
+        assert diff.steps == STEPS and diff.within_tolerance, (reference, diff)
     got, ref = losses_by_step(tmp_path), losses_by_step(straight[backend])
     assert sorted(got) == sorted(ref)
     assert all(abs(got[s][1] - ref[s][1]) < 1e-5 for s in ref if ref[s][1] is not None)  # validation losses
