@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slimpajama_train.data import TokenBlocks, check_shard_names  # noqa: E402 - after the sys.path insert
+from slimpajama_train.data.dataset import TokenBlocks, check_shard_names  # noqa: E402 - after the sys.path insert
 
 
 def per_call(fn, n: int) -> float:

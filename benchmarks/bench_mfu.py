@@ -15,7 +15,7 @@ Reports per model the MEDIAN step time over ``--steps`` measured steps after ``-
 rank per step), tokens/s per GPU, peak memory (``torch.cuda.max_memory_allocated``, max over
 ranks), and MFU under two FLOP conventions:
 
-- PaLM (the trainer's ``slimpajama_train.metrics.flops_per_token``): 6·N + 12·L·d·T per token,
+- PaLM (the trainer's ``slimpajama_train.mfu.flops_per_token``): 6·N + 12·L·d·T per token,
   attention scores and values over the full T x T square;
 - Megatron, causal-halved: 6·N + 6·L·d·T, counting only the causal half of the attention matrix.
 
@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402 - after the sys.path insert above
 import yaml  # noqa: E402
 
-from data_prep.config import conf_dir  # noqa: E402
+from data_prep.cli import conf_dir  # noqa: E402
 from slimpajama_train.distributed import torchrun_argv  # noqa: E402
 from slimpajama_train.model import ModelConfig  # noqa: E402
 
@@ -64,7 +64,7 @@ def model_config(name: str, vocab: int, seq_len: int) -> ModelConfig:
 def flops_per_token_conventions(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token (forward + backward = 3 x forward) under both conventions: PaLM's
     6·N + 12·L·d·T (full attention matrix) and Megatron's causal-halved 6·N + 6·L·d·T."""
-    from slimpajama_train.metrics import matmul_params_per_token
+    from slimpajama_train.mfu import matmul_params_per_token
 
     dense = 6.0 * matmul_params_per_token(cfg)
     attention_full = 12.0 * cfg.n_layers * cfg.dim * seq_len
@@ -104,8 +104,8 @@ def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
 def measure(name: str, a: argparse.Namespace, dist_info) -> dict:
     from slimpajama_train.backends import build_backend
     from slimpajama_train.backends.base import BackendConfig
-    from slimpajama_train.config import LoopConfig, TrainConfig
-    from slimpajama_train.metrics import detect_peak_tflops, peak_memory_gb
+    from slimpajama_train.config import TrainConfig, TrainerConfig
+    from slimpajama_train.mfu import detect_peak_tflops, peak_memory_gb
     from slimpajama_train.model import count_parameters
     from slimpajama_train.optim import OptimConfig
     from slimpajama_train.trainer import build_model
@@ -116,7 +116,7 @@ def measure(name: str, a: argparse.Namespace, dist_info) -> dict:
     backend_cfg = BackendConfig(name="fsdp2", precision=a.precision, always_shard=True, activation_checkpointing=ac,
                                 ac_every=a.ac_every, loss_chunk_tokens=a.loss_chunk_tokens)
     # The trainer's own model build: AC mode, loss chunk and trainer.compile applied as a run applies them.
-    train_cfg = TrainConfig(model=cfg, backend=backend_cfg, trainer=LoopConfig(compile=a.compile))
+    train_cfg = TrainConfig(model=cfg, backend=backend_cfg, trainer=TrainerConfig(compile=a.compile))
     device = dist_info.device
     cuda = device.type == "cuda"
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=1, help="GPUs: > 1 re-launches this script under torchrun")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device dense bf16 peak; default: detected from the GPU name "
-                        "(slimpajama_train.metrics.PEAK_TFLOPS_BF16)")
+                        "(slimpajama_train.mfu.PEAK_TFLOPS_BF16)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from slimpajama_train.backends.hardware import compile_problem
     from slimpajama_train.distributed import destroy_distributed, init_distributed
-    from slimpajama_train.metrics import detect_peak_tflops, mfu_off_reason
+    from slimpajama_train.mfu import detect_peak_tflops, mfu_off_reason
 
     dist_info = init_distributed()
     main_rank = dist_info.is_main

@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     from slimpajama_train.backends.base import PRECISIONS, BackendConfig
     from slimpajama_train.callbacks.config import LoggerConfig, WandbConfig
     from slimpajama_train.checkpoint import CheckpointConfig
-    from slimpajama_train.config import LoopConfig, TrainConfig
-    from slimpajama_train.data import DataConfig, open_dataset, to_device_batch, train_loader
+    from slimpajama_train.config import TrainConfig, TrainerConfig
+    from slimpajama_train.data.dataset import DataConfig, open_dataset
+    from slimpajama_train.data.loader import to_device_batch, train_loader
     from slimpajama_train.distributed import destroy_distributed, init_distributed
     from slimpajama_train.model import ModelConfig
     from slimpajama_train.optim import OptimConfig
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         data=DataConfig(path=str(data), micro_batch_size=a.micro_batch, num_workers=1),
         optim=OptimConfig(lr=1e-3, warmup_steps=5),
         backend=BackendConfig(name="fsdp2", precision=precision, always_shard=a.always_shard),
-        trainer=LoopConfig(max_steps=a.steps, global_batch_size=a.micro_batch, log_interval=a.steps, eval_interval=0,
+        trainer=TrainerConfig(max_steps=a.steps, global_batch_size=a.micro_batch, log_interval=a.steps, eval_interval=0,
                            compile=a.compile),
         checkpoint=CheckpointConfig(interval=0, resume="none", on_existing="overwrite"),
         logger=LoggerConfig(console=False, metrics_file=False, wandb=WandbConfig(enabled=False)),

@@ -13,7 +13,9 @@ and the fix, with the traceback one switch away.
   hint, exit status 1; ``--debug`` shows the traceback.
 
 This module lives in ``data_prep`` because both packages use it and ``data_prep`` imports nothing
-from ``slimpajama_train``.
+from ``slimpajama_train``; it imports only the standard library at import time (Hydra, OmegaConf and
+tqdm inside the functions), so a trainer start loads nothing else of ``data_prep`` for it
+(``tests/slimpajama_train/test_structure.py``).
 """
 from __future__ import annotations
 
@@ -24,10 +26,21 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 CONFIG_ERROR_EXIT = 2
+
+
+def conf_dir() -> Path:
+    """The Hydra config directory: ``$SLIMPAJAMA_CONF_DIR``, else ``conf/`` at the repository root."""
+    env = os.environ.get("SLIMPAJAMA_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    if not (path / "prep.yaml").is_file():
+        raise FileNotFoundError(f"no Hydra configs at {path}: install the repository in editable mode "
+                                "(pip install -e .) or set SLIMPAJAMA_CONF_DIR")
+    return path
 
 
 class UserError(Exception):
@@ -127,8 +140,6 @@ def hydra_cli(prog: str, config_name: str, task: Callable[[Any], None]) -> None:
     import hydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from data_prep.config import conf_dir
 
     full = os.environ.get(FULL_ERROR_ENV) == "1"
     hint = f"set {FULL_ERROR_ENV}=1 for the traceback"

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from data_prep.dedup_core import DedupConfig
@@ -177,16 +175,6 @@ class PrepConfig:
 def config_hash(obj: Any) -> str:
     """Stable short hash of a JSON-able object (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def conf_dir() -> Path:
-    """The Hydra config directory: ``$SLIMPAJAMA_CONF_DIR``, else ``conf/`` at the repository root."""
-    env = os.environ.get("SLIMPAJAMA_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
-    if not (path / "prep.yaml").is_file():
-        raise FileNotFoundError(f"no Hydra configs at {path}: install the repository in editable mode "
-                                "(pip install -e .) or set SLIMPAJAMA_CONF_DIR")
-    return path
 
 
 def register_configs() -> None:

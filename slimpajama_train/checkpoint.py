@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,23 +83,6 @@ class CheckpointConfig:
             raise ValueError("checkpoint.interval, checkpoint.keep_last and checkpoint.keep_every must be >= 0")
         if self.on_existing not in ON_EXISTING:
             raise ValueError(f"checkpoint.on_existing={self.on_existing!r}: choose one of {ON_EXISTING}")
-
-
-@contextlib.contextmanager
-def weights_only_loads(allowed_globals: list = ()) -> Iterator[None]:
-    """Force every ``torch.load`` inside (including DCP's and DeepSpeed's own, which pass
-    ``weights_only=False``) to the safe unpickler, allowing only ``allowed_globals`` beyond tensors
-    and plain containers. A checkpoint can then never run code while it is loaded."""
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 class CorruptCheckpointError(UserError, RuntimeError):
@@ -206,7 +189,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def verify_files(path: Path, meta: dict[str, Any], rank: int = 0, world_size: int = 1) -> list[str]:
     """Check the files this rank owns against the sizes and checksums in ``meta``; one line per bad
-    file (not collective: :meth:`CheckpointManager.verify` splits the files over the ranks)."""
+    file (not collective: :meth:`CheckpointStore.verify` splits the files over the ranks)."""
     problems = []
     for rel, (size, digest) in sorted(meta.get("files", {}).items()):
         if file_owner(rel, world_size) != rank:
@@ -247,7 +230,7 @@ class _Pending:
     meta: dict[str, Any]
 
 
-class CheckpointManager:
+class CheckpointStore:
     """Save, find, verify and load checkpoints of one run (methods are collective unless noted)."""
 
     def __init__(self, cfg: CheckpointConfig, root: Path, log: Callable[[str], None] = print) -> None:
@@ -576,7 +559,7 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, root: Path, backend: Backend, state: CheckpointState,
                  extra_files: list[Path] = (), log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
-        self.manager = CheckpointManager(cfg, root, log=log)
+        self.manager = CheckpointStore(cfg, root, log=log)
         self.backend = backend
         self.state = state
         self.extra_files = list(extra_files)
@@ -585,7 +568,7 @@ class Checkpointer:
         self.last_checkpoint: Path | None = None
 
     def resume(self) -> dict[str, Any] | None:
-        """Find and verify the checkpoint to start from (:meth:`CheckpointManager.start`), let the
+        """Find and verify the checkpoint to start from (:meth:`CheckpointStore.start`), let the
         trainer check it against this run's config, then load it into the backend and the trainer."""
         path = self.manager.start()
         if path is None:

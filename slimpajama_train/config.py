@@ -10,14 +10,14 @@ from typing import Any
 from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.callbacks.config import LoggerConfig
 from slimpajama_train.checkpoint import CheckpointConfig
-from slimpajama_train.data import DataConfig
+from slimpajama_train.data.dataset import DataConfig
 from slimpajama_train.distributed import DistConfig
 from slimpajama_train.model import ModelConfig
 from slimpajama_train.optim import OptimConfig
 
 
 @dataclass
-class LoopConfig:
+class TrainerConfig:
     """The training loop.
 
     Attributes:
@@ -82,7 +82,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
-    trainer: LoopConfig = field(default_factory=LoopConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dist: DistConfig = field(default_factory=DistConfig)

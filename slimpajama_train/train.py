@@ -16,6 +16,7 @@ Any config field is a Hydra override (``trainer.max_steps=2000 optim.lr=1e-3``);
 """
 from __future__ import annotations
 
+from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.preemption import StopRequest
 
 # Run as a module (torchrun -m), the handler goes in before the heavy imports below (torch, Hydra,
@@ -49,7 +50,7 @@ def run(cfg: TrainConfig, stop: StopRequest | None = None) -> dict:
         print(warning, file=sys.stderr, flush=True)
     trainer, clean = None, False
     try:
-        trainer = Trainer(cfg, dist_info, stop=stop)
+        trainer = Trainer(cfg, dist_info, build_callbacks(cfg.logger, dist_info.is_main), stop=stop)
         summary = trainer.fit()
         if dist_info.is_main:
             print(json.dumps(summary), flush=True)

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +22,22 @@ import torch
 from data_prep.cli import ConfigError, UserError
 from slimpajama_train import __version__
 from slimpajama_train.backends import build_backend
-from slimpajama_train.backends.base import StepResult
 from slimpajama_train.backends.hardware import compile_problem
 from slimpajama_train.callbacks.base import Callback, ordered
-from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.checkpoint import Checkpointer, checkpoint_step, list_checkpoints
 from slimpajama_train.config import TrainConfig, config_hash, resolve_config
-from slimpajama_train.data import check_manifest, open_dataset, shut_down_workers, train_loader, val_loader
+from slimpajama_train.data.dataset import check_manifest, open_dataset
+from slimpajama_train.data.loader import train_loader, val_loader
+from slimpajama_train.data.workers import shut_down_workers
 from slimpajama_train.distributed import (
     AsyncVote,
     DistInfo,
-    all_gather_tensor,
     all_reduce_sum,
     all_reduce_tensor_,
     set_collective_timeout,
 )
-from slimpajama_train.metrics import detect_peak_tflops, flops_per_token, host_peak_rss_bytes, mfu_off_reason
+from slimpajama_train.log_window import LogWindow, StepRecord
+from slimpajama_train.mfu import detect_peak_tflops, flops_per_token, host_peak_rss_bytes, mfu_off_reason
 from slimpajama_train.model import Transformer, count_parameters
 from slimpajama_train.optim import OptimConfig, lr_at
 from slimpajama_train.preemption import StopRequest
@@ -98,29 +98,12 @@ def collector_frozen(gc_interval: int) -> Iterator[None]:
         gc.enable()
 
 
-@dataclass
-class StepRecord:
-    """What a step left on the device, read at the next log step: this rank's loss (summed over the
-    micro-batches) and the backend's step result, with the batch's first global sample position."""
-
-    step: int
-    batch_start: int
-    lr: float
-    loss_sum: torch.Tensor
-    result: StepResult
-
-
-def _on_device(x: torch.Tensor | float | bool | None, device: torch.device) -> torch.Tensor:
-    if x is None:
-        return torch.full((1,), float("nan"), device=device)
-    return torch.as_tensor(x, dtype=torch.float32).to(device).reshape(1)
-
-
 class Trainer:
-    """Builds model, backend, data, checkpointer and callbacks from a :class:`TrainConfig`;
+    """Builds model, backend, data and checkpointer from a :class:`TrainConfig` and runs ``callbacks``
+    (the entry point builds them: :func:`slimpajama_train.callbacks.build.build_callbacks`);
     :meth:`fit` runs the loop. ``cfg`` is not modified: ``self.cfg`` is the resolved copy."""
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, callbacks: list[Callback] | None = None,
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, callbacks: list[Callback],
                  stop: StopRequest | None = None) -> None:
         self.stop = stop or StopRequest().install()
         self.dist = dist_info
@@ -171,11 +154,9 @@ class Trainer:
         self._finite_since_resume = False
         self._last_loss_finite = True
         # Steps since the last log step: their losses and step results stay on the device until then.
-        self._window: list[StepRecord] = []
-        self._host_s = self._wait_s = self._excluded_s = 0.0
-        self._window_t0 = time.perf_counter()
+        self._window = LogWindow(self.dist.device, self.dist.world_size, self.grad_accum)
         self.summary: dict[str, Any] = {}
-        self.callbacks = ordered(callbacks if callbacks is not None else build_callbacks(cfg.logger, dist_info.is_main))
+        self.callbacks = ordered(callbacks)
         tokenizer = self.data_dir / self.manifest["tokenizer"]["file"]
         self.checkpointer = Checkpointer(cfg.checkpoint, Path(cfg.checkpoint_dir), self.backend, self,
                                          extra_files=[tokenizer], log=self.log)
@@ -231,7 +212,7 @@ class Trainer:
         vote = AsyncVote()
         carried: dict[str, float] = {}
         with collector_frozen(loop.gc_interval):
-            self._window_t0 = time.perf_counter()
+            self._window.restart_clock()
             while self.step < end and not self.preempted:
                 if vote.pending and vote.result():  # a signal voted at the start of the previous step
                     self.preempted = True
@@ -256,7 +237,7 @@ class Trainer:
                     self._emit({**metrics, **carried})
                     carried = {}
                 carried.update(self.checkpointer.step_end(self.step, poll="loss" in metrics))
-                self._excluded_s += time.perf_counter() - t_other
+                self._window.exclude(time.perf_counter() - t_other)
             if vote.pending and vote.result():
                 self.preempted = True
             if self._window:  # steps not logged yet (a stop between log steps): nothing is lost
@@ -299,64 +280,46 @@ class Trainer:
             loss = self.backend.forward_backward(batch, last_micro=micro == self.grad_accum - 1)
             loss_sum = loss if loss_sum is None else loss_sum + loss
         result = self.backend.step(lr)
-        self._window.append(StepRecord(self.step + 1, self.samples_consumed, lr, loss_sum, result))
+        self._window.add(StepRecord(self.step + 1, self.samples_consumed, lr, loss_sum, result),
+                         host_s=time.perf_counter() - t0, wait_s=data_wait)
         self.step += 1
         self.samples_consumed += self.cfg.trainer.global_batch_size
-        self._host_s += time.perf_counter() - t0
-        self._wait_s += data_wait
         if not self.is_log_step(self.step):
             return {"step": self.step}
         return self._read_window()
 
     def _read_window(self) -> dict[str, Any]:
-        """Read the steps since the last log step off the device in one transfer, after one small
-        collective (every rank's losses, step time and data wait); log skipped steps; the metrics
+        """Read the steps since the last log step (:class:`LogWindow`); log skipped steps; the metrics
         of this step."""
-        window, self._window = self._window, []
-        k, W, dev = len(window), self.dist.world_size, self.dist.device
-        mine = torch.cat([torch.stack([r.loss_sum.float().reshape(()) for r in window]),
-                          torch.tensor([self._host_s, self._wait_s], device=dev)])
-        gathered = all_gather_tensor(mine)  # (W * (k + 2),): rank by rank
-        last = window[-1].result
-        parts = [gathered, *(_on_device(r.result.grad_norm, dev) for r in window),
-                 *(_on_device(r.result.skipped, dev) for r in window), _on_device(last.loss_scale, dev)]
-        host = torch.cat(parts).tolist()  # the one device-to-host transfer of the window
-        per_rank = [host[w * (k + 2):(w + 1) * (k + 2)] for w in range(W)]
-        norms = host[W * (k + 2): W * (k + 2) + k]
-        skipped = host[W * (k + 2) + k: W * (k + 2) + 2 * k]
-        losses = [sum(r[i] for r in per_rank) / (self.grad_accum * W) for i in range(k)]
-        for rec, loss, norm, skip in zip(window, losses, norms, skipped, strict=True):
+        w = self._window.read()
+        for rec, loss, norm, skip in zip(w.records, w.losses, w.grad_norms, w.skipped, strict=True):
             if skip or not math.isfinite(loss):
                 self._record_skip(rec.step, rec.batch_start, loss, norm)
             else:
                 self.consecutive_skips = 0
             self._finite_since_resume |= math.isfinite(loss)
-        self._last_loss_finite = math.isfinite(losses[-1])
-        # Per rank and step: host time in train_step and, within it, time waiting for the loader. On
-        # GPUs the host blocks on nothing between log steps, so host time is the rank's own CPU work
-        # (input, Python, launches, GC): a slow host shows as the max. Gloo on CPU blocks the host in
-        # every collective, which evens host times out there; the data wait stays per rank.
-        host_s = [r[k] / k for r in per_rank]
-        wait_s = [r[k + 1] / k for r in per_rank]
-        now = time.perf_counter()
-        wall = (now - self._window_t0 - self._excluded_s) / k
-        self._host_s = self._wait_s = self._excluded_s = 0.0
-        self._window_t0 = now
-        finite = [x for x in losses if math.isfinite(x)]
+        last_loss = w.losses[-1]
+        self._last_loss_finite = math.isfinite(last_loss)
+        # Per rank: host time in train_step and, within it, time waiting for the loader. On GPUs the
+        # host blocks on nothing between log steps, so host time is the rank's own CPU work (input,
+        # Python, launches, GC): a slow host shows as the max. Gloo on CPU blocks the host in every
+        # collective, which evens host times out there; the data wait stays per rank.
+        W = self.dist.world_size
+        finite = [x for x in w.losses if math.isfinite(x)]
         metrics: dict[str, Any] = {
-            "step": self.step, "loss": losses[-1], "loss_avg": sum(finite) / len(finite) if finite else float("nan"),
-            "lr": window[-1].lr, "grad_norm": norms[-1], "skipped_steps": self.skipped_steps,
-            "tokens_seen": self.samples_consumed * self.manifest["seq_len"], "steps_in_window": k,
-            "step_time_s": wall, "step_time_max_s": max(host_s), "step_time_min_s": min(host_s),
-            "slowest_rank": max(range(W), key=host_s.__getitem__),
-            "data_wait_s": sum(wait_s) / W, "data_wait_max_s": max(wait_s), "data_wait_min_s": min(wait_s),
-            "slowest_data_rank": max(range(W), key=wait_s.__getitem__),
+            "step": self.step, "loss": last_loss, "loss_avg": sum(finite) / len(finite) if finite else float("nan"),
+            "lr": w.records[-1].lr, "grad_norm": w.grad_norms[-1], "skipped_steps": self.skipped_steps,
+            "tokens_seen": self.samples_consumed * self.manifest["seq_len"], "steps_in_window": len(w.records),
+            "step_time_s": w.wall_s, "step_time_max_s": max(w.host_s), "step_time_min_s": min(w.host_s),
+            "slowest_rank": max(range(W), key=w.host_s.__getitem__),
+            "data_wait_s": sum(w.wait_s) / W, "data_wait_max_s": max(w.wait_s), "data_wait_min_s": min(w.wait_s),
+            "slowest_data_rank": max(range(W), key=w.wait_s.__getitem__),
         }
-        if last.loss_scale is not None:
-            metrics["loss_scale"] = host[-1]
-        if math.isfinite(losses[-1]):
-            self.summary.setdefault("first_train_loss", losses[-1])
-            self.summary["last_train_loss"] = losses[-1]
+        if w.loss_scale is not None:
+            metrics["loss_scale"] = w.loss_scale
+        if self._last_loss_finite:
+            self.summary.setdefault("first_train_loss", last_loss)
+            self.summary["last_train_loss"] = last_loss
         return metrics
 
     def _record_skip(self, step: int, batch_start: int, loss: float, grad_norm: float) -> None:

@@ -4,7 +4,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from data_prep.config import PrepConfig, conf_dir
+from data_prep.cli import conf_dir
+from data_prep.config import PrepConfig
 from data_prep.config import register_configs as register_prep
 from slimpajama_train.config import TrainConfig
 from slimpajama_train.config import register_configs as register_train

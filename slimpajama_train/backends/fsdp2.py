@@ -14,10 +14,10 @@ from torch.distributed.tensor import DTensor
 
 from slimpajama_train.backends.base import PRECISIONS, Backend, BackendConfig, StepResult
 from slimpajama_train.backends.loss_scale import DynamicLossScaler
-from slimpajama_train.checkpoint import weights_only_loads
-from slimpajama_train.data import to_device_batch
+from slimpajama_train.data.loader import to_device_batch
 from slimpajama_train.model import Transformer, count_parameters
 from slimpajama_train.optim import OptimConfig, build_optimizer
+from slimpajama_train.safe_load import weights_only_loads
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from slimpajama_train.callbacks.base import Callback
-from slimpajama_train.metrics import peak_memory_gb
+from slimpajama_train.mfu import peak_memory_gb
 
 if TYPE_CHECKING:
     from slimpajama_train.trainer import Trainer

@@ -42,7 +42,7 @@ def test_bench_train_on_synthetic_shards_as_gpu_check_runs_it(tmp_path):
 
 
 def test_synthetic_shards_read_back_through_the_trainers_loader(tmp_path):
-    from slimpajama_train.data import DataConfig, TokenBlocks, check_manifest, open_dataset
+    from slimpajama_train.data.dataset import DataConfig, TokenBlocks, check_manifest, open_dataset
 
     path = bench_train.write_synthetic_shards(tmp_path / "s", vocab_size=1000, seq_len=32, train_samples=300,
                                               val_samples=20, samples_per_shard=128)
@@ -79,7 +79,7 @@ def test_bench_mfu_cpu_smoke_real_sharded_path(tmp_path):
 
 
 def test_flop_conventions():
-    from slimpajama_train.metrics import flops_per_token
+    from slimpajama_train.mfu import flops_per_token
 
     cfg = bench_mfu.model_config("125m", 32000, 2048)
     f = bench_mfu.flops_per_token_conventions(cfg, 2048)

@@ -28,7 +28,8 @@ def _compose(*overrides: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from data_prep.config import conf_dir, register_configs
+    from data_prep.cli import conf_dir
+    from data_prep.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

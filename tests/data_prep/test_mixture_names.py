@@ -8,7 +8,7 @@ import pytest
 
 from data_prep.mixture import MixtureConfig
 from data_prep.prep import run_prep
-from slimpajama_train.study import compose_prep, link_shared_work
+from slimpajama_train.tools.study import compose_prep, link_shared_work
 from tests.conftest import REPO, small_prep_config
 
 README = (REPO / "README.md").read_text()

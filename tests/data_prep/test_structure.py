@@ -51,12 +51,25 @@ def test_one_declarative_stage_list():
                                                 "tokenize", "plan", "write", "report"} for s in STAGES)
 
 
-def test_trainer_imports_the_shard_format_without_the_prep_package():
-    code = ("import sys, slimpajama_train.data\n"
-            "print(sorted(m for m in sys.modules if m.startswith('data_prep')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_a_trainer_start_loads_the_shard_format_and_the_cli_conventions_only():
+    """A trainer start (``slimpajama-train --cfg job``: the import, Hydra's composition, the config
+    check) loads, of ``data_prep``, the shard format and the shared error/CLI conventions (standard
+    library only), not the prep pipeline: no dedup, tokenizer or SentencePiece. Before the layout
+    change it loaded 12 ``data_prep`` modules and SentencePiece (``conf_dir`` sat in ``data_prep.config``)."""
+    code = ("import atexit, runpy, sys\n"
+            "def report():\n"
+            "    print(sorted(m for m in sys.modules if m.startswith('data_prep')), file=sys.stderr)\n"
+            "    print(sorted({m.split('.')[0] for m in sys.modules\n"
+            "                  if m.split('.')[0] in ('sentencepiece', 'rensa', 'ftfy', 'scipy')}), file=sys.stderr)\n"
+            "atexit.register(report)\n"
+            "sys.argv = ['slimpajama-train', '--cfg', 'job']\n"
+            "runpy.run_module('slimpajama_train.train', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['data_prep', 'data_prep.shard_format']"
+    assert "max_steps" in out.stdout  # the job's config was composed and printed
+    prep_modules, heavy = out.stderr.strip().splitlines()[-2:]
+    assert prep_modules == "['data_prep', 'data_prep.cli', 'data_prep.shard_format']"
+    assert heavy == "[]"
 
 
 def test_changing_how_a_run_executes_never_changes_a_config_hash():

@@ -10,7 +10,7 @@ import signal
 
 import slimpajama_train.trainer as trainer_module
 from slimpajama_train import train
-from slimpajama_train.checkpoint import CheckpointManager
+from slimpajama_train.checkpoint import CheckpointStore
 from slimpajama_train.trainer import Trainer
 
 crash_step, crash_rank, crash_at = int(os.environ["CRASH_STEP"]), int(os.environ["CRASH_RANK"]), os.environ["CRASH_AT"]
@@ -18,14 +18,14 @@ rank = int(os.environ.get("RANK", 0))
 signal_to_send = getattr(signal, os.environ.get("CRASH_SIGNAL", "SIGUSR1"))
 
 if crash_at == "save":
-    finalize = CheckpointManager._finalize
+    finalize = CheckpointStore._finalize
 
     def crashing_finalize(self, step, tmp, *rest):
         if step == crash_step and rank == crash_rank:
             os.kill(os.getpid(), signal.SIGKILL)
         return finalize(self, step, tmp, *rest)
 
-    CheckpointManager._finalize = crashing_finalize
+    CheckpointStore._finalize = crashing_finalize
 elif crash_at == "build":
     build_model = trainer_module.build_model
 

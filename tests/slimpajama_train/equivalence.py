@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from slimpajama_train.checkpoint_io import load_model
+from slimpajama_train.tools.load_checkpoint import load_model
 from tests.conftest import read_metrics
 
 LOSS_TOL = 1e-5

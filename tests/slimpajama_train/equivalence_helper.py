@@ -29,7 +29,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 
-from data_prep.config import conf_dir
+from data_prep.cli import conf_dir
+from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.config import register_configs
 from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.preemption import StopRequest
@@ -210,7 +211,7 @@ def main() -> None:
         for case in cases:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
                 cfg = OmegaConf.to_object(compose(config_name="train", overrides=case["overrides"]))
-            trainer = Trainer(cfg, dist_info, stop=StopRequest())
+            trainer = Trainer(cfg, dist_info, build_callbacks(cfg.logger, dist_info.is_main), stop=StopRequest())
             try:
                 grads = _count_grads_held(trainer)
                 with mutation(trainer, case.get("mutation")):

@@ -11,12 +11,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from data_prep.config import conf_dir
+from data_prep.cli import conf_dir
 from slimpajama_train.backends import build_backend
 from slimpajama_train.config import register_configs, resolve_config
-from slimpajama_train.data import open_dataset
+from slimpajama_train.data.dataset import open_dataset
 from slimpajama_train.distributed import destroy_distributed, init_distributed
-from slimpajama_train.metrics import host_peak_rss_bytes
+from slimpajama_train.mfu import host_peak_rss_bytes
 from slimpajama_train.model import Transformer
 from slimpajama_train.trainer import build_model
 

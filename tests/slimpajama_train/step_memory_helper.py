@@ -15,7 +15,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from data_prep.config import conf_dir
+from data_prep.cli import conf_dir
+from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.config import register_configs
 from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.trainer import Trainer
@@ -25,7 +26,7 @@ register_configs()
 with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
     cfg = OmegaConf.to_object(compose(config_name="train", overrides=sys.argv[1:]))
 dist_info = init_distributed(cfg.dist)
-trainer = Trainer(cfg, dist_info)
+trainer = Trainer(cfg, dist_info, build_callbacks(cfg.logger, dist_info.is_main))
 peaks: list[int] = []
 held: list[int] = []
 state: dict = {"mode": None}

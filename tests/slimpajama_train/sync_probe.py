@@ -29,7 +29,7 @@ import torch.distributed._functional_collectives as funcol
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from data_prep.config import conf_dir
+from data_prep.cli import conf_dir
 from slimpajama_train.callbacks.base import Callback
 from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.config import register_configs

@@ -11,7 +11,7 @@ import torch
 
 from slimpajama_train.backends import build_backend, hardware
 from slimpajama_train.backends.base import BackendConfig
-from slimpajama_train.backends.deepspeed import deepspeed_config
+from slimpajama_train.backends.deepspeed_config import deepspeed_config
 from slimpajama_train.distributed import DistInfo
 from slimpajama_train.optim import OptimConfig
 from tests.conftest import REPO, read_metrics, run_torchrun
@@ -508,10 +508,10 @@ def test_compile_defaults_to_on_for_cuda_and_off_on_cpu(monkeypatch):
     """trainer.compile=null: on for CUDA where it can work (a log line says why not otherwise), off
     on CPU; an explicit true that cannot work is refused with the reason."""
     import slimpajama_train.trainer as trainer_module
-    from slimpajama_train.config import LoopConfig, TrainConfig
+    from slimpajama_train.config import TrainConfig, TrainerConfig
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    auto = TrainConfig(trainer=LoopConfig(compile=None))
+    auto = TrainConfig(trainer=TrainerConfig(compile=None))
     monkeypatch.setattr(trainer_module, "compile_problem", lambda device: None)
     assert trainer_module.resolve_compile(auto, cuda)[0].trainer.compile is True
     assert trainer_module.resolve_compile(auto, cpu)[0].trainer.compile is False
@@ -519,5 +519,5 @@ def test_compile_defaults_to_on_for_cuda_and_off_on_cpu(monkeypatch):
     resolved, note = trainer_module.resolve_compile(auto, cuda)
     assert resolved.trainer.compile is False and "no triton" in note
     with pytest.raises(ValueError, match="trainer.compile=true: no triton"):
-        trainer_module.resolve_compile(TrainConfig(trainer=LoopConfig(compile=True)), cuda)
+        trainer_module.resolve_compile(TrainConfig(trainer=TrainerConfig(compile=True)), cuda)
     assert auto.trainer.compile is None  # the given config is not changed

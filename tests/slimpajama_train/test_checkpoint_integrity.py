@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from slimpajama_train.checkpoint import CheckpointConfig, CheckpointManager, read_meta
+from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, read_meta
 from tests.conftest import REPO, losses_by_step, run_torchrun, tiny_train_overrides
 
 HELPER = REPO / "tests/slimpajama_train/checkpoint_fault_helper.py"
@@ -80,7 +80,7 @@ def test_damaged_file_is_found_and_named(runs, tmp_path, backend, damage):
     else:
         target.unlink()
         expect = "is missing"
-    problems = CheckpointManager(CheckpointConfig(), tmp_path).verify(ckpt)
+    problems = CheckpointStore(CheckpointConfig(), tmp_path).verify(ckpt)
     assert len(problems) == 1 and str(target) in problems[0] and expect in problems[0], problems
 
 
@@ -99,7 +99,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(runs, demo_shards, tm
     assert losses_by_step(tmp_path) == {s: v for s, v in losses_by_step(runs[backend]).items() if s > 4}
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000008"
-    assert CheckpointManager(CheckpointConfig(), ckpts).verify(ckpts / "step_00000008") == []
+    assert CheckpointStore(CheckpointConfig(), ckpts).verify(ckpts / "step_00000008") == []
 
 
 def test_non_finite_losses_after_resume_stop_the_run_and_prune_nothing(runs, demo_shards, tmp_path):
@@ -134,7 +134,7 @@ def test_disk_full_during_a_save_names_path_and_bytes_and_keeps_the_previous(dem
     assert f"{needed} bytes" in last
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000004"]
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
-    assert CheckpointManager(CheckpointConfig(), ckpts).verify(ckpts / "step_00000004") == []
+    assert CheckpointStore(CheckpointConfig(), ckpts).verify(ckpts / "step_00000004") == []
 
 
 def _train(overrides: list[str], **env) -> subprocess.CompletedProcess:

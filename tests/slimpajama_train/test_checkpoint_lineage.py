@@ -13,7 +13,7 @@ import pytest
 from slimpajama_train.checkpoint import (
     ON_EXISTING,
     CheckpointConfig,
-    CheckpointManager,
+    CheckpointStore,
     CorruptCheckpointError,
     checkpoint_step,
     list_checkpoints,
@@ -52,7 +52,7 @@ def _verified(root: Path) -> list[int]:
 
 def test_pruning_orders_by_step_not_by_name(tmp_path):
     """step_100000000 sorts before step_99999999 by name: it must still count as the newest."""
-    mgr = CheckpointManager(CheckpointConfig(keep_last=1), tmp_path)
+    mgr = CheckpointStore(CheckpointConfig(keep_last=1), tmp_path)
     backend = FakeBackend()
     for step in (99_999_999, 100_000_000):
         backend.step = step
@@ -65,40 +65,40 @@ def test_fresh_start_in_a_used_directory_is_refused_archived_or_overwritten(tmp_
     """The reproduced loss: an older run has steps 4 and 8; a fresh start would save step 4 over the
     old one and, pruning by name, delete its own new checkpoints."""
     backend = FakeBackend()
-    old = CheckpointManager(CheckpointConfig(keep_last=2), tmp_path)
+    old = CheckpointStore(CheckpointConfig(keep_last=2), tmp_path)
     for step in (4, 8):
         backend.step = step
         old.save(step, backend, {})
     before = _snapshot(tmp_path)
     with pytest.raises(FileExistsError, match=r"step_00000004\.\.step_00000008 \(2\) that a fresh start would "
                                               r"overwrite; set checkpoint.on_existing=archive"):
-        CheckpointManager(CheckpointConfig(resume="none"), tmp_path).start()
+        CheckpointStore(CheckpointConfig(resume="none"), tmp_path).start()
     assert _snapshot(tmp_path) == before  # nothing touched
     (tmp_path / "latest").unlink()  # resume=auto without `latest`: the newest intact checkpoint, not a fresh start
-    assert CheckpointManager(CheckpointConfig(), tmp_path).start().name == "step_00000008"
+    assert CheckpointStore(CheckpointConfig(), tmp_path).start().name == "step_00000008"
     assert (tmp_path / "latest").read_text().strip() == "step_00000008"
-    mgr = CheckpointManager(CheckpointConfig(resume="none", on_existing="archive"), tmp_path)
+    mgr = CheckpointStore(CheckpointConfig(resume="none", on_existing="archive"), tmp_path)
     assert mgr.start() is None
     (archive,) = tmp_path.glob("archive_*")
     assert _snapshot(archive) == before  # moved, byte for byte, with its `latest`
     backend.step = 4
     mgr.save(4, backend, {})
     assert mgr.latest().name == "step_00000004" and _snapshot(archive) == before
-    mgr = CheckpointManager(CheckpointConfig(resume="none", on_existing="overwrite"), tmp_path)
+    mgr = CheckpointStore(CheckpointConfig(resume="none", on_existing="overwrite"), tmp_path)
     assert mgr.start() is None and list_checkpoints(tmp_path) == [] and not (tmp_path / "latest").exists()
     assert _snapshot(archive) == before  # only checkpoints of this directory's lineage are deleted
 
 
 def test_resume_from_an_older_checkpoint_does_not_overwrite_newer_ones(tmp_path):
     backend = FakeBackend()
-    mgr = CheckpointManager(CheckpointConfig(keep_last=0), tmp_path)
+    mgr = CheckpointStore(CheckpointConfig(keep_last=0), tmp_path)
     for step in (4, 8, 12):
         backend.step = step
         mgr.save(step, backend, {})
     older = tmp_path / "step_00000004"
     with pytest.raises(FileExistsError, match=r"step_00000008\.\.step_00000012 \(2\) that resuming"):
-        CheckpointManager(CheckpointConfig(resume=str(older)), tmp_path).start()
-    mgr = CheckpointManager(CheckpointConfig(resume=str(older), on_existing="archive"), tmp_path)
+        CheckpointStore(CheckpointConfig(resume=str(older)), tmp_path).start()
+    mgr = CheckpointStore(CheckpointConfig(resume=str(older), on_existing="archive"), tmp_path)
     assert mgr.start() == older and (tmp_path / "latest").read_text().strip() == "step_00000004"
     assert sorted(p.name for p in next(tmp_path.glob("archive_*")).iterdir()) == ["step_00000008", "step_00000012"]
 
@@ -106,7 +106,7 @@ def test_resume_from_an_older_checkpoint_does_not_overwrite_newer_ones(tmp_path)
 def test_newest_verified_checkpoint_survives_pruning(tmp_path):
     """Checkpoints saved with a non-finite loss are not verified: with keep_last=1 they do not push
     out the last verified one until a newer verified checkpoint exists."""
-    mgr = CheckpointManager(CheckpointConfig(keep_last=1), tmp_path)
+    mgr = CheckpointStore(CheckpointConfig(keep_last=1), tmp_path)
     backend = FakeBackend()
     for step, finite in [(4, True), (8, False), (12, False), (16, True)]:
         backend.step = step
@@ -122,7 +122,7 @@ def test_latest_always_loads_over_random_sequences(tmp_path, seed):
     backend = FakeBackend()
     base = rng.choice([0, 99_999_990])  # steps that cross 10**8 change the names' length
     step: int | None = None
-    mgr: CheckpointManager | None = None
+    mgr: CheckpointStore | None = None
     corrupted: set[str] = set()
     archived: dict[Path, dict[str, bytes]] = {}
     for _ in range(40):
@@ -131,7 +131,7 @@ def test_latest_always_loads_over_random_sequences(tmp_path, seed):
         if op == "fresh":
             existing, before = list_checkpoints(root), _snapshot(root) if root.exists() else {}
             policy = rng.choice(ON_EXISTING)
-            mgr = CheckpointManager(CheckpointConfig(resume="none", on_existing=policy, **cfg), root,
+            mgr = CheckpointStore(CheckpointConfig(resume="none", on_existing=policy, **cfg), root,
                                     log=lambda m: None)
             if policy == "refuse" and existing:
                 with pytest.raises(FileExistsError):
@@ -149,7 +149,7 @@ def test_latest_always_loads_over_random_sequences(tmp_path, seed):
             corrupted.clear()
             step = base
         elif op == "resume":
-            mgr = CheckpointManager(CheckpointConfig(resume="auto", on_existing="refuse", **cfg), root,
+            mgr = CheckpointStore(CheckpointConfig(resume="auto", on_existing="refuse", **cfg), root,
                                     log=lambda m: None)
             try:
                 path = mgr.start()
@@ -190,11 +190,11 @@ def test_latest_always_loads_over_random_sequences(tmp_path, seed):
         for archive, files in archived.items():
             assert _snapshot(archive) == files  # nothing archived is ever touched again
         if (root / "latest").exists():
-            latest = CheckpointManager(CheckpointConfig(), root).latest()
+            latest = CheckpointStore(CheckpointConfig(), root).latest()
             assert latest == list_checkpoints(root)[-1]
             if latest.name not in corrupted:
-                assert CheckpointManager(CheckpointConfig(), root).verify(latest) == []
-                CheckpointManager(CheckpointConfig(), root).load(latest, FakeBackend())
+                assert CheckpointStore(CheckpointConfig(), root).verify(latest) == []
+                CheckpointStore(CheckpointConfig(), root).load(latest, FakeBackend())
 
 
 def test_trainer_refuses_a_fresh_start_in_a_used_run_dir(demo_shards, tmp_path):
@@ -220,4 +220,4 @@ def test_trainer_refuses_a_fresh_start_in_a_used_run_dir(demo_shards, tmp_path):
     (archive,) = ckpts.glob("archive_*")
     assert _snapshot(archive) == before
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
-    assert CheckpointManager(CheckpointConfig(), ckpts).verify(ckpts / "step_00000004") == []
+    assert CheckpointStore(CheckpointConfig(), ckpts).verify(ckpts / "step_00000004") == []

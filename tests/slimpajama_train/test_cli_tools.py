@@ -49,7 +49,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 # ---- export: writes, never deletes ----------------------------------------------------------------
 def test_export_refuses_a_folder_with_files_and_force_replaces_only_its_own(checkpoint, tmp_path):
-    from slimpajama_train.export import export_checkpoint
+    from slimpajama_train.tools.export import export_checkpoint
 
     out = tmp_path / "v"
     (out / "other").mkdir(parents=True)
@@ -69,7 +69,7 @@ def test_export_refuses_a_folder_with_files_and_force_replaces_only_its_own(chec
 
 
 def test_export_refuses_the_run_folder_even_with_force(tiny_run, checkpoint):
-    from slimpajama_train.export import export_checkpoint
+    from slimpajama_train.tools.export import export_checkpoint
 
     run_dir = tiny_run[0]
     before = _tree(run_dir)
@@ -83,7 +83,7 @@ def test_export_refuses_the_run_folder_even_with_force(tiny_run, checkpoint):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_exported_files_follow_the_umask(checkpoint, tmp_path, umask):
-    from slimpajama_train.export import export_checkpoint
+    from slimpajama_train.tools.export import export_checkpoint
 
     old = os.umask(umask)
     try:
@@ -95,7 +95,7 @@ def test_exported_files_follow_the_umask(checkpoint, tmp_path, umask):
 
 
 def test_export_cli_error_is_one_line_and_debug_shows_the_traceback(checkpoint, tmp_path, capsys):
-    from slimpajama_train.export import main
+    from slimpajama_train.tools.export import main
 
     out = tmp_path / "busy"
     out.mkdir()
@@ -114,7 +114,7 @@ def test_export_cli_error_is_one_line_and_debug_shows_the_traceback(checkpoint, 
 def test_generate_with_an_empty_prompt_starts_a_document_after_eos(tiny_run, monkeypatch):
     import sentencepiece as spm
 
-    from slimpajama_train import generate
+    from slimpajama_train.tools import generate
 
     contexts = []
     real = generate.sample
@@ -127,7 +127,7 @@ def test_generate_with_an_empty_prompt_starts_a_document_after_eos(tiny_run, mon
 
 
 def test_generate_names_a_path_that_does_not_exist(tmp_path, capsys):
-    from slimpajama_train.generate import main
+    from slimpajama_train.tools.generate import main
 
     missing = tmp_path / "runs" / "no_such_run"
     with pytest.raises(SystemExit) as info:
@@ -186,7 +186,7 @@ def test_zero2_runs_as_a_single_process_without_torchrun(demo_shards, tmp_path):
 # ---- eval ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def exported(checkpoint, tmp_path) -> Path:
-    from slimpajama_train.export import export_checkpoint
+    from slimpajama_train.tools.export import export_checkpoint
 
     return export_checkpoint(checkpoint, tmp_path / "hf")
 
@@ -194,7 +194,7 @@ def exported(checkpoint, tmp_path) -> Path:
 def test_eval_names_metrics_by_split_and_shows_progress(exported, demo_shards, capsys):
     """An export (whose tokenizer matches the shards') scored on the train split: eval/train_*, and
     progress lines on a stream that is not a terminal."""
-    from slimpajama_train.evaluate import main
+    from slimpajama_train.tools.evaluate import main
 
     main([str(exported), "--data", str(demo_shards), "--split", "train", "--max-batches", "3", "--batch-size", "2",
           "--device", "cpu"])
@@ -208,7 +208,7 @@ def test_eval_names_metrics_by_split_and_shows_progress(exported, demo_shards, c
 
 
 def test_eval_refuses_max_batches_0(tiny_run, demo_shards, capsys):
-    from slimpajama_train.evaluate import main
+    from slimpajama_train.tools.evaluate import main
 
     with pytest.raises(SystemExit) as info:  # it printed NaN metrics
         main([str(tiny_run[0]), "--data", str(demo_shards), "--max-batches", "0", "--device", "cpu"])
@@ -218,7 +218,7 @@ def test_eval_refuses_max_batches_0(tiny_run, demo_shards, capsys):
 
 def test_eval_refuses_an_export_whose_tokenizer_differs_from_the_shards(exported, demo_shards, tmp_path, capsys):
     from data_prep.tokenizer import file_sha256
-    from slimpajama_train.evaluate import main
+    from slimpajama_train.tools.evaluate import main
 
     other = tmp_path / "other_shards"
     other.mkdir()
@@ -242,7 +242,7 @@ def test_eval_refuses_an_export_whose_tokenizer_differs_from_the_shards(exported
 def test_eval_progress_is_a_bar_on_a_terminal():
     import io
 
-    from slimpajama_train.evaluate import Progress
+    from slimpajama_train.tools.evaluate import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

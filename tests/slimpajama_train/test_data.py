@@ -25,18 +25,10 @@ from data_prep.shard_format import (
     load_manifest,
     shard_name,
 )
-from slimpajama_train.data import (
-    DataConfig,
-    GlobalSampleOrder,
-    RankBatchSampler,
-    TokenBlocks,
-    _ignore_preemption_signals,
-    open_dataset,
-    shut_down_workers,
-    to_device_batch,
-    train_loader,
-    val_loader,
-)
+from slimpajama_train.data.dataset import DataConfig, TokenBlocks, open_dataset
+from slimpajama_train.data.loader import RankBatchSampler, to_device_batch, train_loader, val_loader
+from slimpajama_train.data.order import GlobalSampleOrder
+from slimpajama_train.data.workers import ignore_preemption_signals, shut_down_workers
 from tests.conftest import REPO
 from tests.slimpajama_train.test_sample_order import NUMBERED_BLOCK, numbered_sample_ids, write_numbered_shards
 
@@ -106,7 +98,8 @@ def test_resume_at_sample_1e9_costs_what_a_fresh_start_costs(demo_shards, monkey
     """No per-epoch permutation to build and no replay: the first batch at sample 10**9 (thousands
     of epochs of the demo split) takes the same work as at sample 0: the same samples read and
     the same number of passes through the order's network per sample (counted, not timed)."""
-    from slimpajama_train.data import GlobalSampleOrder, TokenBlocks
+    from slimpajama_train.data.dataset import TokenBlocks
+    from slimpajama_train.data.order import GlobalSampleOrder
 
     counts = {"passes": 0, "reads": 0}
     feistel, getitem = GlobalSampleOrder._feistel, TokenBlocks.__getitem__
@@ -187,7 +180,7 @@ def test_workers_keep_few_shards_open_and_flat_memory_over_100k_shards(tmp_path)
     workers, warmup, batches = 4, 5, 150
     parent_rss = psutil.Process().memory_info().rss  # workers are forked from here
     loader = DataLoader(ds, batch_sampler=RankBatchSampler(10**9, 128, 128, 0, 1), num_workers=workers,
-                        collate_fn=_collate_with_worker_stats, worker_init_fn=_ignore_preemption_signals)
+                        collate_fn=_collate_with_worker_stats, worker_init_fn=ignore_preemption_signals)
     stats: dict[int, list[tuple[int, int]]] = {}
     it = iter(loader)
     for _ in range(workers * (warmup + batches)):
@@ -325,7 +318,7 @@ def test_workers_keep_at_most_max_open_shards_files_open_over_1000_real_shards(t
         ds[p]
     assert _shard_fds(os.getpid(), data_dir) == bound
     loader = DataLoader(ds, batch_sampler=RankBatchSampler(0, B, B, 0, 1), num_workers=workers,
-                        collate_fn=partial(_collate_with_fds, data_dir), worker_init_fn=_ignore_preemption_signals)
+                        collate_fn=partial(_collate_with_fds, data_dir), worker_init_fn=ignore_preemption_signals)
     inside: dict[int, list[int]] = {}
     outside: dict[int, list[int]] = {}
     totals = []
@@ -399,7 +392,8 @@ def test_a_process_holding_live_loader_workers_still_exits(demo_shards, start_me
     middle of one)."""
     code = (
         "import multiprocessing, sys\n"
-        "from slimpajama_train.data import DataConfig, open_dataset, train_loader, val_loader\n"
+        "from slimpajama_train.data.dataset import DataConfig, open_dataset\n"
+        "from slimpajama_train.data.loader import train_loader, val_loader\n"
         "multiprocessing.set_start_method(sys.argv[2])\n"
         "cfg = DataConfig(path=sys.argv[1], micro_batch_size=2, num_workers=2)\n"
         "m, d = open_dataset(cfg)\nloader = train_loader(cfg, m, d, 0, 4, 0, 1)\nit = iter(loader)\n"

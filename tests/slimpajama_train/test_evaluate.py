@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
 from data_prep.shard_format import load_manifest
-from slimpajama_train.data import TokenBlocks, shard_sources
-from slimpajama_train.evaluate import load_for_eval, main, run_lm_eval, shard_perplexity
-from slimpajama_train.lm_eval_adapter import SlimPajamaLM
+from slimpajama_train.data.dataset import TokenBlocks, shard_sources
 from slimpajama_train.model import Transformer, lm_loss
+from slimpajama_train.tools.evaluate import load_for_eval, main, run_lm_eval, shard_perplexity
+from slimpajama_train.tools.lm_eval_adapter import SlimPajamaLM
 from tests.conftest import REPO, read_metrics, run_torchrun, tiny_train_overrides
 
 STEPS = 300  # calibrated: MC accuracy 0.81 after 200 steps, 0.92 after 300 (untrained: 0.44)
@@ -200,7 +200,7 @@ def test_adapter_scores_are_our_models_loss(trained):
 
 
 def test_generate_until_is_greedy_and_stops(trained):
-    from slimpajama_train.generate import sample
+    from slimpajama_train.tools.generate import sample
 
     model, sp = trained
     lm = SlimPajamaLM(model, sp)
@@ -247,7 +247,7 @@ def test_cli_offline_json_and_wandb_summary(trained_run, demo_tasks, tmp_path):
     (trained_run / "wandb_run_id").write_text(run_id + "\n")
     out = tmp_path / "results.json"
     env = {**os.environ, **OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    cmd = [*_no_network(), sys.executable, "-m", "slimpajama_train.evaluate", str(trained_run),
+    cmd = [*_no_network(), sys.executable, "-m", "slimpajama_train.tools.evaluate", str(trained_run),
            "--tasks", "demo_order_mc,demo_lastword", "--include-path", str(demo_tasks), "--limit", "8",
            "--batch-size", "8", "--device", "cpu", "--output", str(out), "--wandb", "offline"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -266,7 +266,7 @@ def test_cli_offline_json_and_wandb_summary(trained_run, demo_tasks, tmp_path):
 
 
 def test_export_folder_scores_like_the_checkpoint(trained_run, trained, tmp_path):
-    from slimpajama_train.export import export_checkpoint
+    from slimpajama_train.tools.export import export_checkpoint
 
     model, _ = trained
     exported, _, where = load_for_eval(export_checkpoint(trained_run, tmp_path / "hf"), "cpu")

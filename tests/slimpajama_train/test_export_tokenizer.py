@@ -10,9 +10,9 @@ import sentencepiece as spm
 
 from data_prep.readers import DocumentReader, expand_inputs
 from data_prep.tokenizer import TokenizerConfig, train_tokenizer
-from slimpajama_train.export import hf_config
-from slimpajama_train.hf_tokenizer import PROBES, build_tokenizer, first_disagreement, write_hf_tokenizer
 from slimpajama_train.model import ModelConfig
+from slimpajama_train.tools.export import hf_config
+from slimpajama_train.tools.hf_tokenizer import PROBES, build_tokenizer, first_disagreement, write_hf_tokenizer
 
 # Beyond PROBES: long runs, lone control characters, and text that is exactly one piece.
 EDGE_CASES = PROBES + (

@@ -1,6 +1,6 @@
 import torch
 
-from slimpajama_train.generate import filter_logits
+from slimpajama_train.tools.generate import filter_logits
 
 
 def test_top_k_keeps_k_largest():

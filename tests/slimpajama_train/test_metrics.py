@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimpajama_train.metrics import detect_peak_tflops, flops_per_token, mfu_off_reason, peak_tflops_for
+from slimpajama_train.mfu import detect_peak_tflops, flops_per_token, mfu_off_reason, peak_tflops_for
 from slimpajama_train.model import ModelConfig, Transformer
 
 SEQ = 16

@@ -91,7 +91,7 @@ def test_factorized_embeddings():
 
 
 def test_flops_per_token_formula():
-    from slimpajama_train.metrics import flops_per_token
+    from slimpajama_train.mfu import flops_per_token
 
     cfg = tiny(n_kv_heads=4, ffn_hidden=128)
     per_layer = 4 * 64 * 64 + 3 * 64 * 128

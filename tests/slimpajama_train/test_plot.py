@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slimpajama_train.plot import draw, figure, load_runs, main, plot_data
+from slimpajama_train.tools.plot import draw, figure, load_runs, main, plot_data
 from tests.conftest import REPO, run_torchrun, tiny_train_overrides
 
 SEQ, BATCH = 64, 8  # tokens per step: 512

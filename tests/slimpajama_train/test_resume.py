@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from slimpajama_train.checkpoint import CheckpointConfig, CheckpointManager, CorruptCheckpointError, read_meta
+from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, CorruptCheckpointError, read_meta
 from tests.conftest import (
     EXIT_STATUS_HELPER,
     REPO,
@@ -214,7 +214,7 @@ def test_corrupt_or_partial_checkpoints_are_reported(straight, tmp_path):
     root.mkdir()
     (root / "latest").write_text("step_00000099\n")
     with pytest.raises(CorruptCheckpointError, match="does not exist"):
-        CheckpointManager(CheckpointConfig(), root).latest()
+        CheckpointStore(CheckpointConfig(), root).latest()
 
 
 def test_trainer_refuses_a_corrupt_checkpoint(straight, demo_shards, tmp_path):
@@ -235,7 +235,7 @@ class _FakeBackend:
 
 
 def test_keep_last_and_keep_every(tmp_path):
-    mgr = CheckpointManager(CheckpointConfig(keep_last=2, keep_every=4), tmp_path)
+    mgr = CheckpointStore(CheckpointConfig(keep_last=2, keep_every=4), tmp_path)
     for step in range(1, 11):
         mgr.save(step, _FakeBackend(), {})
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000009",
@@ -246,7 +246,7 @@ def test_keep_last_and_keep_every(tmp_path):
 def test_weights_only_loading_refuses_code_in_a_checkpoint(tmp_path):
     import pickle
 
-    from slimpajama_train.checkpoint import weights_only_loads
+    from slimpajama_train.safe_load import weights_only_loads
 
     class Exploit:
         def __reduce__(self):

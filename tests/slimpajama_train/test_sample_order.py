@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from data_prep.shard_format import FORMAT_VERSION, MANIFEST, RecordLayout, ShardWriter, shard_name
-from slimpajama_train.data import DataConfig, GlobalSampleOrder, open_dataset, shut_down_workers, train_loader
+from slimpajama_train.data.dataset import DataConfig, open_dataset
+from slimpajama_train.data.loader import train_loader
+from slimpajama_train.data.order import GlobalSampleOrder
+from slimpajama_train.data.workers import shut_down_workers
 
 SLIMPAJAMA_SAMPLES = 300_000_000  # ~627B tokens / 2049 tokens per sample
 

@@ -73,6 +73,47 @@ def test_configs_import_no_callback_module():
     assert out.strip() == "[]"
 
 
+def _all_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or inside functions (``from a import b`` counts
+    as ``a`` and ``a.b``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def test_the_package_is_laid_out_by_job():
+    """The core at the root, the data pipeline of a rank in ``data/``, the tools in ``tools/``; the
+    training core imports nothing from ``tools/`` and the backends nothing from ``checkpoint``
+    (anywhere in the module, functions included)."""
+    root = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert root == ["checkpoint", "chunked_loss", "config", "distributed", "log_window", "mfu", "model", "optim",
+                    "preemption", "safe_load", "train", "trainer"]
+    assert sorted(p.stem for p in (PACKAGE / "data").glob("*.py")) == ["__init__", "dataset", "loader", "order",
+                                                                        "workers"]
+    tools = {p.stem for p in (PACKAGE / "tools").glob("*.py")} - {"__init__"}
+    assert tools == {"demo", "evaluate", "export", "generate", "hf_tokenizer", "lm_eval_adapter", "load_checkpoint",
+                     "plot", "study"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        imports = _all_imports(path)
+        if not name.startswith("slimpajama_train.tools"):
+            offenders += [(name, m) for m in imports if m.startswith("slimpajama_train.tools")]
+        if name.startswith("slimpajama_train.backends"):
+            offenders += [(name, m) for m in imports if m.split(".")[:2] == ["slimpajama_train", "checkpoint"]]
+    assert not offenders, offenders
+
+
 MANIFEST = {"seq_len": 64, "tokenizer": {"vocab_size": 1000}}
 
 
@@ -89,11 +130,11 @@ def test_resolved_config_is_a_new_object_and_the_given_one_is_untouched():
 
 
 def test_batch_that_does_not_divide_names_values_that_would():
-    from slimpajama_train.config import LoopConfig
-    from slimpajama_train.data import DataConfig
+    from slimpajama_train.config import TrainerConfig
+    from slimpajama_train.data.dataset import DataConfig
 
     # the 1.3B recipe's 512 samples at micro-batch 4 on 384 GPUs: 1536 samples per accumulation step
-    cfg = TrainConfig(trainer=LoopConfig(global_batch_size=512), data=DataConfig(micro_batch_size=4))
+    cfg = TrainConfig(trainer=TrainerConfig(global_batch_size=512), data=DataConfig(micro_batch_size=4))
     with pytest.raises(ValueError) as err:
         resolve_config(cfg, MANIFEST, world_size=384)
     msg = str(err.value)
@@ -120,13 +161,13 @@ def _from_dict(d: dict) -> dict:
     from slimpajama_train.backends.base import BackendConfig
     from slimpajama_train.callbacks.config import LoggerConfig, WandbConfig
     from slimpajama_train.checkpoint import CheckpointConfig
-    from slimpajama_train.data import DataConfig
+    from slimpajama_train.data.dataset import DataConfig
     from slimpajama_train.distributed import DistConfig
     from slimpajama_train.model import ModelConfig
     from slimpajama_train.optim import OptimConfig
 
     kinds = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "backend": BackendConfig,
-             "trainer": c.LoopConfig, "checkpoint": CheckpointConfig, "dist": DistConfig}
+             "trainer": c.TrainerConfig, "checkpoint": CheckpointConfig, "dist": DistConfig}
     out = {k: kinds[k](**v) if k in kinds else v for k, v in d.items()}
     out["logger"] = LoggerConfig(**{**d["logger"], "wandb": WandbConfig(**d["logger"]["wandb"])})
     return out

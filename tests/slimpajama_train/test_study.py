@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from slimpajama_train.study import main, parse_mixtures
+from slimpajama_train.tools.study import main, parse_mixtures
 from tests.conftest import REPO
 
 CODE = "code=RedPajamaGithub:0.85+RedPajamaBook:0.05+RedPajamaWikipedia:0.05+RedPajamaCommonCrawl:0.05"

@@ -57,7 +57,7 @@ def test_stop_and_resume_gives_the_same_per_step_losses(straight_run, demo_shard
 
 
 def test_generate_from_checkpoint(straight_run):
-    from slimpajama_train.generate import generate_text
+    from slimpajama_train.tools.generate import generate_text
 
     text = generate_text(str(straight_run), "def ", max_new_tokens=20, temperature=0.8, seed=1)
     assert text.startswith("def ") and len(text) > len("def ")
@@ -69,9 +69,9 @@ def assert_hf_parity(checkpoint: Path, out_dir: Path) -> None:
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slimpajama_train.checkpoint_io import load_model
-    from slimpajama_train.export import export_checkpoint
-    from slimpajama_train.generate import sample
+    from slimpajama_train.tools.export import export_checkpoint
+    from slimpajama_train.tools.generate import sample
+    from slimpajama_train.tools.load_checkpoint import load_model
 
     out = export_checkpoint(checkpoint, out_dir)
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model",
@@ -138,8 +138,8 @@ def test_batch_in_tokens_metrics_and_wandb_naming(demo_shards, tmp_path):
 
 
 def test_export_refuses_what_llama_cannot_express():
-    from slimpajama_train.export import hf_config
     from slimpajama_train.model import ModelConfig
+    from slimpajama_train.tools.export import hf_config
 
     for kw, word in [({"position_encoding": "alibi"}, "alibi"), ({"share_layers_every": 2}, "shared"),
                      ({"embedding_rank": 16}, "factorized")]:

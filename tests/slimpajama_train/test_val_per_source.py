@@ -10,9 +10,10 @@ from tests.data_prep.test_pipeline import _cfg, synthetic_corpus
 
 
 def test_per_source_validation_matches_a_direct_computation(tmp_path):
-    from slimpajama_train.checkpoint_io import load_model
-    from slimpajama_train.data import DataConfig, open_dataset, to_device_batch, val_loader
+    from slimpajama_train.data.dataset import DataConfig, open_dataset
+    from slimpajama_train.data.loader import to_device_batch, val_loader
     from slimpajama_train.model import lm_loss
+    from slimpajama_train.tools.load_checkpoint import load_model
 
     corpus = synthetic_corpus(tmp_path / "corpus", docs_per_source=40)
     shards = tmp_path / "shards"

@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import save_file
 
 from data_prep.cli import add_debug_flag, cli_errors
-from slimpajama_train.checkpoint_io import load_model, resolve_checkpoint
-from slimpajama_train.hf_tokenizer import write_hf_tokenizer
 from slimpajama_train.model import ModelConfig, Transformer
+from slimpajama_train.tools.hf_tokenizer import write_hf_tokenizer
+from slimpajama_train.tools.load_checkpoint import load_model, resolve_checkpoint
 
 
 def check_exportable(cfg: ModelConfig) -> None:

@@ -33,9 +33,10 @@ from data_prep.cli import add_debug_flag, cli_errors
 from data_prep.shard_format import MANIFEST, load_manifest
 from data_prep.tokenizer import file_sha256
 from slimpajama_train.callbacks.wandb_logger import WANDB_ID_FILE
-from slimpajama_train.checkpoint_io import load_model, resolve_checkpoint
-from slimpajama_train.data import DataConfig, TokenBlocks, to_device_batch
+from slimpajama_train.data.dataset import DataConfig, TokenBlocks
+from slimpajama_train.data.loader import to_device_batch
 from slimpajama_train.model import ModelConfig, Transformer, lm_loss
+from slimpajama_train.tools.load_checkpoint import load_model, resolve_checkpoint
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -213,7 +214,7 @@ def run_lm_eval(model: Transformer, tokenizer: spm.SentencePieceProcessor, tasks
                          "(or 'lm-eval>=0.4')") from exc
     from lm_eval.utils import handle_non_serializable
 
-    from slimpajama_train.lm_eval_adapter import SlimPajamaLM
+    from slimpajama_train.tools.lm_eval_adapter import SlimPajamaLM
 
     lm = SlimPajamaLM(model, tokenizer, batch_size=batch_size, device=device)
     seeds = {} if seed is None else {k: seed for k in ("random_seed", "numpy_random_seed", "torch_random_seed",

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from slimpajama_train.checkpoint import LATEST, STATE, read_meta, weights_only_loads
+from slimpajama_train.checkpoint import LATEST, STATE, read_meta
 from slimpajama_train.model import ModelConfig, Transformer
+from slimpajama_train.safe_load import weights_only_loads
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

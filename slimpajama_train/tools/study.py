@@ -37,7 +37,7 @@ from typing import Any
 
 from data_prep.cli import add_debug_flag, cli_errors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Work files of the stages that depend on the mixture; everything else is shared by hard links.
 _MIXTURE_DEPENDENT = ("plan", "shard_entries", "markers/plan", "markers/shards", "markers/report")
 
@@ -89,7 +89,8 @@ def compose_prep(overrides: list[str]) -> Any:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from data_prep.config import conf_dir, register_configs
+    from data_prep.cli import conf_dir
+    from data_prep.config import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -177,7 +178,8 @@ def final_eval(run_dir: Path) -> dict[str, Any]:
 def downstream(run_dir: Path, tasks: str, include_path: str | None, limit: int | None) -> dict[str, float]:
     """Scores of ``tasks`` on the run's latest checkpoint through ``slimpajama-eval``."""
     out = run_dir / "downstream.json"
-    cmd = [sys.executable, "-m", "slimpajama_train.evaluate", str(run_dir), "--tasks", tasks, "--output", str(out)]
+    cmd = [sys.executable, "-m", "slimpajama_train.tools.evaluate", str(run_dir), "--tasks", tasks,
+           "--output", str(out)]
     if include_path:
         cmd += ["--include-path", include_path]
     if limit:
@@ -257,7 +259,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(out: Path, names: list[str]) -> None:
-    from slimpajama_train.plot import draw, load_runs, plot_data, write_csv
+    from slimpajama_train.tools.plot import draw, load_runs, plot_data, write_csv
 
     data = plot_data(load_runs([out / "runs" / n for n in names], names))
     draw(data, out / "study.png")
@@ -267,7 +269,7 @@ def plot(out: Path, names: list[str]) -> None:
 def submit_slurm(out: Path, mixtures: list[Mixture], argv: list[str], train_overrides: list[str]) -> dict[str, str]:
     """One prep job, a train job per mixture after it, a table job after all; returns the job ids."""
     sbatch = shlex.split(os.environ.get("SBATCH", "sbatch")) + shlex.split(os.environ.get("SBATCH_EXTRA", ""))
-    me = [sys.executable, "-m", "slimpajama_train.study", *argv]
+    me = [sys.executable, "-m", "slimpajama_train.tools.study", *argv]
 
     def submit(args: list[str]) -> str:
         res = subprocess.run([*sbatch, "--parsable", *args], check=True, capture_output=True, text=True)

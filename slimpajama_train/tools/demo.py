@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
         "-m", "slimpajama_train.train", "experiment=demo", f"data.path={shards}", f"run_dir={run_dir}", *a.overrides,
     ]))
-    generated = _last_json(_run([py, "-m", "slimpajama_train.generate", summary["checkpoint"], "--prompt", a.prompt,
-                                 "--max-new-tokens", "48", "--json"]))["generated"]
+    generated = _last_json(_run([py, "-m", "slimpajama_train.tools.generate", summary["checkpoint"],
+                                 "--prompt", a.prompt, "--max-new-tokens", "48", "--json"]))["generated"]
 
     print("\n==== demo finished in %.0f s ====" % (time.time() - t0), file=sys.stderr)
     print(f"train loss: {summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}", file=sys.stderr)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.cli import add_debug_flag, cli_errors
-from slimpajama_train.checkpoint_io import load_model
 from slimpajama_train.model import Transformer
+from slimpajama_train.tools.load_checkpoint import load_model
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

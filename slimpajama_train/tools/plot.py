@@ -3,7 +3,7 @@
 Usage::
 
     slimpajama-plot runs/a runs/b --out comparison.png
-    python -m slimpajama_train.plot runs/a runs/b --out comparison.png --csv comparison.csv --names base,wide
+    python -m slimpajama_train.tools.plot runs/a runs/b --out comparison.png --csv comparison.csv --names base,wide
 
 One PNG with a panel each for train and validation loss, learning rate, tokens/s, MFU and the
 validation loss of every source (``val_loss/<source>`` keys), all against tokens seen; and a CSV

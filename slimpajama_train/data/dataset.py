@@ -1,0 +1,203 @@
+"""The training data as a map-style dataset: its config, the manifest checks, and the sample at
+each position of the global order (:mod:`slimpajama_train.data.order`)."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data_prep.shard_format import MANIFEST, RecordLayout, ShardReader, load_manifest
+from slimpajama_train.data.order import GlobalSampleOrder
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read.
+
+    Attributes:
+        path: directory with ``manifest.json`` and the shards (output of ``slimpajama-prep``).
+        seed: seeds the per-epoch permutation of samples.
+        micro_batch_size: samples per rank per forward/backward.
+        num_workers: DataLoader worker processes per rank.
+        tokenizer_sha256: when set, the manifest's tokenizer must have this checksum.
+        max_open_shards: shard files each loader process keeps open (an LRU); with a global random
+            order every read may hit another shard, so this bounds file descriptors per worker.
+        allow_change: resume onto data whose manifest (``prep_config_hash``) differs from the one the
+            checkpoint was trained on (a warning instead of an error).
+    """
+
+    path: str = "data/demo_shards"
+    seed: int = 1234
+    micro_batch_size: int = 8
+    num_workers: int = 1
+    tokenizer_sha256: str | None = None
+    max_open_shards: int = 16
+    allow_change: bool = False
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"data.micro_batch_size={self.micro_batch_size}: must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers}: must be >= 0")
+        if self.max_open_shards < 1:
+            raise ValueError(f"data.max_open_shards={self.max_open_shards}: must be >= 1")
+
+
+class TokenBlocks(Dataset):
+    """Map-style dataset: item ``position`` is the sample at that position of the global order.
+
+    Per shard it keeps only metadata in arrays (name, size in bytes, sample offset: 32 bytes with
+    prep's ``train-000000.tar`` names, 2.4 MB at 75k shards) and opens shards lazily, keeping at
+    most ``max_open_shards`` open in an LRU per process (each DataLoader worker has its own). Nothing is
+    opened or stat-ed at construction: a missing or truncated shard fails when first read, naming
+    ``manifest.json`` and the shard.
+
+    Checks, priced for 75k shards and every sample read:
+
+    - Shard names must stay inside ``data_dir`` (no absolute path, no ``..``), checked when the
+      manifest is read with string tests per name, no filesystem call. See :func:`check_shard_names`.
+    - Every sample's token ids must be below the manifest's ``tokenizer.vocab_size``, checked on each
+      read, before the sample reaches a batch: a max over the block just read (~1-3 µs per sample;
+      DESIGN.md). An id past the vocabulary would index past the embedding table (an ``IndexError``
+      on CPU, a device-side assert on a GPU), and an id between the tokenizer's and the model's
+      vocabulary would be trained on silently.
+    """
+
+    def __init__(self, data_dir: Path, manifest: dict[str, Any], split: str, seed: int, shuffle: bool,
+                 max_open_shards: int = 16, with_source: bool = False) -> None:
+        entry = manifest["splits"].get(split)
+        if not entry or not entry["shards"]:
+            raise ValueError(f"{data_dir}: manifest has no {split!r} shards")
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards={max_open_shards}: must be >= 1")
+        shards = entry["shards"]
+        self.data_dir = Path(data_dir)
+        self.manifest_path = self.data_dir / MANIFEST
+        self.dtype = np.dtype(manifest["dtype"])
+        # What items hold: the stored dtype, except uint32 as int32 (the same bytes; token ids are
+        # < 2**31): torch's uint32 is a "barebones" dtype with few ops, where int32 has them all.
+        # uint16 is one too, but stack, pinning, copies and ``.long()`` (CPU and CUDA) take it.
+        self.item_dtype = np.dtype(np.int32) if self.dtype == np.uint32 else self.dtype
+        vocab = manifest.get("tokenizer", {}).get("vocab_size", 0)
+        if self.dtype == np.uint32 and vocab > 2**31:
+            raise ValueError(f"{self.manifest_path}: a vocabulary of {vocab} ids does not fit int32 batches")
+        self.layout = RecordLayout(**manifest["record"])
+        self.block_size = int(manifest["block_size"])
+        self.max_open_shards = max_open_shards
+        self.order = GlobalSampleOrder([s["samples"] for s in shards], seed, shuffle)
+        # Ids at or past the tokenizer's vocabulary are refused on read (0: no vocabulary recorded).
+        self.vocab_size = int(vocab)
+        check_shard_names(self.data_dir, [s["name"] for s in shards], self.manifest_path)
+        # No manifest dicts, Path or reader objects per shard: fixed-width name bytes and sizes.
+        self.shard_names = np.array([s["name"].encode() for s in shards], dtype=np.bytes_)
+        self.shard_bytes = np.array([s["bytes"] for s in shards], dtype=np.int64)
+        # With ``with_source`` an item is (tokens, source index): the source of a shard that holds one
+        # source (prep writes validation shards that way), -1 for a mixed shard.
+        self.with_source = with_source
+        self.sources, self.shard_source = shard_sources(shards)
+        self._open: OrderedDict[int, Any] = OrderedDict()  # shard -> open reader, least recent first
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.order.total
+
+    def open_shard(self, shard: int) -> ShardReader:
+        """An open reader of ``shard`` (anything with ``read(index)`` and ``close()``); raises if the
+        shard is missing or its size differs from the manifest's. Tests override it."""
+        name = self.shard_names[shard].decode()
+        return ShardReader(self.data_dir / name, shard, self.block_size, self.dtype, self.layout,
+                           expected_bytes=int(self.shard_bytes[shard]), manifest_path=self.manifest_path).open()
+
+    def _reader(self, shard: int) -> Any:
+        if self._pid != os.getpid():
+            # A forked worker inherited the parent's descriptors: close its copies (the parent's stay
+            # open) so that each process holds at most max_open_shards.
+            for r in self._open.values():
+                r.close()
+            self._open = OrderedDict()
+            self._pid = os.getpid()
+        r = self._open.get(shard)
+        if r is not None:
+            self._open.move_to_end(shard)
+            return r
+        while len(self._open) >= self.max_open_shards:
+            self._open.popitem(last=False)[1].close()
+        r = self._open[shard] = self.open_shard(shard)
+        return r
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __getitem__(self, position: int) -> torch.Tensor | tuple[torch.Tensor, int]:
+        shard, index = self.order.locate(self.order.sample_id(position))
+        # A copy (the reader's array is a read-only view of the record) in the stored dtype.
+        block = np.array(self._reader(shard).read(index), dtype=self.dtype)
+        if self.vocab_size and (top := int(block.max())) >= self.vocab_size:
+            self._refuse_ids(shard, index, block, top)
+        tokens = torch.from_numpy(block.view(self.item_dtype))
+        return (tokens, int(self.shard_source[shard])) if self.with_source else tokens
+
+    def _refuse_ids(self, shard: int, index: int, block: np.ndarray, top: int) -> None:
+        name = self.shard_names[shard].decode()
+        where = int(np.argmax(block >= self.vocab_size))
+        raise ValueError(f"{self.data_dir / name}: sample {index} holds token id {top} (at position {where}), but "
+                         f"{self.manifest_path} says the tokenizer has {self.vocab_size} ids; the shard was not "
+                         "written with this manifest's tokenizer: re-run prep for it (or restore the right shards)")
+
+    def __getstate__(self) -> dict:
+        # Open files do not cross process boundaries (spawned workers open their own).
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        state["_pid"] = None
+        return state
+
+
+def check_shard_names(data_dir: Path, names: list[str], manifest_path: Path) -> None:
+    """Refuse a shard name that would read a file outside ``data_dir``: an absolute path or a ``..``
+    component (prep writes plain file names). The name alone is checked, with string tests (~0.5 µs
+    per name, ~40 ms at 75k shards) and no filesystem call; a symlink the user placed in the data
+    folder (shards linked in from a shared store) is the user's layout and is followed."""
+    for name in names:
+        parts = name.split("/")
+        if not name or name.startswith(("/", "\\")) or ".." in parts or "\\" in name or name.endswith("/"):
+            raise ValueError(f"{manifest_path}: shard name {name!r} points outside {data_dir}; a shard name must be "
+                             "a file name inside the data folder (as slimpajama-prep writes them)")
+
+
+def shard_sources(shards: list[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
+    """The sources that have a shard of their own (sorted), and per shard the index of its one
+    source in that list, or -1 where a shard mixes sources."""
+    single = [next(iter(s["tokens_per_source"])) if len(s.get("tokens_per_source", {})) == 1 else None
+              for s in shards]
+    names = sorted({x for x in single if x is not None})
+    index = {x: k for k, x in enumerate(names)}
+    return names, np.array([index[x] if x is not None else -1 for x in single], dtype=np.int16)
+
+
+def check_manifest(manifest: dict[str, Any], data_dir: Path, seq_len: int | None, vocab_size: int | None,
+                   tokenizer_sha256: str | None) -> None:
+    """Refuse shards that do not match the model/tokenizer the trainer was configured with."""
+    where = f"{data_dir}/manifest.json"
+    if seq_len is not None and manifest["seq_len"] != seq_len:
+        raise ValueError(f"{where}: shards have seq_len {manifest['seq_len']} but model.max_seq_len={seq_len}; "
+                         "re-run prep or fix the override")
+    tok = manifest["tokenizer"]
+    if vocab_size is not None and vocab_size < tok["vocab_size"]:
+        raise ValueError(f"{where}: tokenizer has {tok['vocab_size']} ids but model.vocab_size={vocab_size}")
+    if tokenizer_sha256 is not None and tok["sha256"] != tokenizer_sha256:
+        raise ValueError(f"{where}: tokenizer sha256 {tok['sha256'][:12]}… does not match "
+                         f"data.tokenizer_sha256={tokenizer_sha256[:12]}…")
+
+
+def open_dataset(cfg: DataConfig) -> tuple[dict[str, Any], Path]:
+    data_dir = Path(cfg.path)
+    manifest = load_manifest(data_dir)
+    check_manifest(manifest, data_dir, None, None, cfg.tokenizer_sha256)
+    return manifest, data_dir
