@@ -125,7 +125,8 @@ def measure(name: str, a: argparse.Namespace, dist_info) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     backend = build_backend(backend_cfg, dist_info)
-    backend.setup(lambda: build_model(train_cfg), 0, OptimConfig(lr=1e-4, warmup_steps=0), micro, 1)
+    backend.build_model(lambda: build_model(train_cfg), 0, OptimConfig(lr=1e-4, warmup_steps=0), micro, 1)
+    backend.build_optimizer()
     n_params = count_parameters(backend.model)
     tokens = torch.randint(0, a.vocab, (micro, a.seq_len + 1), device=device)
     marks: list = []

@@ -381,13 +381,6 @@ def find_components(num_parts: int, num_buckets: int, work: WorkDir, fold_at: in
     return {"removed": int(lost.sum()), "clusters": int(len(nodes) - lost.sum()), "forest_edges": num_edges}
 
 
-def load_removed(work: WorkDir, part: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, exact) of the documents of ``part`` removed as duplicates; ``exact``: an earlier
-    member of the cluster has the same text."""
-    with np.load(work.removed(part)) as z:
-        return z["row"], z["exact"]
-
-
 # ---------------------------------------------------------------------------------------------- removals
 
 

@@ -5,9 +5,9 @@ import re
 import string
 from dataclasses import dataclass
 
+from data_prep.doc_pass import Filter
 from data_prep.document import Document
 from data_prep.stats import PrepStats
-from data_prep.step import Filter
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _WS = re.compile(r"\s+")

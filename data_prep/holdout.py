@@ -15,9 +15,8 @@ import json
 import numpy as np
 
 from data_prep.atomic import save_npy
-from data_prep.dedup_tasks import load_removed
 from data_prep.doc_table import column
-from data_prep.layout import WorkDir
+from data_prep.layout import WorkDir, load_removed
 from data_prep.stats import PrepStats
 
 SPLITS = ("train", "val")

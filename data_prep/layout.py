@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class WorkDir:
@@ -93,3 +95,10 @@ class WorkDir:
     @property
     def markers(self) -> Path:
         return self.root / "markers"
+
+
+def load_removed(work: WorkDir, part: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, exact) of the documents of ``part`` removed as duplicates; ``exact``: an earlier
+    member of the cluster has the same text."""
+    with np.load(work.removed(part)) as z:
+        return z["row"], z["exact"]

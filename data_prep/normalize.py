@@ -5,12 +5,12 @@ import time
 import unicodedata
 from collections.abc import Iterable, Iterator
 
+from data_prep.doc_pass import DocPass
 from data_prep.document import Document
 from data_prep.stats import PrepStats
-from data_prep.step import PipelineStep
 
 
-class Normalize(PipelineStep):
+class Normalize(DocPass):
     """Unicode normalization; with ``ftfy=True``, ``ftfy.fix_text(text, normalization=form)`` instead.
 
     SlimPajama ran ``ftfy.fix_text(normalization="NFC")``: it repairs mojibake but runs at a few MB/s,

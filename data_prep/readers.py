@@ -22,9 +22,9 @@ from typing import Any
 
 import zstandard
 
+from data_prep.doc_pass import DocPass
 from data_prep.document import Document
 from data_prep.stats import PrepStats
-from data_prep.step import PipelineStep
 
 _COMPRESSED = ("", ".zst", ".gz", ".bz2")
 JSONL_SUFFIXES = tuple(".jsonl" + c for c in _COMPRESSED)
@@ -138,7 +138,7 @@ def _where(unit: str, k: int) -> str:
     return "" if unit == "line" else f"{unit} {k}: "
 
 
-class DocumentReader(PipelineStep):
+class DocumentReader(DocPass):
     """Read documents from JSON-lines files (plain, zstd or gzip), parquet files and plain-text folders.
 
     Task ``rank`` of ``world_size`` reads files ``rank, rank + world_size, ...`` of the sorted list.

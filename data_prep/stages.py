@@ -278,7 +278,7 @@ def record_removals(ctx: Context, i: int) -> dict[str, Any]:
 def split_holdout(ctx: Context, i: int) -> dict[str, Any]:
     """removed.jsonl; holdout (ratio or count); hash and n-gram decontamination."""
     from data_prep.dedup_tasks import merge_removed_records
-    from data_prep.report import nothing_read
+    from data_prep.retention_report import nothing_read
 
     # Stop here, clearly, when every input file was bad, rather than in the tokenizer on an empty sample.
     if (error := nothing_read([ctx.result("clean", p) for p in range(ctx.n)])) is not None:
@@ -420,10 +420,10 @@ def write_shards(ctx: Context, i: int) -> dict[str, Any]:
 
 def report_dataset(ctx: Context, i: int) -> dict[str, Any]:
     """manifest.json (written last), prep_report.{json,md,png}, prep_stats.json."""
-    from data_prep.manifest import write_dataset_report
+    from data_prep.dataset_manifest import write_manifest_and_report
 
     earlier = [(s.name, s.parallel) for s in STAGES if s.name != "report"]
-    return write_dataset_report(ctx, earlier, stage_hashes(ctx.cfg))
+    return write_manifest_and_report(ctx, earlier, stage_hashes(ctx.cfg))
 
 
 # ---------------------------------------------------------------------------------------------- the list

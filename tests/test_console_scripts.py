@@ -1,10 +1,12 @@
 """The console scripts keep their names and their ``--help`` across package reorganizations: the help of
-each is compared with the record in ``tests/golden/cli_help/`` (taken before the layout by job).
-A deliberate change of a command's options updates the record: ``GOLDEN_UPDATE=1 pytest tests/test_console_scripts.py``."""
+each is compared with the record in ``tests/golden/cli_help/`` (taken before the layout by job). A
+deliberate change of a command's options updates the record
+(``GOLDEN_UPDATE=1 pytest tests/test_console_scripts.py``) and the commit says why."""
 import json
 import os
 import subprocess
 import sys
+
 import tomllib
 
 from tests.conftest import REPO

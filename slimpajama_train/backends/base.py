@@ -109,7 +109,7 @@ class StepResult:
 
 
 class Backend(ABC):
-    """Set up model and optimizer; forward/backward with accumulation; clip and step; save; load.
+    """Build model and optimizer; forward/backward with accumulation; clip and step; save; load.
 
     Public :meth:`save` / :meth:`load` do the checks once and call the subclass's ``_save`` / ``_load``.
     """
@@ -119,12 +119,6 @@ class Backend(ABC):
         self.dist = dist_info
         self.model: torch.nn.Module | None = None
         self.optimizer: object | None = None
-
-    def setup(self, make_model: Callable[[], Transformer], seed: int, optim_cfg: OptimConfig, micro_batch: int,
-              grad_accum: int) -> None:
-        """Build the model sharded and initialized (:meth:`build_model`), then the optimizer."""
-        self.build_model(make_model, seed, optim_cfg, micro_batch, grad_accum)
-        self.build_optimizer()
 
     @abstractmethod
     def build_model(self, make_model: Callable[[], Transformer], seed: int, optim_cfg: OptimConfig, micro_batch: int,
@@ -175,7 +169,7 @@ class Backend(ABC):
     def save(self, path: Path) -> None:
         """Write the sharded model + optimizer state into directory ``path`` (collective)."""
         if self.model is None or self.optimizer is None:
-            raise RuntimeError("backend.save() before setup()")
+            raise RuntimeError("backend.save() before build_model() and build_optimizer()")
         path.mkdir(parents=True, exist_ok=True)
         self._save(path)
 
@@ -186,7 +180,7 @@ class Backend(ABC):
     def load(self, path: Path) -> None:
         """Load model + optimizer state written by :meth:`save` (collective)."""
         if self.model is None or self.optimizer is None:
-            raise RuntimeError("backend.load() before setup()")
+            raise RuntimeError("backend.load() before build_model() and build_optimizer()")
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint state {path} is not a directory")
         self._load(path)

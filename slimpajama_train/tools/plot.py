@@ -279,7 +279,7 @@ def plot_data(runs: list[Run]) -> PlotData:
 # ---- output -------------------------------------------------------------------------------------
 def figure(data: PlotData) -> Figure:
     """A matplotlib Figure of ``data``: one axes per panel, in order; each run keeps one colour."""
-    # The object API with the Agg canvas (as data_prep/report.py): no pyplot global state, no GUI.
+    # The object API with the Agg canvas (as data_prep/retention_report.py): no pyplot global state, no GUI.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter

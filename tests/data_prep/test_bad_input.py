@@ -72,7 +72,7 @@ def test_every_input_unreadable_stops_with_the_summary(tmp_path):
 
 
 def test_bad_input_lists_are_capped_and_say_how_many_more(tmp_path):
-    from data_prep.report import bad_input, bad_input_lines, markdown
+    from data_prep.retention_report import bad_input, bad_input_lines, markdown
     from data_prep.stats import MAX_LISTED
 
     paths = [_garbage(tmp_path / f"g{k:02d}.jsonl", size=2000, seed=k) for k in range(12)]
@@ -104,7 +104,7 @@ def test_bad_input_lists_are_capped_and_say_how_many_more(tmp_path):
 
 
 def test_clean_input_says_so(tmp_path):
-    from data_prep.report import bad_input, bad_input_lines
+    from data_prep.retention_report import bad_input, bad_input_lines
 
     assert bad_input_lines(bad_input(PrepStats().to_dict(), input_files=4)) == [
         "input: no bad input (4 files read in full)"]

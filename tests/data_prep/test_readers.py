@@ -215,7 +215,7 @@ def test_unsupported_files_are_returned_as_skipped(tmp_path):
 
 def test_clean_stage_and_report_list_skipped_files(tmp_path):
     from data_prep.config import PrepConfig, RunConfig
-    from data_prep.report import markdown
+    from data_prep.retention_report import markdown
     from data_prep.stages import Context, clean_inputs
 
     chunk = tmp_path / "corpus/train"

@@ -1,4 +1,5 @@
-"""Base classes for prep steps: a step is a generator over documents; a filter is one predicate."""
+"""Base classes of the clean stage's document passes (read, normalize, each quality filter): a pass is a
+generator over documents; a filter is a pass made of one predicate."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -7,14 +8,14 @@ from data_prep.document import Document
 from data_prep.stats import PrepStats
 
 
-class PipelineStep:
-    """A stage of the data pipeline.
+class DocPass:
+    """One pass over a clean task's documents, and a row of the retention table (``name``).
 
-    Subclasses implement :meth:`process`; :meth:`run` adds the per-source accounting, so every step
+    Subclasses implement :meth:`process`; :meth:`run` adds the per-source accounting, so every pass
     reports documents and bytes in/out without repeating that code.
     """
 
-    name: str = "step"
+    name: str = "pass"
 
     def __init__(self, stats: PrepStats | None = None) -> None:
         self.stats = stats if stats is not None else PrepStats()
@@ -27,7 +28,7 @@ class PipelineStep:
         yield from self.stats.count(self.name, self.process(counted_in, rank, world_size), "out")
 
 
-class Filter(PipelineStep):
+class Filter(DocPass):
     """A step that keeps or drops each document; the base class counts every drop by reason."""
 
     def drop_reason(self, doc: Document) -> str | None:

@@ -39,11 +39,11 @@ def split_summary(ctx: Context, name: str) -> dict[str, Any]:
     }
 
 
-def write_dataset_report(ctx: Context, earlier: list[tuple[str, bool]], h: dict[str, str]) -> dict[str, Any]:
+def write_manifest_and_report(ctx: Context, earlier: list[tuple[str, bool]], h: dict[str, str]) -> dict[str, Any]:
     """manifest.json (written last: its presence means the dataset is complete), prep_report.{json,md,png}
     and prep_stats.json, from the results of the ``earlier`` stages ((name, parallel) in order)
     whose config hashes are ``h``."""
-    from data_prep.report import bad_input_lines, write_report
+    from data_prep.retention_report import bad_input_lines, write_report
     from data_prep.shard_format import FORMAT_VERSION, MANIFEST, RecordLayout, token_dtype
     from data_prep.tasks import stage_results
 
