@@ -3,6 +3,7 @@ every module and nothing else, every stage table and the design's stage diagram 
 the design's backend interface is the ``Backend`` class's, and every console script named exists."""
 import inspect
 import re
+
 import tomllib
 
 from data_prep.stages import STAGES
