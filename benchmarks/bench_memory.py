@@ -4,7 +4,7 @@
                                       [--dim 64] [--layers 1] [--loss-chunk 4096]
 
 Every configuration runs one forward + backward + AdamW step of a ``Transformer`` on random tokens in a
-fresh process (``tests/slimpajama_train/memory_probe.py``): on CPU the peak is the resident set above the one
+fresh process (``tests/helpers/memory_probe.py``): on CPU the peak is the resident set above the one
 before the step (with ``MALLOC_MMAP_THRESHOLD_`` set so it follows live memory), on CUDA
 ``torch.cuda.max_memory_allocated`` above the allocation before it. Rows: ``loss_chunk_tokens`` 0 vs
 ``--loss-chunk`` (no checkpointing), then activation checkpointing none / op / block (every 2nd) / full,
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.slimpajama_train.memory_probe import run_probe  # noqa: E402 - after the sys.path insert above
+from tests.helpers.memory_probe import run_probe  # noqa: E402 - after the sys.path insert above
 
 AC_ROWS = ("none", "op", "block", "full")
 

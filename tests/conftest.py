@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -76,27 +73,35 @@ def tiny_train_overrides(shards: Path, run_dir: Path, *extra: str, backend: str 
     ]
 
 
+class TinyRuns:
+    """Uninterrupted tiny runs (:func:`tiny_train_overrides`), each trained once per session on first
+    use and shared by every module that compares against it (resume, integrity, multi-node). Shared
+    means read-only: a test that changes a run copies it first."""
+
+    def __init__(self, shards: Path, factory: pytest.TempPathFactory) -> None:
+        self.shards, self.factory = shards, factory
+        self._runs: dict[tuple[str, int, int], Path] = {}
+
+    def get(self, backend: str = "fsdp2", nproc: int = 2, steps: int = 8) -> Path:
+        key = (backend, nproc, steps)
+        if key not in self._runs:
+            from tests.helpers.launch import run_torchrun
+
+            run_dir = self.factory.mktemp(f"tiny_{backend}_{nproc}proc_{steps}")
+            run_torchrun(nproc, tiny_train_overrides(self.shards, run_dir, backend=backend, steps=steps))
+            self._runs[key] = run_dir
+        return self._runs[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(demo_shards, tmp_path_factory) -> TinyRuns:
+    return TinyRuns(demo_shards, tmp_path_factory)
+
+
 def losses_by_step(run_dir: Path) -> dict[int, tuple]:
     """(train loss, val loss) per step; the last record wins (a killed run leaves records that the
     resumed run rewrites)."""
     return {m["step"]: (m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)}
-
-
-def run_torchrun(nproc: int, overrides: list[str], cwd: Path, timeout: int = 600,
-                 extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Launch the trainer under torchrun with gloo on CPU; raise with its output when it fails."""
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "slimpajama_train.train", *overrides]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n"
-                             f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
-    return proc
-
-
-# Runs a torchrun rank as its child and records its exit status (torchrun reports only the first failure).
-EXIT_STATUS_HELPER = REPO / "tests/slimpajama_train/exit_status_helper.py"
 
 
 def rank_exit_statuses(status_dir: Path) -> dict[int, int]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, losses_by_step, read_metrics, run_torchrun, tiny_train_overrides
-from tests.launch.slurm_cluster import ClusterUnavailable, cluster_env
+from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overrides
+from tests.helpers.launch import run_torchrun
+from tests.helpers.slurm_cluster import ClusterUnavailable, cluster_env
 
 # A run a rank is killed in: at ~0.1 s a step on two CPU ranks it lasts a few seconds, long enough to
 # kill a rank past the first checkpoint (every 4 steps) and well before the end.

@@ -9,7 +9,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.launch.slurm_cluster import CLUSTER_DIR, CLUSTER_SCRIPT
+from tests.helpers.slurm_cluster import CLUSTER_DIR, CLUSTER_SCRIPT
 
 DAEMONS = ("slurmd", "slurmctld", "munged")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overrides
+from tests.helpers.slurm_cluster import job_env, job_fields, submit, wait_for_state
 from tests.launch.conftest import KILL_STEPS, kill_overrides, kill_rank_after_checkpoint
-from tests.launch.slurm_cluster import job_env, job_fields, submit, wait_for_state
 
 TRAIN_SBATCH = REPO / "launch/slurm/train.sbatch"
 STEPS = 12

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, losses_by_step, run_torchrun, tiny_train_overrides
+from tests.conftest import REPO, losses_by_step, tiny_train_overrides
 from tests.launch.conftest import KILL_STEPS, kill_overrides, kill_rank_after_checkpoint
 
 TORCHRUN_SH = REPO / "launch/torchrun.sh"
@@ -19,9 +19,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_over_c10d_match_one_node_with_two_processes(demo_shards, tmp_path):
-    single = tmp_path / "single"
-    run_torchrun(2, tiny_train_overrides(demo_shards, single), cwd=REPO)
+def test_two_nodes_over_c10d_match_one_node_with_two_processes(demo_shards, tiny_runs, tmp_path):
+    single = tiny_runs.get("fsdp2")
 
     multi = tmp_path / "multi"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimpajama_train.model import AC_MODES, ModelConfig, Transformer
-from tests.slimpajama_train.memory_probe import run_probe
+from tests.helpers.memory_probe import run_probe
 
 
 def _tiny(layers: int = 4) -> Transformer:

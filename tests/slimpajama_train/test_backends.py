@@ -1,9 +1,6 @@
 """Backends behind one interface: equivalence, precision, activation checkpointing, non-finite steps."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +11,9 @@ from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.backends.deepspeed_config import deepspeed_config
 from slimpajama_train.distributed import DistInfo
 from slimpajama_train.optim import OptimConfig
-from tests.conftest import REPO, read_metrics, run_torchrun
-from tests.slimpajama_train.equivalence import compare, step_records
+from tests.conftest import REPO, read_metrics
+from tests.helpers.equivalence import compare, step_records
+from tests.helpers.launch import HELPERS, run_torchrun
 
 EQUIV_STEPS = 24
 # The device the trainer runs on here; the probes say what it cannot do, and the tests skip with that.
@@ -42,7 +40,7 @@ def _train_losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
 
 
-EQUIV_HELPER = REPO / "tests/slimpajama_train/equivalence_helper.py"
+EQUIV_HELPER = REPO / "tests/helpers/equivalence_helper.py"
 HSDP = ["backend.replicate_size=2", "backend.shard_size=2"]
 # Every layout that must compute the one-process training: (processes, overrides).
 LAYOUTS = {
@@ -73,11 +71,7 @@ def _run_cases(nproc: int, cases: list[dict], work: Path) -> None:
     """Run the cases (``overrides``, ``mutation``) one after another in one torchrun launch."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "cases.json").write_text(json.dumps(cases))
-    env = {**os.environ, "EQUIV_CASES": str(work / "cases.json"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(EQUIV_HELPER)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-8000:]
+    run_torchrun(nproc, [], script=EQUIV_HELPER, extra_env={"EQUIV_CASES": str(work / "cases.json")}, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +114,7 @@ def layout_runs(demo_shards, tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_layout_trains_as_one_process(reference, layout_runs, layout):
     """Per-step loss and gradient norm (before clipping; grad_clip=0) over 24 steps and every
-    parameter at step 24 against the one-process reference (tolerances: tests/slimpajama_train/equivalence.py)."""
+    parameter at step 24 against the one-process reference (tolerances: tests/helpers/equivalence.py)."""
     diff = compare(layout_runs(layout)["clean"], reference)
     print(f"{layout}: {diff}")
     assert diff.steps == EQUIV_STEPS and diff.within_tolerance, diff
@@ -318,11 +312,8 @@ def test_compile_problem_names_the_missing_compiler(monkeypatch):
 
 @skip_because(None if NO_DEEPSPEED_FP16 else f"DeepSpeed supports fp16 on this {DEVICE.type}: nothing to refuse")
 def test_deepspeed_fp16_run_fails_fast_naming_the_missing_cpu_feature(demo_shards, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "slimpajama_train.train",
-           *_overrides(demo_shards, tmp_path, "backend=zero2", "backend.precision=fp16", "trainer.max_steps=2")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=zero2", "backend.precision=fp16",
+                                      "trainer.max_steps=2"), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "backend=zero2 with backend.precision=fp16 needs fp16 support in DeepSpeed's CPU accelerator" in out
@@ -356,11 +347,8 @@ def test_fp16_dynamic_loss_scaling_counts_skipped_steps(demo_shards, tmp_path, b
 def _step_memory(demo_shards: Path, run_dir: Path, nproc: int, *extra: str) -> list[dict]:
     """Train under ``step_memory_helper.py``; each rank's tensor-memory report (deterministic bytes)."""
     out = run_dir / "step_memory"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "STEP_MEMORY_OUT": str(out)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(REPO / "tests/slimpajama_train/step_memory_helper.py"), *_overrides(demo_shards, run_dir, *extra)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_torchrun(nproc, _overrides(demo_shards, run_dir, *extra), script=HELPERS / "step_memory_helper.py",
+                 extra_env={"STEP_MEMORY_OUT": str(out)})
     return [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(nproc)]
 
 
@@ -388,11 +376,8 @@ def test_activation_checkpointing_lowers_peak_memory_not_loss(demo_shards, tmp_p
 
 
 def _inject(demo_shards: Path, run_dir: Path, nproc: int, nan_steps: str, *extra: str) -> dict:
-    env = {**os.environ, "NAN_STEPS": nan_steps, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(REPO / "tests/slimpajama_train/inject_nonfinite.py"), *_overrides(demo_shards, run_dir, *extra)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    proc = run_torchrun(nproc, _overrides(demo_shards, run_dir, *extra), script=HELPERS / "inject_nonfinite.py",
+                        extra_env={"NAN_STEPS": nan_steps})
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, read_meta
-from tests.conftest import REPO, losses_by_step, run_torchrun, tiny_train_overrides
+from tests.conftest import REPO, losses_by_step, tiny_train_overrides
+from tests.helpers.launch import run_torchrun
 
-HELPER = REPO / "tests/slimpajama_train/checkpoint_fault_helper.py"
+HELPER = REPO / "tests/helpers/checkpoint_fault_helper.py"
 BACKENDS = ["fsdp2", "zero2"]
 
 
@@ -31,14 +32,10 @@ def _error_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_shards, tmp_path_factory) -> dict[str, Path]:
-    """8 steps on 2 ranks, checkpoints at steps 4 and 8, one run per backend."""
-    out = {}
-    for backend in BACKENDS:
-        run_dir = tmp_path_factory.mktemp(f"integrity_{backend}")
-        run_torchrun(2, tiny_train_overrides(demo_shards, run_dir, backend=backend), cwd=REPO)
-        out[backend] = run_dir
-    return out
+def runs(tiny_runs) -> dict[str, Path]:
+    """8 steps on 2 ranks, checkpoints at steps 4 and 8, one run per backend (the session's shared
+    tiny runs: read-only here, copied where a test damages them)."""
+    return {backend: tiny_runs.get(backend) for backend in BACKENDS}
 
 
 def _flip(path: Path, n: int = 4096) -> None:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from slimpajama_train.chunked_loss import chunked_linear_cross_entropy
 from slimpajama_train.model import ModelConfig, Transformer, lm_loss
-from tests.slimpajama_train.memory_probe import run_probe
+from tests.helpers.memory_probe import run_probe
 
 N, D, V = 50, 16, 97
 

@@ -1,15 +1,14 @@
 """No collective on a CPU tensor over a group that is NCCL-only on GPUs (checkpoint, metrics, preemption)."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from slimpajama_train.distributed import process_group_backend
-from tests.conftest import EXIT_STATUS_HELPER, REPO, rank_exit_statuses, tiny_train_overrides
+from tests.conftest import REPO, rank_exit_statuses, tiny_train_overrides
+from tests.helpers.launch import run_torchrun
 
-GUARD = REPO / "tests/slimpajama_train/collective_guard.py"
+GUARD = REPO / "tests/helpers/collective_guard.py"
 
 
 def test_gpu_default_group_serves_cpu_tensors_with_gloo():
@@ -23,12 +22,10 @@ def _guarded_run(shards: Path, run_dir: Path, backend: str, *extra: str,
     """(violations, collectives checked, each rank's exit status) of a guarded 6-step run on 2 ranks."""
     out, status_dir = run_dir / "guard", run_dir / "exit_status"
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(EXIT_STATUS_HELPER), str(GUARD),
-           *tiny_train_overrides(shards, run_dir, "checkpoint.interval=2", *extra, backend=backend, steps=6)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-                               "GUARD_OUT": str(out), "EXIT_STATUS_DIR": str(status_dir), **(env or {})})
+    proc = run_torchrun(2, tiny_train_overrides(shards, run_dir, "checkpoint.interval=2", *extra, backend=backend,
+                                                steps=6),
+                        script=GUARD, exit_status=status_dir, extra_env={"GUARD_OUT": str(out), **(env or {})},
+                        check=False)
     records = []
     for rank in (0, 1):
         path = Path(f"{out}.rank{rank}")

@@ -26,7 +26,8 @@ from slimpajama_train.data.dataset import TokenBlocks, shard_sources
 from slimpajama_train.model import Transformer, lm_loss
 from slimpajama_train.tools.evaluate import load_for_eval, main, run_lm_eval, shard_perplexity
 from slimpajama_train.tools.lm_eval_adapter import SlimPajamaLM
-from tests.conftest import REPO, read_metrics, run_torchrun, tiny_train_overrides
+from tests.conftest import REPO, read_metrics, tiny_train_overrides
+from tests.helpers.launch import run_torchrun
 
 STEPS = 300  # calibrated: MC accuracy 0.81 after 200 steps, 0.92 after 300 (untrained: 0.44)
 TRAINED_MIN_ACC, UNTRAINED_MAX_ACC = 0.75, 0.6  # two choices: chance is 0.5

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_metrics, run_torchrun
+from tests.conftest import REPO, read_metrics
+from tests.helpers.launch import run_torchrun
 
 RECORD = Path(__file__).parent / "golden" / "demo_losses.json"
 STEPS = 20

@@ -3,14 +3,11 @@ stop vote, a host tensor over a gloo group) to the training's own. Counted by in
 reads, CUDA event and stream synchronizations, waits on collectives and the collectives themselves
 (sync_probe.py) in a 12-step run with log_interval=10: steps 2-9 and 11 are non-log steps."""
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.launch import HELPERS, run_torchrun
 
 VOTE = "all_reduce[1]async=True@group"  # on the gloo group of distributed.host_group()
 VOTE_WAIT = "all_reduce.wait@slimpajama_train:distributed.py:"
@@ -18,17 +15,12 @@ VOTE_WAIT = "all_reduce.wait@slimpajama_train:distributed.py:"
 
 def _probe(demo_shards, tmp_path, backend: str, **env_extra: str) -> dict:
     out = tmp_path / "sync"
-    env = {**os.environ, "SYNC_OUT": str(out), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline",
-           **env_extra}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(REPO / "tests/slimpajama_train/sync_probe.py"), f"data.path={demo_shards}",
-           f"run_dir={tmp_path / 'run'}",
-           f"backend={backend}", "backend.precision=fp32", "model.dim=64", "model.n_layers=2", "model.n_heads=4",
-           "data.micro_batch_size=2", "data.num_workers=1", "trainer.global_batch_size=8", "trainer.max_steps=12",
-           "trainer.log_interval=10", "trainer.eval_interval=0", "checkpoint.interval=0", "logger.wandb.enabled=false",
-           *env_extra.get("SYNC_EXTRA", "").split()]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    overrides = [f"data.path={demo_shards}", f"run_dir={tmp_path / 'run'}",
+                 f"backend={backend}", "backend.precision=fp32", "model.dim=64", "model.n_layers=2", "model.n_heads=4",
+                 "data.micro_batch_size=2", "data.num_workers=1", "trainer.global_batch_size=8",
+                 "trainer.max_steps=12", "trainer.log_interval=10", "trainer.eval_interval=0", "checkpoint.interval=0",
+                 "logger.wandb.enabled=false", *env_extra.get("SYNC_EXTRA", "").split()]
+    run_torchrun(2, overrides, script=HELPERS / "sync_probe.py", extra_env={"SYNC_OUT": str(out), **env_extra})
     return {r: json.loads((tmp_path / f"sync.rank{r}").read_text()) for r in (0, 1)}
 
 

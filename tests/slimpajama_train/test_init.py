@@ -1,26 +1,20 @@
 """Sharded initialization: no rank ever holds the whole model, and the initial weights do not depend
 on how the model is sharded."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers.launch import run_torchrun
 
-HELPER = REPO / "tests/slimpajama_train/init_helper.py"
+HELPER = REPO / "tests/helpers/init_helper.py"
 
 
 def _build(nproc: int, shards: Path, out: Path, *overrides: str, compare: bool = False) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "INIT_COMPARE": "1" if compare else "0",
-           "INIT_OUT": str(out)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(HELPER),
-           f"data.path={shards}", "logger.wandb.enabled=false", "data.micro_batch_size=1",
-           "trainer.global_batch_size=2", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_torchrun(nproc, [f"data.path={shards}", "logger.wandb.enabled=false", "data.micro_batch_size=1",
+                         "trainer.global_batch_size=2", *overrides], script=HELPER, timeout=900,
+                 extra_env={"INIT_COMPARE": "1" if compare else "0", "INIT_OUT": str(out)})
     return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(nproc)]
 
 

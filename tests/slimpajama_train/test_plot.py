@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from slimpajama_train.tools.plot import draw, figure, load_runs, main, plot_data
-from tests.conftest import REPO, run_torchrun, tiny_train_overrides
+from tests.conftest import REPO, tiny_train_overrides
+from tests.helpers.launch import run_torchrun
 
 SEQ, BATCH = 64, 8  # tokens per step: 512
 

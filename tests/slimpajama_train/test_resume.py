@@ -14,16 +14,9 @@ import pytest
 import torch
 
 from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, CorruptCheckpointError, read_meta
-from tests.conftest import (
-    EXIT_STATUS_HELPER,
-    REPO,
-    losses_by_step,
-    rank_exit_statuses,
-    read_metrics,
-    run_torchrun,
-    tiny_train_overrides,
-)
-from tests.slimpajama_train.equivalence import assert_bitwise_same, compare
+from tests.conftest import REPO, losses_by_step, rank_exit_statuses, read_metrics, tiny_train_overrides
+from tests.helpers.equivalence import assert_bitwise_same, compare
+from tests.helpers.launch import HELPERS, launch_env, run_torchrun, start_torchrun
 
 STEPS = 8
 BACKENDS = ["fsdp2", "zero1", "zero2", "zero3"]
@@ -34,12 +27,10 @@ def _overrides(shards: Path, run_dir: Path, backend: str, *extra: str) -> list[s
 
 
 def _env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+    return launch_env(extra)
 
 
-def _launch(nproc: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+CRASH_HELPER = HELPERS / "crash_helper.py"
 
 
 def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -59,17 +50,23 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+class _Straight(dict):
+    """Uninterrupted runs (the session's shared tiny runs), one per backend on 2 processes, and
+    ``one_process`` (FSDP2 unwrapped); each trained on first use."""
+
+    def __init__(self, tiny_runs) -> None:
+        super().__init__()
+        self.tiny_runs = tiny_runs
+
+    def __missing__(self, key: str) -> Path:
+        run = self.tiny_runs.get("fsdp2", 1, STEPS) if key == "one_process" else self.tiny_runs.get(key, 2, STEPS)
+        self[key] = run
+        return run
+
+
 @pytest.fixture(scope="module")
-def straight(demo_shards, tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted runs, one per backend on 2 processes, and ``one_process`` (FSDP2 unwrapped)."""
-    runs = {}
-    for backend in BACKENDS:
-        run_dir = tmp_path_factory.mktemp(f"straight_{backend}")
-        run_torchrun(2, _overrides(demo_shards, run_dir, backend), cwd=REPO)
-        runs[backend] = run_dir
-    runs["one_process"] = tmp_path_factory.mktemp("straight_one_process")
-    run_torchrun(1, _overrides(demo_shards, runs["one_process"], "fsdp2"), cwd=REPO)
-    return runs
+def straight(tiny_runs) -> dict[str, Path]:
+    return _Straight(tiny_runs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,8 +79,7 @@ def test_exact_resume_after_clean_stop(straight, demo_shards, tmp_path, backend)
 
 def _crash(demo_shards: Path, run_dir: Path, backend: str, at: str, step: int, rank: int, *extra: str) -> None:
     env = _env(CRASH_AT=at, CRASH_STEP=str(step), CRASH_RANK=str(rank))
-    proc = _launch(2, [str(REPO / "tests/slimpajama_train/crash_helper.py"),
-                       *_overrides(demo_shards, run_dir, backend, *extra)], env)
+    proc = start_torchrun(2, _overrides(demo_shards, run_dir, backend, *extra), script=CRASH_HELPER, env=env)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode != 0, "the run should have died"
     assert "SIGKILL" in err or "Signal 9" in err or "-9" in err, err[-3000:]
@@ -110,10 +106,10 @@ def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_sha
 
 
 def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, demo_shards, tmp_path):
-    env = _env(CRASH_AT="signal", CRASH_STEP="3", CRASH_RANK="1", EXIT_STATUS_DIR=str(tmp_path / "exit_status"))
-    proc = _launch(2, [str(EXIT_STATUS_HELPER), str(REPO / "tests/slimpajama_train/crash_helper.py"),
-                       *_overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
-                                   "logger.wandb.mode=offline")], env)
+    proc = start_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
+                                        "logger.wandb.mode=offline"),
+                          script=CRASH_HELPER, exit_status=tmp_path / "exit_status",
+                          extra_env={"CRASH_AT": "signal", "CRASH_STEP": "3", "CRASH_RANK": "1"})
     _, err = proc.communicate(timeout=600)
     assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, err[-3000:]  # both: the requeue status
     assert proc.returncode == 1 and "exitcode  : 75" in err, err[-3000:]  # torchrun reports the first and fails
@@ -130,7 +126,7 @@ def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, dem
 
 def test_single_process_sigterm_exits_for_requeue(demo_shards, tmp_path):
     env = _env(CRASH_AT="signal", CRASH_STEP="2", CRASH_RANK="0")
-    proc = subprocess.run([sys.executable, str(REPO / "tests/slimpajama_train/crash_helper.py"),
+    proc = subprocess.run([sys.executable, str(CRASH_HELPER),
                            *_overrides(demo_shards, tmp_path, "fsdp2")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 75, proc.stderr[-3000:]
@@ -165,7 +161,7 @@ def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second)
     """FSDP2 through DCP resharding; ZeRO through DeepSpeed's universal checkpoint: the resumed run's
     losses, gradient norms (clipped at 1.0 here) and step-8 parameters match the uninterrupted
     2-process run and the one-process run within the equivalence tolerances
-    (tests/slimpajama_train/equivalence.py)."""
+    (tests/helpers/equivalence.py)."""
     run_torchrun(first, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4"), cwd=REPO)
     proc = run_torchrun(second, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
     assert "resumed from" in proc.stderr
@@ -291,17 +287,15 @@ def test_sigterm_to_every_process_saves_exits_75_and_resumes_bitwise(straight_lo
     import signal as signal_module
 
     overrides = tiny_train_overrides(demo_shards, tmp_path, "checkpoint.interval=10", steps=LONG)
-    env = _env(EXIT_STATUS_DIR=str(tmp_path / "exit_status"))
+    status_dir = tmp_path / "exit_status"
+    env = launch_env(exit_status=status_dir)
     preexec = None
     if launcher == "torchrun_ignores":
         env["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle
         preexec = lambda: signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)  # noqa: E731
     # Each rank runs under EXIT_STATUS_HELPER, which records its exit status (torchrun, signalled
     # itself, reports none) and passes torchrun's forwarded SIGTERM on to it.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(EXIT_STATUS_HELPER), "-m", "slimpajama_train.train", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=preexec)
+    proc = start_torchrun(2, overrides, env=env, exit_status=status_dir, start_new_session=True, preexec_fn=preexec)
     _wait_for_step(tmp_path, 3, proc)
     root = psutil.Process(proc.pid)
     ranks = [rank for helper in root.children() for rank in helper.children()]
@@ -331,10 +325,10 @@ def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
     checkpoint: the ranks agree before training anything, save nothing new (nothing changed),
     exit 75 for requeue; the requeued run then finishes with the uninterrupted run's losses."""
     run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "trainer.halt_at_step=4"), cwd=REPO)
-    env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="1", CRASH_SIGNAL="SIGTERM",
-               EXIT_STATUS_DIR=str(tmp_path / "exit_status"))
-    proc = _launch(2, [str(EXIT_STATUS_HELPER), str(REPO / "tests/slimpajama_train/crash_helper.py"),
-                       *_overrides(demo_shards, tmp_path, "fsdp2")], env)
+    proc = start_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2"), script=CRASH_HELPER,
+                          exit_status=tmp_path / "exit_status",
+                          extra_env={"CRASH_AT": "build", "CRASH_STEP": "0", "CRASH_RANK": "1",
+                                     "CRASH_SIGNAL": "SIGTERM"})
     _, err = proc.communicate(timeout=600)
     assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, err[-3000:]
     assert proc.returncode == 1 and "exitcode  : 75" in err, err[-3000:]
@@ -348,7 +342,7 @@ def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
 
 def test_signal_during_build_of_a_fresh_run_exits_without_a_checkpoint(demo_shards, tmp_path):
     env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="0", CRASH_SIGNAL="SIGTERM")
-    proc = subprocess.run([sys.executable, str(REPO / "tests/slimpajama_train/crash_helper.py"),
+    proc = subprocess.run([sys.executable, str(CRASH_HELPER),
                            *_overrides(demo_shards, tmp_path, "fsdp2")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 75, proc.stderr[-3000:]

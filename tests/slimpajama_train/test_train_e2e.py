@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics, run_torchrun
+from tests.conftest import REPO, read_metrics
+from tests.helpers.launch import run_torchrun
 
 STEPS = 8
 

@@ -5,8 +5,9 @@ import json
 import torch
 
 from data_prep.prep import run_prep
-from tests.conftest import REPO, read_metrics, run_torchrun, tiny_train_overrides
+from tests.conftest import REPO, read_metrics, tiny_train_overrides
 from tests.data_prep.test_pipeline import _cfg, synthetic_corpus
+from tests.helpers.launch import run_torchrun
 
 
 def test_per_source_validation_matches_a_direct_computation(tmp_path):

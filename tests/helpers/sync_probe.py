@@ -35,7 +35,7 @@ from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.config import register_configs
 from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.trainer import Trainer
-from tests.slimpajama_train.host_tensors import HostTensorMode, is_host
+from tests.helpers.host_tensors import HostTensorMode, is_host
 
 SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "to", "__bool__", "__float__", "__int__", "__index__")
 DEVICE_WAITS = ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Event, "wait"),

@@ -1,6 +1,6 @@
 """Peak memory of training steps of a ``Transformer``, measured in a fresh process.
 
-    python -m tests.slimpajama_train.memory_probe --vocab 32000 --micro-batch 8 --seq-len 2048 --loss-chunk 4096
+    python -m tests.helpers.memory_probe --vocab 32000 --micro-batch 8 --seq-len 2048 --loss-chunk 4096
 
 Run from the repository root. Prints one JSON line: ``peak_bytes`` (the most memory the steps held above
 what was resident just before them), the per-step ``losses``, and with ``--grads-out`` writes the first
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from slimpajama_train.model import AC_MODES, ModelConfig, Transformer
-from tests.slimpajama_train.tensor_memory import LiveTensorBytes
+from tests.helpers.tensor_memory import LiveTensorBytes
 
 REPO = Path(__file__).resolve().parents[2]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -150,7 +150,7 @@ def measure(a: argparse.Namespace) -> dict:
 def run_probe(*args: str, timeout: float = 600) -> dict:
     """Run this probe with ``args`` in a fresh process from the repository root; its JSON result."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "tests.slimpajama_train.memory_probe", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.memory_probe", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {' '.join(args)} failed:\n{proc.stderr[-4000:]}")

@@ -1,5 +1,5 @@
 """Test helper, run under torchrun with Hydra overrides: train through the real Trainer and measure,
-with :class:`~tests.slimpajama_train.tensor_memory.LiveTensorBytes`, the tensor memory each optimizer
+with :class:`~tests.helpers.tensor_memory.LiveTensorBytes`, the tensor memory each optimizer
 step's micro-batches create (deterministic: no RSS, no allocator).
 
 Writes ``$STEP_MEMORY_OUT.rank<r>`` (JSON) for steps 2 and later (step 1 also creates the optimizer
@@ -20,7 +20,7 @@ from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.config import register_configs
 from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.trainer import Trainer
-from tests.slimpajama_train.tensor_memory import LiveTensorBytes
+from tests.helpers.tensor_memory import LiveTensorBytes
 
 register_configs()
 with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

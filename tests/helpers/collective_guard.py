@@ -9,7 +9,7 @@ point, with every ``torch.distributed`` collective checked against the rules it 
 2. The project's rule (``slimpajama_train/distributed.py``): collectives on the default group, or
    on any group that is NCCL on GPUs, carry tensors on the training device; host tensors go only
    over explicit gloo groups. On a CPU run every tensor is a CPU tensor, so rule 1 alone can never
-   fail here; rule 2 uses the intent :class:`~tests.slimpajama_train.host_tensors.HostTensorMode`
+   fail here; rule 2 uses the intent :class:`~tests.helpers.host_tensors.HostTensorMode`
    records (a tensor the project's code made without a device, with ``"cpu"``, or by ``.cpu()``).
 
 Writes one JSON line per violation to $GUARD_OUT (and a summary line with the call count); with
@@ -30,8 +30,8 @@ import torch.distributed.distributed_c10d as c10d
 from slimpajama_train import train
 from slimpajama_train.distributed import process_group_backend
 from slimpajama_train.trainer import Trainer
+from tests.helpers.host_tensors import HostTensorMode, is_host
 from tests.slimpajama_train import guard_mutations
-from tests.slimpajama_train.host_tensors import HostTensorMode, is_host
 
 OUT = os.environ["GUARD_OUT"]
 RANK = int(os.environ.get("RANK", 0))

@@ -1,0 +1,59 @@
+"""The one way tests start torchrun: ``python -m torch.distributed.run --standalone`` with gloo on
+CPU, one thread per rank, W&B offline and the repository importable (helpers import ``tests.*``).
+
+A rank runs the trainer (``-m slimpajama_train.train OVERRIDES``, the default) or a helper script
+(``script=``); ``exit_status=`` wraps each rank in ``exit_status_helper.py``, which records the
+rank's own exit status (torchrun reports only the first failure).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HELPERS = REPO / "tests" / "helpers"
+# Runs a torchrun rank as its child and records its exit status (torchrun reports only the first failure).
+EXIT_STATUS_HELPER = HELPERS / "exit_status_helper.py"
+TRAIN = ("-m", "slimpajama_train.train")
+
+
+def launch_env(extra_env: dict[str, str] | None = None, exit_status: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if exit_status is not None:
+        env["EXIT_STATUS_DIR"] = str(exit_status)
+    return {**env, **(extra_env or {})}
+
+
+def torchrun_cmd(nproc: int, args: Sequence[str], script: Path | str | None = None,
+                 exit_status: Path | None = None) -> list[str]:
+    """The command line: torchrun on ``nproc`` local ranks, each running ``script ARGS`` (a helper) or
+    the trainer with ``args`` as Hydra overrides; ``exit_status``: each rank under EXIT_STATUS_HELPER."""
+    target = [str(script)] if script is not None else list(TRAIN)
+    wrap = [str(EXIT_STATUS_HELPER)] if exit_status is not None else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            *wrap, *target, *args]
+
+
+def run_torchrun(nproc: int, args: Sequence[str], *, script: Path | str | None = None, cwd: Path = REPO,
+                 timeout: int = 600, extra_env: dict[str, str] | None = None, exit_status: Path | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """Run to the end; with ``check``, raise with the output's tail when it fails."""
+    proc = subprocess.run(torchrun_cmd(nproc, args, script, exit_status), cwd=cwd,
+                          env=launch_env(extra_env, exit_status), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n"
+                             f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def start_torchrun(nproc: int, args: Sequence[str], *, script: Path | str | None = None,
+                   extra_env: dict[str, str] | None = None, exit_status: Path | None = None,
+                   env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """Start in the background (to signal or kill it): stdout and stderr piped as text. ``env``
+    replaces the launch environment (build it with :func:`launch_env`)."""
+    return subprocess.Popen(torchrun_cmd(nproc, args, script, exit_status), cwd=REPO,
+                            env=env if env is not None else launch_env(extra_env, exit_status),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
