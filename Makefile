@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean gpu-check
+.PHONY: setup demo test test-fast lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Every test not marked slow; fails if it leaves a module of slimpajama_train/ or data_prep/ untouched
+# (imported by no test process nor any process a test started).
+test-fast: setup
+	SLIMPAJAMA_TOUCH_CHECK=1 $(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -173,6 +173,14 @@ class Trainer:
                        pin_memory=pin)
             if cfg.trainer.eval_interval else None
         )
+        if self.val_data is not None and cfg.data.num_workers:
+            # Fork the validation workers now, beside the training ones, before any step. Forked at the
+            # first evaluation instead (step eval_interval of a resumed run, which has no step-0
+            # evaluation), a worker once hung inside os.fork's after-fork handlers, on a lock another
+            # thread of the rank held at that moment, and the rank waited for its batch forever
+            # (test_elastic_resume[1-2-zero3], 2 loaded cores). Persistent workers: later iter() calls
+            # reuse these processes (prefetched batches are discarded), so no evaluation forks again.
+            iter(self.val_data)
 
     def _write_resolved_config(self) -> None:
         if not self.dist.is_main:

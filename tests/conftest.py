@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,32 @@ from data_prep.prep import run_prep
 from data_prep.tokenizer import TokenizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
+# `make test-fast` sets this: the session fails if the fast suite leaves a project module untouched.
+TOUCH_CHECK = os.environ.get("SLIMPAJAMA_TOUCH_CHECK") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TOUCH_CHECK:
+        from tests.helpers import touched
+
+        config._touch_dir = Path(config.rootpath) / ".pytest_touch" / str(os.getpid())
+        touched.start(config._touch_dir)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    touch_dir = getattr(session.config, "_touch_dir", None)
+    if touch_dir is None or exitstatus != 0:
+        return
+    from tests.helpers import touched
+
+    missing = touched.untouched(touch_dir)
+    shutil.rmtree(touch_dir.parent, ignore_errors=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if missing:
+        reporter.write_line(f"the fast suite touched none of these modules: {', '.join(missing)}", red=True)
+        session.exitstatus = 1
+    else:
+        reporter.write_line(f"the fast suite touched all {len(touched.project_modules())} project modules")
 
 
 def write_jsonl_zst(path: Path, records: list[dict]) -> Path:

@@ -8,6 +8,7 @@ rank's own exit status (torchrun reports only the first failure).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,9 @@ TRAIN = ("-m", "slimpajama_train.train")
 
 
 def launch_env(extra_env: dict[str, str] | None = None, exit_status: Path | None = None) -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # The repository first; what the session put on PYTHONPATH (the fast suite's import recorder) kept.
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     if exit_status is not None:
         env["EXIT_STATUS_DIR"] = str(exit_status)
     return {**env, **(extra_env or {})}
@@ -40,9 +43,19 @@ def torchrun_cmd(nproc: int, args: Sequence[str], script: Path | str | None = No
 def run_torchrun(nproc: int, args: Sequence[str], *, script: Path | str | None = None, cwd: Path = REPO,
                  timeout: int = 600, extra_env: dict[str, str] | None = None, exit_status: Path | None = None,
                  check: bool = True) -> subprocess.CompletedProcess:
-    """Run to the end; with ``check``, raise with the output's tail when it fails."""
-    proc = subprocess.run(torchrun_cmd(nproc, args, script, exit_status), cwd=cwd,
-                          env=launch_env(extra_env, exit_status), capture_output=True, text=True, timeout=timeout)
+    """Run to the end; with ``check``, raise with the output's tail when it fails. Past ``timeout``
+    the whole process group is killed (torchrun, its ranks and their loader workers: a rank left
+    behind would hold its port and CPU for the rest of the session) and the output so far reported."""
+    proc = start_torchrun(nproc, args, script=script, extra_env=extra_env, exit_status=exit_status, cwd=cwd,
+                          start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun ran past {timeout} s and was killed with its ranks:\n"
+                             f"STDOUT:\n{out[-4000:]}\nSTDERR:\n{err[-8000:]}") from None
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n"
                              f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
@@ -51,9 +64,9 @@ def run_torchrun(nproc: int, args: Sequence[str], *, script: Path | str | None =
 
 def start_torchrun(nproc: int, args: Sequence[str], *, script: Path | str | None = None,
                    extra_env: dict[str, str] | None = None, exit_status: Path | None = None,
-                   env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+                   env: dict[str, str] | None = None, cwd: Path = REPO, **popen) -> subprocess.Popen:
     """Start in the background (to signal or kill it): stdout and stderr piped as text. ``env``
     replaces the launch environment (build it with :func:`launch_env`)."""
-    return subprocess.Popen(torchrun_cmd(nproc, args, script, exit_status), cwd=REPO,
+    return subprocess.Popen(torchrun_cmd(nproc, args, script, exit_status), cwd=cwd,
                             env=env if env is not None else launch_env(extra_env, exit_status),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)

@@ -2,14 +2,13 @@
 with :class:`~tests.helpers.tensor_memory.LiveTensorBytes`, the tensor memory each optimizer
 step's micro-batches create (deterministic: no RSS, no allocator).
 
-Writes ``$STEP_MEMORY_OUT.rank<r>`` (JSON) for steps 2 and later (step 1 also creates the optimizer
+Writes, per case, ``<out>.rank<r>`` (JSON) for steps 2 and later (step 1 also creates the optimizer
 state): ``peak_bytes``, the most bytes alive at once during a step's forward/backward passes
 (activations saved for backward, temporaries, gradients, gathered ZeRO-3 parameters), and
 ``held_between_micro_bytes``, the most bytes still alive after a micro-batch that is not the step's
 last (what gradient accumulation holds), plus ``unsharded_grad_bytes`` and ``grad_accum``."""
 import json
 import os
-import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -22,40 +21,58 @@ from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.trainer import Trainer
 from tests.helpers.tensor_memory import LiveTensorBytes
 
-register_configs()
-with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-    cfg = OmegaConf.to_object(compose(config_name="train", overrides=sys.argv[1:]))
-dist_info = init_distributed(cfg.dist)
-trainer = Trainer(cfg, dist_info, build_callbacks(cfg.logger, dist_info.is_main))
-peaks: list[int] = []
-held: list[int] = []
-state: dict = {"mode": None}
-forward_backward = trainer.backend.forward_backward
 
+def measure(trainer: Trainer, out: str) -> None:
+    """Train ``trainer`` to its end, measuring each step's micro-batches; write ``out.rank<r>``."""
+    peaks: list[int] = []
+    held: list[int] = []
+    state: dict = {"mode": None}
+    forward_backward = trainer.backend.forward_backward
 
-def measured(batch, last_micro):
-    if state["mode"] is None:  # the step's first micro-batch: count from here to its last
-        state["mode"] = LiveTensorBytes().__enter__()
-    mode = state["mode"]
-    loss = forward_backward(batch, last_micro)
-    measured_step = trainer.step >= 1  # trainer.step counts finished steps: this is step 2 or later
-    if not last_micro:
+    def measured(batch, last_micro):
+        if state["mode"] is None:  # the step's first micro-batch: count from here to its last
+            state["mode"] = LiveTensorBytes().__enter__()
+        mode = state["mode"]
+        loss = forward_backward(batch, last_micro)
+        measured_step = trainer.step >= 1  # trainer.step counts finished steps: this is step 2 or later
+        if not last_micro:
+            if measured_step:
+                held.append(mode.live_bytes())
+            return loss
+        mode.__exit__(None, None, None)
+        state["mode"] = None
         if measured_step:
-            held.append(mode.live_bytes())
+            peaks.append(mode.peak)
         return loss
-    mode.__exit__(None, None, None)
-    state["mode"] = None
-    if measured_step:
-        peaks.append(mode.peak)
-    return loss
+
+    trainer.backend.forward_backward = measured
+    trainer.fit()
+    # A DTensor's numel() is the global (unsharded) count; ZeRO-3 keeps it in ds_numel.
+    unsharded = sum(getattr(p, "ds_numel", p.numel()) * 4 for p in trainer.backend.model.parameters())
+    Path(f"{out}.rank{trainer.dist.rank}").write_text(json.dumps(
+        {"peak_bytes": max(peaks), "peaks": peaks, "held_between_micro_bytes": max(held, default=0),
+         "unsharded_grad_bytes": unsharded, "grad_accum": trainer.grad_accum}))
 
 
-trainer.backend.forward_backward = measured
-trainer.fit()
-# A DTensor's numel() is the global (unsharded) count; ZeRO-3 keeps it in ds_numel.
-unsharded = sum(getattr(p, "ds_numel", p.numel()) * 4 for p in trainer.backend.model.parameters())
-Path(f"{os.environ['STEP_MEMORY_OUT']}.rank{dist_info.rank}").write_text(json.dumps(
-    {"peak_bytes": max(peaks), "peaks": peaks, "held_between_micro_bytes": max(held, default=0),
-     "unsharded_grad_bytes": unsharded, "grad_accum": trainer.grad_accum}))
-trainer.close()
-destroy_distributed(barrier=True)  # no rank leaves while a peer still finishes a collective
+def main() -> None:
+    """Each case of ``$STEP_MEMORY_CASES`` (a JSON list of ``{"overrides": [...], "out": path}``) in
+    turn, in this one launch: a fresh Trainer per case; the figures count only the tensors a step's
+    own operators create, so a case before it does not change them."""
+    cases = json.loads(Path(os.environ["STEP_MEMORY_CASES"]).read_text())
+    register_configs()
+    dist_info = init_distributed()
+    try:
+        for case in cases:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = OmegaConf.to_object(compose(config_name="train", overrides=case["overrides"]))
+            trainer = Trainer(cfg, dist_info, build_callbacks(cfg.logger, dist_info.is_main))
+            try:
+                measure(trainer, case["out"])
+            finally:
+                trainer.close()
+    finally:
+        destroy_distributed(barrier=True)  # no rank leaves while a peer still finishes a collective
+
+
+if __name__ == "__main__":
+    main()

@@ -344,12 +344,17 @@ def test_fp16_dynamic_loss_scaling_counts_skipped_steps(demo_shards, tmp_path, b
     assert all(math.isfinite(m["loss"]) for m in metrics) and metrics[-1]["loss"] < metrics[0]["loss"]
 
 
-def _step_memory(demo_shards: Path, run_dir: Path, nproc: int, *extra: str) -> list[dict]:
-    """Train under ``step_memory_helper.py``; each rank's tensor-memory report (deterministic bytes)."""
-    out = run_dir / "step_memory"
-    run_torchrun(nproc, _overrides(demo_shards, run_dir, *extra), script=HELPERS / "step_memory_helper.py",
-                 extra_env={"STEP_MEMORY_OUT": str(out)})
-    return [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(nproc)]
+def _step_memory(demo_shards: Path, nproc: int, cases: dict[Path, list[str]]) -> dict[Path, list[dict]]:
+    """Train each case (run folder -> extra overrides) under ``step_memory_helper.py``, all in one
+    launch; per case, each rank's tensor-memory report (deterministic bytes)."""
+    work = next(iter(cases)).parent
+    specs = [{"overrides": _overrides(demo_shards, run_dir, *extra), "out": str(run_dir / "step_memory")}
+             for run_dir, extra in cases.items()]
+    (work / "step_memory_cases.json").write_text(json.dumps(specs))
+    run_torchrun(nproc, [], script=HELPERS / "step_memory_helper.py",
+                 extra_env={"STEP_MEMORY_CASES": str(work / "step_memory_cases.json")})
+    return {run_dir: [json.loads((run_dir / f"step_memory.rank{rank}").read_text()) for rank in range(nproc)]
+            for run_dir in cases}
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
@@ -362,12 +367,13 @@ def test_activation_checkpointing_lowers_peak_memory_not_loss(demo_shards, tmp_p
     shape = ["model.dim=256", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=4",
              "data.micro_batch_size=8", "trainer.max_steps=2", "backend.always_shard=true"]
     modes = ("none", "op", "block", "full") if backend == "fsdp2" else ("none", "block", "full")
+    reports = _step_memory(demo_shards, 1, {tmp_path / mode: [f"backend={backend}", *shape,
+                                                              f"backend.activation_checkpointing={mode}",
+                                                              "backend.ac_every=2"] for mode in modes})
     for mode in modes:
-        run_dir = tmp_path / mode
-        (report,) = _step_memory(demo_shards, run_dir, 1, f"backend={backend}", *shape,
-                                 f"backend.activation_checkpointing={mode}", "backend.ac_every=2")
+        (report,) = reports[tmp_path / mode]
         peaks[mode] = report["peak_bytes"]
-        curves[mode] = _train_losses(run_dir)
+        curves[mode] = _train_losses(tmp_path / mode)
     print(backend, "peak tensor MiB per step:", {m: round(b / 2**20, 1) for m, b in peaks.items()})
     ordered = [peaks[mode] for mode in ("none", "op", "block", "full") if mode in peaks]
     assert ordered == sorted(ordered, reverse=True) and len(set(ordered)) == len(ordered), peaks
@@ -440,9 +446,11 @@ def test_fsdp2_gradient_accumulation_holds_sharded_gradients_only(demo_shards, t
     """4 micro-batches per step on 2 processes: between micro-batches each rank holds its fp32
     gradient shard, not an unsharded gradient of every parameter (reduce-scatter every micro-batch).
     Measured as the tensor bytes a step's micro-batches leave alive (deterministic, not RSS). The loss
-    equivalence with accumulation is test_same_loss_curve_within_1e_5[fsdp2_2proc]."""
-    reports = _step_memory(demo_shards, tmp_path, 2, "backend=fsdp2", "model.dim=256", "model.n_layers=4",
-                           "model.n_heads=4", "model.n_kv_heads=4", "data.micro_batch_size=1", "trainer.max_steps=3")
+    equivalence with accumulation is test_every_layout_trains_as_one_process[fsdp2_2proc]."""
+    run_dir = tmp_path / "accum"
+    shape = ["model.dim=256", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=4"]
+    reports = _step_memory(demo_shards, 2, {run_dir: ["backend=fsdp2", *shape, "data.micro_batch_size=1",
+                                                      "trainer.max_steps=3"]})[run_dir]
     for rank, r in enumerate(reports):
         share = r["held_between_micro_bytes"] / r["unsharded_grad_bytes"]
         print(f"rank {rank}: holds +{r['held_between_micro_bytes'] / 2**20:.2f} MiB between micro-batches "

@@ -1,5 +1,4 @@
 """2-process torchrun runs of a tiny model: train, checkpoint, stop, resume; then generate and export."""
-import json
 from pathlib import Path
 
 import pytest
@@ -22,39 +21,17 @@ def _overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight_run(demo_shards, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("straight")
-    proc = run_torchrun(2, _overrides(demo_shards, run_dir), cwd=REPO)
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["step"] == STEPS and summary["checkpoint"].endswith("step_00000008")
+def straight_run(tiny_runs) -> Path:
+    """The session's shared 8-step FSDP2 run on 2 processes (checkpoints at 4 and 8); read-only."""
+    run_dir = tiny_runs.get("fsdp2")
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000008"
     return run_dir
 
 
-def _losses(run_dir: Path) -> dict[int, tuple]:
-    return {m["step"]: (m.get("loss"), m.get("val_loss")) for m in read_metrics(run_dir)}
-
-
-def test_stop_and_resume_gives_the_same_per_step_losses(straight_run, demo_shards, tmp_path):
-    run_dir = tmp_path / "resumed"
-    wandb = ["logger.wandb.enabled=true", "logger.wandb.mode=offline"]
-    first = run_torchrun(2, _overrides(demo_shards, run_dir, "trainer.halt_at_step=4", *wandb), cwd=REPO)
-    assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 4
-    assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000004"
-    meta = json.loads((run_dir / "checkpoints/step_00000004/meta.json").read_text())
-    assert meta["samples_consumed"] == 32 and meta["world_size"] == 2 and len(meta["rng"]) == 2
-    assert meta["tokens_seen"] == 32 * 64 and meta["config"]["trainer"]["global_batch_size"] == 8
-
-    second = run_torchrun(2, _overrides(demo_shards, run_dir, *wandb), cwd=REPO)
-    assert "resumed from" in second.stderr and "step 4" in second.stderr
-    straight, resumed = _losses(straight_run), _losses(run_dir)
-    assert sorted(resumed) == sorted(straight) == list(range(STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert resumed[step] == straight[step], f"step {step}: {resumed[step]} != {straight[step]}"
-    assert straight[STEPS][0] < straight[1][0] and straight[STEPS][1] < straight[0][1]  # it learns
-    # W&B (offline) continued the same run id after the resume
-    run_id = json.loads((run_dir / "checkpoints/step_00000008/meta.json").read_text())["callbacks"]["wandb"]["run_id"]
-    assert run_id == meta["callbacks"]["wandb"]["run_id"]
-    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+# Stop and resume through the entry point, with the meta.json fields and W&B's continued run id, is
+# tests/slimpajama_train/test_resume.py::test_exact_resume_after_clean_stop[fsdp2] (bitwise, stricter
+# than the per-step losses this module compared); one process against two is
+# test_backends.py::test_every_layout_trains_as_one_process (losses, gradient norms and parameters).
 
 
 def test_generate_from_checkpoint(straight_run):
@@ -103,15 +80,6 @@ def test_export_from_zero3_checkpoint_matches_transformers(demo_shards, tmp_path
     assert_hf_parity(run_dir, tmp_path / "hf")
 
 
-def test_single_process_matches_two_processes(straight_run, demo_shards, tmp_path):
-    """Same seed, data and global batch on 1 process (4 micro-batches accumulated) as on 2 (2 each)."""
-    run_dir = tmp_path / "one"
-    run_torchrun(1, _overrides(demo_shards, run_dir, f"trainer.max_steps={STEPS}", "checkpoint.interval=0"), cwd=REPO)
-    one, two = _losses(run_dir), _losses(straight_run)
-    for step in range(1, STEPS + 1):
-        assert one[step][0] == pytest.approx(two[step][0], abs=1e-5), step
-
-
 def test_bf16_run_trains(demo_shards, tmp_path):
     run_dir = tmp_path / "bf16"
     run_torchrun(1, _overrides(demo_shards, run_dir, "backend.precision=bf16", "trainer.max_steps=4",
@@ -134,8 +102,14 @@ def test_batch_in_tokens_metrics_and_wandb_naming(demo_shards, tmp_path):
     assert 0 < m["mfu"] < 1 and m["peak_mem_gb"] > 0.1 and m["data_wait_s"] >= 0 and m["skipped_steps"] == 0
     run = next((run_dir / "wandb").glob("offline-run-*-fixedid123"))
     assert run.is_dir()
-    with pytest.raises(AssertionError, match="global_batch_tokens=1000 is not a multiple"):
-        run_torchrun(1, _overrides(demo_shards, tmp_path / "bad", "trainer.global_batch_tokens=1000"), cwd=REPO)
+
+
+def test_batch_in_tokens_must_be_a_multiple_of_the_sequence_length():
+    from slimpajama_train.config import TrainConfig, TrainerConfig, resolve_config
+
+    manifest = {"seq_len": 64, "tokenizer": {"vocab_size": 1000}}
+    with pytest.raises(ValueError, match="global_batch_tokens=1000 is not a multiple"):
+        resolve_config(TrainConfig(trainer=TrainerConfig(global_batch_tokens=1000)), manifest, 1)
 
 
 def test_export_refuses_what_llama_cannot_express():
