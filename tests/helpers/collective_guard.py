@@ -31,7 +31,7 @@ from slimpajama_train import train
 from slimpajama_train.distributed import process_group_backend
 from slimpajama_train.trainer import Trainer
 from tests.helpers.host_tensors import HostTensorMode, is_host
-from tests.slimpajama_train import guard_mutations
+from tests.helpers import guard_mutations
 
 OUT = os.environ["GUARD_OUT"]
 RANK = int(os.environ.get("RANK", 0))
@@ -103,7 +103,8 @@ def _guard(name, fn):
             problems.append(f"host tensor on a group whose device tensors go over NCCL ({spec} on GPUs)")
         if problems:
             frames = [f for f in traceback.extract_stack()[:-1]
-                      if "slimpajama_train" in f.filename or "deepspeed" in f.filename]
+                      if "slimpajama_train" in f.filename or "deepspeed" in f.filename
+                      or f.filename == guard_mutations.__file__]  # a mutation stands for the project's code
             where = [f"{f.filename.split('/site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames[-3:]]
             violations.append({"collective": name, "group_backend_on_gpu": spec, "tensor_devices": sorted(devices),
                                "problems": problems, "where": where})
