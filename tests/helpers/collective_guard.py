@@ -30,8 +30,8 @@ import torch.distributed.distributed_c10d as c10d
 from slimpajama_train import train
 from slimpajama_train.distributed import process_group_backend
 from slimpajama_train.trainer import Trainer
-from tests.helpers.host_tensors import HostTensorMode, is_host
 from tests.helpers import guard_mutations
+from tests.helpers.host_tensors import HostTensorMode, is_host
 
 OUT = os.environ["GUARD_OUT"]
 RANK = int(os.environ.get("RANK", 0))
