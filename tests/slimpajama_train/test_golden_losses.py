@@ -4,9 +4,9 @@
 What moves them is either a change of the training (model, loss, optimizer, sample order, a backend)
 or of the data (corpus, cleaning, dedup, tokenizer, packing): the record keeps the prepared shards'
 fingerprint so that a failure says which. The data is the suite's demo corpus without its one source
-made of installed packages' texts (:func:`stdlib_shards`), so a fresh install does not move it. A change that moves them on purpose
-updates the record (``GOLDEN_UPDATE=1 pytest tests/slimpajama_train/test_golden_losses.py``) and says
-why in its commit message.
+made of installed packages' texts (:func:`stdlib_shards`), so a fresh install does not move it. A
+change that moves them on purpose updates the record
+(``GOLDEN_UPDATE=1 pytest tests/slimpajama_train/test_golden_losses.py``) and says why in its commit.
 
 Across machines: torch's own kernels, MKL and oneDNN choose code paths by the CPU's vector width,
 which changes the order of fp32 sums; the runs pin all three to AVX2 (every x86-64 CPU this suite
