@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
+
 
 def test_bench_data_checks_smoke(demo_shards, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_data_checks.py"), "--data", str(demo_shards),

@@ -3,7 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
 
 def test_bench_memory_cpu_smoke(tmp_path):

@@ -4,8 +4,12 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.bench_prep_scale import stage_list
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
 SIZES = [2000, 6000, 12000]
 

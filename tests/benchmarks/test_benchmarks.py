@@ -18,6 +18,7 @@ def _last_json(cmd, cwd):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bench_train_prints_the_median_ratio_of_alternating_pairs(demo_shards, tmp_path):
     out = _last_json([sys.executable, str(REPO / "benchmarks/bench_train.py"), "--data", str(demo_shards),
                       "--steps", "6", "--warmup", "2", "--repeats", "3", "--dim", "64", "--layers", "2",

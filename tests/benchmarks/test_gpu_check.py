@@ -167,6 +167,7 @@ def test_run_part_timeout_kills_the_whole_process_group(tmp_path):
         raise AssertionError(f"grandchild {pid} survived the timeout")
 
 
+@pytest.mark.slow
 def test_cpu_plumbing_flow(tmp_path):
     """``--cpu``: real parts (NCCL bench over gloo with 2 ranks, the GPU tests, which all skip here),
     their JSON collected into the one line; bench_train and bench_mfu run in test_benchmarks.py."""

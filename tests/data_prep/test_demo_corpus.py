@@ -1,10 +1,12 @@
 import json
 
+import pytest
 import zstandard
 
 from data_prep.demo_corpus import build_demo_corpus
 
 
+@pytest.mark.slow
 def test_layout_sources_and_byte_identical(tmp_path):
     a = build_demo_corpus(tmp_path / "a", max_bytes_per_source=200_000, docs_per_file=50)
     b = build_demo_corpus(tmp_path / "b", max_bytes_per_source=200_000, docs_per_file=50)

@@ -90,6 +90,7 @@ def test_manifest_sha256_and_report(demo_shards):
     assert (demo_shards / "prep_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_slurm_driver_runs_every_stage_as_dependent_arrays(tmp_path):
     """launch/slurm/prep.sh with a stand-in ``sbatch`` that runs each array element of prep.sbatch."""
     corpus = synthetic_corpus(tmp_path / "corpus")

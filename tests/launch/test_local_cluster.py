@@ -9,7 +9,11 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.slurm_cluster import CLUSTER_DIR, CLUSTER_SCRIPT
+
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
 DAEMONS = ("slurmd", "slurmctld", "munged")
 

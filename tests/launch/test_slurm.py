@@ -15,6 +15,8 @@ from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overri
 from tests.helpers.slurm_cluster import job_env, job_fields, submit, wait_for_state
 from tests.launch.conftest import KILL_STEPS, kill_overrides, kill_rank_after_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
+
 TRAIN_SBATCH = REPO / "launch/slurm/train.sbatch"
 STEPS = 12
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")

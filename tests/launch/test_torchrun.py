@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, losses_by_step, tiny_train_overrides
 from tests.launch.conftest import KILL_STEPS, kill_overrides, kill_rank_after_checkpoint
+
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
 TORCHRUN_SH = REPO / "launch/torchrun.sh"
 

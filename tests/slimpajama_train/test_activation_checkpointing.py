@@ -46,6 +46,7 @@ def test_op_mode_recomputes_no_matmul_or_attention_and_block_modes_do():
     assert flops["none"] < flops["block"] < flops["full"]
 
 
+@pytest.mark.slow
 def test_peak_memory_ordered_and_results_unchanged(tmp_path: Path):
     # Activation-dominated (4 blocks x ~50 MiB of fp32 activations, a 256-token vocabulary): the order is
     # none > op > block(2) > full. ``op`` keeps, per token and block, the input, q/k/v, the attention output,

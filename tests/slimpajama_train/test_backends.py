@@ -111,6 +111,7 @@ def layout_runs(demo_shards, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_layout_trains_as_one_process(reference, layout_runs, layout):
     """Per-step loss and gradient norm (before clipping; grad_clip=0) over 24 steps and every
@@ -120,6 +121,7 @@ def test_every_layout_trains_as_one_process(reference, layout_runs, layout):
     assert diff.steps == EQUIV_STEPS and diff.within_tolerance, diff
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation", MUTATIONS)
 @pytest.mark.parametrize("layout", MUTATED)
 def test_an_injected_bug_fails_the_equivalence(reference, layout_runs, layout, mutation):
@@ -135,6 +137,7 @@ def _layouts(run_dir: Path) -> list[dict]:
                                                       key=lambda p: int(p.stem.split("rank")[1]))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["hsdp_2x2", "hsdp_2x2_accum2", "fsdp2_2proc"])
 def test_fsdp2_builds_the_mesh_the_test_claims(layout_runs, layout):
     """HSDP: a (replicate 2, shard 2) mesh; every parameter Replicate over replicas and Shard(0) over
@@ -161,6 +164,7 @@ def test_fsdp2_builds_the_mesh_the_test_claims(layout_runs, layout):
             assert shards[0]["local_sum"] == shards[2]["local_sum"] and shards[1]["local_sum"] == shards[3]["local_sum"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,stage", [("zero1_2proc", 1), ("zero2_2proc", 2), ("zero3_2proc", 3)])
 def test_zero_stage_partitions_what_the_stage_claims(layout_runs, layout, stage):
     """ZeRO-1: optimizer state (and fp32 master weights) partitioned, gradients and parameters whole;
@@ -310,6 +314,7 @@ def test_compile_problem_names_the_missing_compiler(monkeypatch):
     assert reason.startswith("trainer.compile=true on CPU needs a C++ compiler") and "trainer.compile=false" in reason
 
 
+@pytest.mark.slow
 @skip_because(None if NO_DEEPSPEED_FP16 else f"DeepSpeed supports fp16 on this {DEVICE.type}: nothing to refuse")
 def test_deepspeed_fp16_run_fails_fast_naming_the_missing_cpu_feature(demo_shards, tmp_path):
     proc = run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=zero2", "backend.precision=fp16",
@@ -321,6 +326,7 @@ def test_deepspeed_fp16_run_fails_fast_naming_the_missing_cpu_feature(demo_shard
     assert "is not supported on your device" not in out  # refused before DeepSpeed got to it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3"])
 def test_deepspeed_bf16_with_fp32_reduction_trains(demo_shards, tmp_path, backend):
     """The generated data_types / communication_data_type are accepted by each ZeRO stage in bf16
@@ -331,6 +337,7 @@ def test_deepspeed_bf16_with_fp32_reduction_trains(demo_shards, tmp_path, backen
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp2", pytest.param("zero2", marks=skip_because(
     NO_DEEPSPEED_FP16 and f"DeepSpeed refuses fp16 on this {DEVICE.type}: {NO_DEEPSPEED_FP16}"))])
 def test_fp16_dynamic_loss_scaling_counts_skipped_steps(demo_shards, tmp_path, backend):
@@ -357,6 +364,7 @@ def _step_memory(demo_shards: Path, nproc: int, cases: dict[Path, list[str]]) ->
             for run_dir in cases}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
 def test_activation_checkpointing_lowers_peak_memory_not_loss(demo_shards, tmp_path, backend):
     """Through the trainer and each backend (FSDP2 on its sharded path), the tensor memory a step
@@ -387,6 +395,7 @@ def _inject(demo_shards: Path, run_dir: Path, nproc: int, nan_steps: str, *extra
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp2", "zero1", "zero3"])
 def test_nonfinite_step_is_skipped_and_its_samples_logged(demo_shards, tmp_path, backend):
     out = _inject(demo_shards, tmp_path, 2, "3", f"backend={backend}", "trainer.max_steps=6")
@@ -398,11 +407,13 @@ def test_nonfinite_step_is_skipped_and_its_samples_logged(demo_shards, tmp_path,
     assert math.isnan(losses[2]) and all(math.isfinite(loss) for i, loss in enumerate(losses) if i != 2)
 
 
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_the_run(demo_shards, tmp_path):
     out = _inject(demo_shards, tmp_path, 1, "2,3,4", "trainer.max_steps=8", "trainer.max_consecutive_skips=3")
     assert not out["ok"] and "3 consecutive steps" in out["error"] and out["skipped_steps"] == 3
 
 
+@pytest.mark.slow
 @skip_because(NO_COMPILE)
 def test_compiled_blocks_and_loss_match_and_resume(reference, demo_shards, tmp_path):
     """trainer.compile=true (CPU inductor; the default on CUDA): blocks and the chunked loss
@@ -419,6 +430,7 @@ def test_compiled_blocks_and_loss_match_and_resume(reference, demo_shards, tmp_p
     assert diff.steps == 8 and diff.within_tolerance, diff
 
 
+@pytest.mark.slow
 def test_zero3_offload_trains_in_bf16(demo_shards, tmp_path):
     """ZeRO-3 with optimizer and parameters offloaded to CPU (DeepSpeed CPU Adam), bf16 compute."""
     if (reason := hardware.deepspeed_op_problem("cpu_adam")) is not None:
@@ -429,6 +441,7 @@ def test_zero3_offload_trains_in_bf16(demo_shards, tmp_path):
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_bf16_keeps_fp32_master_weights_and_optimizer_state(demo_shards, tmp_path):
     import torch
     from torch.distributed.checkpoint import FileSystemReader
@@ -442,6 +455,7 @@ def test_bf16_keeps_fp32_master_weights_and_optimizer_state(demo_shards, tmp_pat
     assert weights and moments and set(weights.values()) == set(moments.values()) == {torch.float32}
 
 
+@pytest.mark.slow
 def test_fsdp2_gradient_accumulation_holds_sharded_gradients_only(demo_shards, tmp_path):
     """4 micro-batches per step on 2 processes: between micro-batches each rank holds its fp32
     gradient shard, not an unsharded gradient of every parameter (reduce-scatter every micro-batch).
@@ -459,6 +473,7 @@ def test_fsdp2_gradient_accumulation_holds_sharded_gradients_only(demo_shards, t
         assert r["grad_accum"] == 4 and 0.45 < share < 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,second", [((4, HSDP), (2, [])), ((2, []), (4, HSDP))],
                          ids=["hsdp4_then_fsdp2_2", "fsdp2_2_then_hsdp4"])
 def test_checkpoint_moves_between_hsdp_and_fsdp2(reference, demo_shards, tmp_path, first, second):

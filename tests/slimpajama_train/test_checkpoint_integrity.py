@@ -14,6 +14,8 @@ from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, read_
 from tests.conftest import REPO, losses_by_step, tiny_train_overrides
 from tests.helpers.launch import run_torchrun
 
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
+
 HELPER = REPO / "tests/helpers/checkpoint_fault_helper.py"
 BACKENDS = ["fsdp2", "zero2"]
 

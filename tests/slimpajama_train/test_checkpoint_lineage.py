@@ -197,6 +197,7 @@ def test_latest_always_loads_over_random_sequences(tmp_path, seed):
                 CheckpointStore(CheckpointConfig(), root).load(latest, FakeBackend())
 
 
+@pytest.mark.slow
 def test_trainer_refuses_a_fresh_start_in_a_used_run_dir(demo_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 

@@ -114,6 +114,7 @@ def test_three_training_steps_give_the_same_losses_chunked_or_not():
     assert curves[0][-1] < curves[0][0]
 
 
+@pytest.mark.slow
 def test_chunked_loss_holds_less_than_the_fp32_logits():
     # One training step at vocab 32k, micro-batch 8 x 2048: the plain path holds the fp32 logits, their
     # log-softmax and gradients (~3 x 2.1 GB); the chunked one a 4096-token chunk (0.5 GB) at a time.

@@ -38,6 +38,7 @@ def _guarded_run(shards: Path, run_dir: Path, backend: str, *extra: str,
     return [r for r in records if "calls" not in r], sum(s["calls"] for s in summaries), statuses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,extra", [
     ("fsdp2", ["checkpoint.async_save=true"]),  # the async save is polled every step: a collective per step
     ("zero2", []),
@@ -53,6 +54,7 @@ def test_no_cpu_tensor_collective_on_an_nccl_only_group(demo_shards, tmp_path, b
     assert json.loads((tmp_path / "preempted.json").read_text())["step"] in (3, 4)
 
 
+@pytest.mark.slow
 def test_the_guard_catches_cpu_tensors_on_an_nccl_only_default_group(demo_shards, tmp_path):
     """Negative control: with the default group NCCL-only (what init_process_group("nccl") gave
     before), the same run's metric, checkpoint and stop-vote collectives are all flagged."""
@@ -63,6 +65,7 @@ def test_the_guard_catches_cpu_tensors_on_an_nccl_only_default_group(demo_shards
     assert violations and "all_reduce_sum" in where and "checkpoint.py" in where
 
 
+@pytest.mark.slow
 def test_the_guard_catches_a_host_tensor_all_reduced_in_the_loop(demo_shards, tmp_path):
     """Negative control of the project's rule on a CPU run, where every tensor is a CPU tensor: a
     step that all-reduces a host tensor on the default group (guard_mutations.cpu_all_reduce_in_step)

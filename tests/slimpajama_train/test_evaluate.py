@@ -134,6 +134,7 @@ def demo_tasks(demo_shards, tmp_path_factory) -> Path:
 
 
 # ---- perplexity ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_perplexity_per_source_matches_trainer(trained_run, demo_shards, tmp_path):
     out = tmp_path / "ppl.json"
     main([str(trained_run), "--data", str(demo_shards), "--batch-size", "16", "--output", str(out)])

@@ -25,6 +25,8 @@ from data_prep.prep import run_prep
 from tests.conftest import REPO, read_metrics, small_prep_config
 from tests.helpers.launch import run_torchrun
 
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
+
 RECORD = Path(__file__).parent / "golden" / "demo_losses.json"
 STEPS = 20
 TOL = 1e-6

@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers.launch import HELPERS, run_torchrun
 
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
+
 VOTE = "all_reduce[1]async=True@group"  # on the gloo group of distributed.host_group()
 VOTE_WAIT = "all_reduce.wait@slimpajama_train:distributed.py:"
 

@@ -8,6 +8,8 @@ import pytest
 from tests.conftest import REPO
 from tests.helpers.launch import run_torchrun
 
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
+
 HELPER = REPO / "tests/helpers/init_helper.py"
 
 

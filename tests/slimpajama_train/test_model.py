@@ -122,6 +122,7 @@ def test_lm_head_stays_a_linear_named_lm_head_weight():
 NO_COMPILE = compile_problem(torch.device("cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NO_COMPILE is not None, reason=NO_COMPILE or "")
 def test_compiled_blocks_and_loss_match_eager():
     cfg = tiny(n_layers=1, dim=32, n_heads=2, n_kv_heads=None)

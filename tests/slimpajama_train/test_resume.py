@@ -69,7 +69,7 @@ def straight(tiny_runs) -> dict[str, Path]:
     return _Straight(tiny_runs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [BACKENDS[0], *(pytest.param(b, marks=pytest.mark.slow) for b in BACKENDS[1:])])
 def test_exact_resume_after_clean_stop(straight, demo_shards, tmp_path, backend):
     """Halted at step 4 and resumed through the entry point: every step and the final parameters as
     the uninterrupted run's, bit for bit; the checkpoint holds the loader position, each rank's RNG and
@@ -103,6 +103,7 @@ def _crash(demo_shards: Path, run_dir: Path, backend: str, at: str, step: int, r
 ZERO_1_2_ONCE = ["fsdp2", "zero2", "zero3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ZERO_1_2_ONCE)
 def test_exact_resume_after_kill_9_of_a_rank(straight, demo_shards, tmp_path, backend):
     _crash(demo_shards, tmp_path, backend, "step", 6, 1)
@@ -112,6 +113,7 @@ def test_exact_resume_after_kill_9_of_a_rank(straight, demo_shards, tmp_path, ba
     assert_bitwise_same(tmp_path, straight[backend])
 
 
+@pytest.mark.slow
 def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_shards, tmp_path):
     _crash(demo_shards, tmp_path, "fsdp2", "save", 8, 0)
     ckpts = tmp_path / "checkpoints"
@@ -123,6 +125,7 @@ def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_sha
     assert (ckpts / "latest").read_text().strip() == "step_00000008"
 
 
+@pytest.mark.slow
 def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, demo_shards, tmp_path):
     proc = start_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
                                         "logger.wandb.mode=offline"),
@@ -173,6 +176,7 @@ def test_a_sigterm_while_exiting_for_requeue_keeps_exit_status_75():
     assert proc.returncode == 75 and "Exception ignored" not in err, (proc.returncode, err[-2000:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ZERO_1_2_ONCE)
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
 def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second):
@@ -192,6 +196,7 @@ def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second)
     assert all(abs(got[s][1] - ref[s][1]) < 1e-5 for s in ref if ref[s][1] is not None)  # validation losses
 
 
+@pytest.mark.slow
 def test_resume_from_a_chosen_checkpoint(straight, demo_shards, tmp_path):
     chosen = straight["fsdp2"] / "checkpoints/step_00000004"
     proc = run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", f"resume_from={chosen}"), cwd=REPO)
@@ -199,6 +204,7 @@ def test_resume_from_a_chosen_checkpoint(straight, demo_shards, tmp_path):
     assert_bitwise_same(tmp_path, straight["fsdp2"], after_step=4)
 
 
+@pytest.mark.slow
 def test_async_save_gives_the_same_run_and_blocks_less(straight, demo_shards, tmp_path):
     run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "checkpoint.async_save=true"), cwd=REPO)
     assert_bitwise_same(tmp_path, straight["fsdp2"])
@@ -231,6 +237,7 @@ def test_corrupt_or_partial_checkpoints_are_reported(straight, tmp_path):
         CheckpointStore(CheckpointConfig(), root).latest()
 
 
+@pytest.mark.slow
 def test_trainer_refuses_a_corrupt_checkpoint(straight, demo_shards, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight["fsdp2"] / "checkpoints/step_00000004", ckpt)
@@ -297,6 +304,7 @@ def _signal_tree(root: psutil.Process, sig: int) -> list[str]:
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun_forwards", "torchrun_ignores"])
 def test_sigterm_to_every_process_saves_exits_75_and_resumes_bitwise(straight_long, demo_shards, tmp_path, launcher):
     """SIGTERM to torchrun, both ranks and their loader workers at once. ``torchrun_forwards``: plain
@@ -338,6 +346,7 @@ def test_sigterm_to_every_process_saves_exits_75_and_resumes_bitwise(straight_lo
     assert_bitwise_same(tmp_path, straight_long)  # fp32 on CPU
 
 
+@pytest.mark.slow
 def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
     """SIGTERM while the model is being built (minutes at 7B), on one rank, after resuming from a
     checkpoint: the ranks agree before training anything, save nothing new (nothing changed),
@@ -358,6 +367,7 @@ def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
     assert_bitwise_same(tmp_path, straight["fsdp2"])
 
 
+@pytest.mark.slow
 def test_signal_during_build_of_a_fresh_run_exits_without_a_checkpoint(demo_shards, tmp_path):
     env = _env(CRASH_AT="build", CRASH_STEP="0", CRASH_RANK="0", CRASH_SIGNAL="SIGTERM")
     proc = subprocess.run([sys.executable, str(CRASH_HELPER),

@@ -25,6 +25,7 @@ def _args(corpus, out) -> list[str]:
             *(f"--train={t}" for t in train)]
 
 
+@pytest.mark.slow
 def test_three_mixture_study_on_the_demo_corpus(demo_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "study"

@@ -73,6 +73,7 @@ def test_export_from_fsdp2_checkpoint_matches_transformers(straight_run, tmp_pat
     assert_hf_parity(straight_run, tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_export_from_zero3_checkpoint_matches_transformers(demo_shards, tmp_path):
     run_dir = tmp_path / "z3"
     run_torchrun(2, _overrides(demo_shards, run_dir, "backend=zero3", "trainer.max_steps=3", "trainer.eval_interval=0"),
@@ -80,6 +81,7 @@ def test_export_from_zero3_checkpoint_matches_transformers(demo_shards, tmp_path
     assert_hf_parity(run_dir, tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_bf16_run_trains(demo_shards, tmp_path):
     run_dir = tmp_path / "bf16"
     run_torchrun(1, _overrides(demo_shards, run_dir, "backend.precision=bf16", "trainer.max_steps=4",
@@ -88,6 +90,7 @@ def test_bf16_run_trains(demo_shards, tmp_path):
     assert len(losses) == 4 and all(loss == loss and loss < 8.0 for loss in losses) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_batch_in_tokens_metrics_and_wandb_naming(demo_shards, tmp_path):
     """global_batch_tokens derives the batch and accumulation; MFU, memory and per-device throughput
     are logged; W&B gets the configured name, tags and config offline."""
@@ -122,6 +125,7 @@ def test_export_refuses_what_llama_cannot_express():
             hf_config(ModelConfig(dim=64, n_layers=2, vocab_size=100, max_seq_len=8, **kw), {"bos_id": 1, "eos_id": 2})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
 def test_model_options_train_on_both_backends(demo_shards, tmp_path, backend):
     run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp32",

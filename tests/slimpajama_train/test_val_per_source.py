@@ -2,12 +2,15 @@
 per source at every evaluation, each equal to a direct computation on that source's samples."""
 import json
 
+import pytest
 import torch
 
 from data_prep.prep import run_prep
 from tests.conftest import REPO, read_metrics, tiny_train_overrides
 from tests.data_prep.test_pipeline import _cfg, synthetic_corpus
 from tests.helpers.launch import run_torchrun
+
+pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
 
 def test_per_source_validation_matches_a_direct_computation(tmp_path):
