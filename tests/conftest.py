@@ -36,6 +36,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     missing = touched.untouched(touch_dir)
     shutil.rmtree(touch_dir.parent, ignore_errors=True)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reporter.write_line("")  # end the progress line
     if missing:
         reporter.write_line(f"the fast suite touched none of these modules: {', '.join(missing)}", red=True)
         session.exitstatus = 1
