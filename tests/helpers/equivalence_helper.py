@@ -21,20 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 
-from data_prep.cli import conf_dir
-from slimpajama_train.callbacks.build import build_callbacks
-from slimpajama_train.config import register_configs
-from slimpajama_train.distributed import destroy_distributed, init_distributed
-from slimpajama_train.preemption import StopRequest
 from slimpajama_train.trainer import Trainer
+from tests.helpers.trainer_cases import run_cases
 
 PERTURBED = "layers.0.mlp.up_proj.weight"
 PERTURBATION = 1e-3
@@ -203,24 +196,15 @@ def _write_layout(trainer: Trainer, grads: dict) -> None:
     path.write_text(json.dumps(layout, indent=1))
 
 
+def _run_case(trainer: Trainer, case: dict) -> None:
+    grads = _count_grads_held(trainer)
+    with mutation(trainer, case.get("mutation")):
+        trainer.fit()
+    _write_layout(trainer, grads)
+
+
 def main() -> None:
-    cases = json.loads(Path(os.environ["EQUIV_CASES"]).read_text())
-    register_configs()
-    dist_info = init_distributed()
-    try:
-        for case in cases:
-            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                cfg = OmegaConf.to_object(compose(config_name="train", overrides=case["overrides"]))
-            trainer = Trainer(cfg, dist_info, build_callbacks(cfg.logger, dist_info.is_main), stop=StopRequest())
-            try:
-                grads = _count_grads_held(trainer)
-                with mutation(trainer, case.get("mutation")):
-                    trainer.fit()
-                _write_layout(trainer, grads)
-            finally:
-                trainer.close()
-    finally:
-        destroy_distributed()
+    run_cases("EQUIV_CASES", _run_case)
 
 
 if __name__ == "__main__":

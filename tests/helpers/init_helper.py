@@ -8,21 +8,17 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from data_prep.cli import conf_dir
 from slimpajama_train.backends import build_backend
-from slimpajama_train.config import register_configs, resolve_config
+from slimpajama_train.config import resolve_config
 from slimpajama_train.data.dataset import open_dataset
 from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.mfu import host_peak_rss_bytes
 from slimpajama_train.model import Transformer
 from slimpajama_train.trainer import build_model
+from tests.helpers.trainer_cases import compose_train_config
 
-register_configs()
-with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-    cfg = OmegaConf.to_object(compose(config_name="train", overrides=sys.argv[1:]))
+cfg = compose_train_config(sys.argv[1:])
 dist_info = init_distributed(cfg.dist)
 manifest, _ = open_dataset(cfg.data)
 cfg = resolve_config(cfg, manifest, dist_info.world_size)

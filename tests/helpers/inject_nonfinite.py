@@ -4,20 +4,14 @@ import json
 import os
 import sys
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-from data_prep.cli import conf_dir
 from slimpajama_train.callbacks.build import build_callbacks
-from slimpajama_train.config import register_configs
 from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.model import Transformer
 from slimpajama_train.trainer import Trainer
+from tests.helpers.trainer_cases import compose_train_config
 
 bad_steps = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
-register_configs()
-with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-    cfg = OmegaConf.to_object(compose(config_name="train", overrides=sys.argv[1:]))
+cfg = compose_train_config(sys.argv[1:])
 dist_info = init_distributed()
 trainer = Trainer(cfg, dist_info, build_callbacks(cfg.logger, dist_info.is_main))
 

@@ -8,18 +8,11 @@ state): ``peak_bytes``, the most bytes alive at once during a step's forward/bac
 ``held_between_micro_bytes``, the most bytes still alive after a micro-batch that is not the step's
 last (what gradient accumulation holds), plus ``unsharded_grad_bytes`` and ``grad_accum``."""
 import json
-import os
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-from data_prep.cli import conf_dir
-from slimpajama_train.callbacks.build import build_callbacks
-from slimpajama_train.config import register_configs
-from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.trainer import Trainer
 from tests.helpers.tensor_memory import LiveTensorBytes
+from tests.helpers.trainer_cases import run_cases
 
 
 def measure(trainer: Trainer, out: str) -> None:
@@ -58,20 +51,7 @@ def main() -> None:
     """Each case of ``$STEP_MEMORY_CASES`` (a JSON list of ``{"overrides": [...], "out": path}``) in
     turn, in this one launch: a fresh Trainer per case; the figures count only the tensors a step's
     own operators create, so a case before it does not change them."""
-    cases = json.loads(Path(os.environ["STEP_MEMORY_CASES"]).read_text())
-    register_configs()
-    dist_info = init_distributed()
-    try:
-        for case in cases:
-            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                cfg = OmegaConf.to_object(compose(config_name="train", overrides=case["overrides"]))
-            trainer = Trainer(cfg, dist_info, build_callbacks(cfg.logger, dist_info.is_main))
-            try:
-                measure(trainer, case["out"])
-            finally:
-                trainer.close()
-    finally:
-        destroy_distributed(barrier=True)  # no rank leaves while a peer still finishes a collective
+    run_cases("STEP_MEMORY_CASES", lambda trainer, case: measure(trainer, case["out"]))
 
 
 if __name__ == "__main__":

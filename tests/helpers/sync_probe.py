@@ -26,16 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from data_prep.cli import conf_dir
 from slimpajama_train.callbacks.base import Callback
 from slimpajama_train.callbacks.build import build_callbacks
-from slimpajama_train.config import register_configs
 from slimpajama_train.distributed import destroy_distributed, init_distributed
 from slimpajama_train.trainer import Trainer
 from tests.helpers.host_tensors import HostTensorMode, is_host
+from tests.helpers.trainer_cases import compose_train_config
 
 SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "to", "__bool__", "__float__", "__int__", "__index__")
 DEVICE_WAITS = ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Event, "wait"),
@@ -158,9 +155,7 @@ class StepMarker(Callback):
         gc_state[phase["key"]] = (gc.isenabled(), gc.get_freeze_count())
 
 
-register_configs()
-with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-    cfg = OmegaConf.to_object(compose(config_name="train", overrides=sys.argv[1:]))
+cfg = compose_train_config(sys.argv[1:])
 dist_info = init_distributed(cfg.dist)
 mode.__enter__()  # marks the project's host tensors from here on (this thread)
 # The run's own callbacks (console, metrics file, speed) too: they must not synchronize either.
