@@ -16,7 +16,6 @@ Any config field is a Hydra override (``trainer.max_steps=2000 optim.lr=1e-3``);
 """
 from __future__ import annotations
 
-from slimpajama_train.callbacks.build import build_callbacks
 from slimpajama_train.preemption import StopRequest
 
 # Run as a module (torchrun -m), the handler goes in before the heavy imports below (torch, Hydra,
@@ -30,6 +29,7 @@ from typing import NoReturn  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from data_prep.cli import hydra_cli, to_config  # noqa: E402
+from slimpajama_train.callbacks.build import build_callbacks  # noqa: E402
 from slimpajama_train.config import TrainConfig, register_configs  # noqa: E402
 from slimpajama_train.distributed import destroy_distributed, init_distributed  # noqa: E402
 from slimpajama_train.optim import schedule_warning  # noqa: E402

@@ -8,7 +8,6 @@ rank's own exit status (torchrun reports only the first failure).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -40,18 +39,36 @@ def torchrun_cmd(nproc: int, args: Sequence[str], script: Path | str | None = No
             *wrap, *target, *args]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant, found before any is killed. Not the process group:
+    torchrun starts each rank in a session of its own, so a group kill misses the ranks, and they keep
+    torchrun's output pipes (and a reader of them) open."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def run_torchrun(nproc: int, args: Sequence[str], *, script: Path | str | None = None, cwd: Path = REPO,
                  timeout: int = 600, extra_env: dict[str, str] | None = None, exit_status: Path | None = None,
                  check: bool = True) -> subprocess.CompletedProcess:
     """Run to the end; with ``check``, raise with the output's tail when it fails. Past ``timeout``
-    the whole process group is killed (torchrun, its ranks and their loader workers: a rank left
+    the whole process tree is killed (torchrun, its ranks and their loader workers: a rank left
     behind would hold its port and CPU for the rest of the session) and the output so far reported."""
-    proc = start_torchrun(nproc, args, script=script, extra_env=extra_env, exit_status=exit_status, cwd=cwd,
-                          start_new_session=True)
+    proc = start_torchrun(nproc, args, script=script, extra_env=extra_env, exit_status=exit_status, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"torchrun ran past {timeout} s and was killed with its ranks:\n"
                              f"STDOUT:\n{out[-4000:]}\nSTDERR:\n{err[-8000:]}") from None
