@@ -70,6 +70,9 @@ def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
     """``trainer.compile`` as the run uses it (None: on for CUDA when it can work there, off on CPU),
     and a log line when the automatic choice had to turn it off."""
     want = cfg.trainer.compile
+    if want is False or (want is None and device.type != "cuda"):
+        # Off without asking: the check imports TorchInductor (about 1 s of CPU per rank at start-up).
+        return replace(cfg, trainer=replace(cfg.trainer, compile=False)), None
     problem = compile_problem(device)
     if want is None:
         on = device.type == "cuda" and problem is None

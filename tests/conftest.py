@@ -114,10 +114,10 @@ class TinyRuns:
     def get(self, backend: str = "fsdp2", nproc: int = 2, steps: int = 8) -> Path:
         key = (backend, nproc, steps)
         if key not in self._runs:
-            from tests.helpers.launch import run_torchrun
+            from tests.helpers.launch import run_ranks
 
             run_dir = self.factory.mktemp(f"tiny_{backend}_{nproc}proc_{steps}")
-            run_torchrun(nproc, tiny_train_overrides(self.shards, run_dir, backend=backend, steps=steps))
+            run_ranks(nproc, tiny_train_overrides(self.shards, run_dir, backend=backend, steps=steps))
             self._runs[key] = run_dir
         return self._runs[key]
 

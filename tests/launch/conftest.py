@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overrides
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_ranks
 from tests.helpers.slurm_cluster import ClusterUnavailable, cluster_env
 
 # A run a rank is killed in: at ~0.1 s a step on two CPU ranks it lasts a few seconds, long enough to
@@ -36,7 +36,7 @@ def kill_reference(demo_shards, tmp_path_factory) -> dict[int, tuple]:
     """Per-step losses of kill_overrides run without interruption (plain torchrun, 2 CPU ranks): what a
     run with a rank killed and restarted (torchrun or SLURM) must reproduce."""
     run_dir = tmp_path_factory.mktemp("kill_reference")
-    run_torchrun(2, kill_overrides(demo_shards, run_dir), cwd=REPO)
+    run_ranks(2, kill_overrides(demo_shards, run_dir), cwd=REPO)
     losses = losses_by_step(run_dir)
     assert sorted(losses) == list(range(KILL_STEPS + 1))
     return losses

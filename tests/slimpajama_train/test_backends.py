@@ -13,7 +13,7 @@ from slimpajama_train.distributed import DistInfo
 from slimpajama_train.optim import OptimConfig
 from tests.conftest import REPO, read_metrics
 from tests.helpers.equivalence import compare, step_records
-from tests.helpers.launch import HELPERS, run_torchrun
+from tests.helpers.launch import HELPERS, run_ranks
 
 EQUIV_STEPS = 24
 # The device the trainer runs on here; the probes say what it cannot do, and the tests skip with that.
@@ -71,7 +71,7 @@ def _run_cases(nproc: int, cases: list[dict], work: Path) -> None:
     """Run the cases (``overrides``, ``mutation``) one after another in one torchrun launch."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "cases.json").write_text(json.dumps(cases))
-    run_torchrun(nproc, [], script=EQUIV_HELPER, extra_env={"EQUIV_CASES": str(work / "cases.json")}, timeout=900)
+    run_ranks(nproc, [], script=EQUIV_HELPER, extra_env={"EQUIV_CASES": str(work / "cases.json")}, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +317,7 @@ def test_compile_problem_names_the_missing_compiler(monkeypatch):
 @pytest.mark.slow
 @skip_because(None if NO_DEEPSPEED_FP16 else f"DeepSpeed supports fp16 on this {DEVICE.type}: nothing to refuse")
 def test_deepspeed_fp16_run_fails_fast_naming_the_missing_cpu_feature(demo_shards, tmp_path):
-    proc = run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=zero2", "backend.precision=fp16",
+    proc = run_ranks(2, _overrides(demo_shards, tmp_path, "backend=zero2", "backend.precision=fp16",
                                       "trainer.max_steps=2"), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -331,7 +331,7 @@ def test_deepspeed_fp16_run_fails_fast_naming_the_missing_cpu_feature(demo_shard
 def test_deepspeed_bf16_with_fp32_reduction_trains(demo_shards, tmp_path, backend):
     """The generated data_types / communication_data_type are accepted by each ZeRO stage in bf16
     (2 ranks, 2 accumulated micro-batches per step)."""
-    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=bf16",
+    run_ranks(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=bf16",
                                "trainer.max_steps=3", "optim.lr=3e-3", "optim.warmup_steps=1"), cwd=REPO)
     losses = _train_losses(tmp_path)
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
@@ -342,7 +342,7 @@ def test_deepspeed_bf16_with_fp32_reduction_trains(demo_shards, tmp_path, backen
     NO_DEEPSPEED_FP16 and f"DeepSpeed refuses fp16 on this {DEVICE.type}: {NO_DEEPSPEED_FP16}"))])
 def test_fp16_dynamic_loss_scaling_counts_skipped_steps(demo_shards, tmp_path, backend):
     # An initial scale of 2**24 overflows fp16 at once: the first steps are skipped while it halves.
-    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp16",
+    run_ranks(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp16",
                                "trainer.max_steps=14", "backend.initial_loss_scale=16777216",
                                "trainer.max_consecutive_skips=20", "data.micro_batch_size=4"), cwd=REPO)
     metrics = [m for m in read_metrics(tmp_path) if "loss" in m]
@@ -358,7 +358,7 @@ def _step_memory(demo_shards: Path, nproc: int, cases: dict[Path, list[str]]) ->
     specs = [{"overrides": _overrides(demo_shards, run_dir, *extra), "out": str(run_dir / "step_memory")}
              for run_dir, extra in cases.items()]
     (work / "step_memory_cases.json").write_text(json.dumps(specs))
-    run_torchrun(nproc, [], script=HELPERS / "step_memory_helper.py",
+    run_ranks(nproc, [], script=HELPERS / "step_memory_helper.py",
                  extra_env={"STEP_MEMORY_CASES": str(work / "step_memory_cases.json")})
     return {run_dir: [json.loads((run_dir / f"step_memory.rank{rank}").read_text()) for rank in range(nproc)]
             for run_dir in cases}
@@ -390,7 +390,7 @@ def test_activation_checkpointing_lowers_peak_memory_not_loss(demo_shards, tmp_p
 
 
 def _inject(demo_shards: Path, run_dir: Path, nproc: int, nan_steps: str, *extra: str) -> dict:
-    proc = run_torchrun(nproc, _overrides(demo_shards, run_dir, *extra), script=HELPERS / "inject_nonfinite.py",
+    proc = run_ranks(nproc, _overrides(demo_shards, run_dir, *extra), script=HELPERS / "inject_nonfinite.py",
                         extra_env={"NAN_STEPS": nan_steps})
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -421,8 +421,8 @@ def test_compiled_blocks_and_loss_match_and_resume(reference, demo_shards, tmp_p
     per-step losses, gradient norms and step-8 parameters as the eager one-process reference,
     within the equivalence tolerances (compile reorders fp32 sums, as sharding does)."""
     steps = ["trainer.compile=true", "backend.loss_chunk_tokens=256"]
-    run_torchrun(2, _equiv_overrides(demo_shards, tmp_path, *steps, "trainer.halt_at_step=4"), cwd=REPO, timeout=900)
-    proc = run_torchrun(2, _equiv_overrides(demo_shards, tmp_path, *steps, "trainer.halt_at_step=8"), cwd=REPO,
+    run_ranks(2, _equiv_overrides(demo_shards, tmp_path, *steps, "trainer.halt_at_step=4"), cwd=REPO, timeout=900)
+    proc = run_ranks(2, _equiv_overrides(demo_shards, tmp_path, *steps, "trainer.halt_at_step=8"), cwd=REPO,
                         timeout=900)
     assert "compile on" in proc.stderr and "resumed from" in proc.stderr
     diff = compare(tmp_path, reference)
@@ -435,7 +435,7 @@ def test_zero3_offload_trains_in_bf16(demo_shards, tmp_path):
     """ZeRO-3 with optimizer and parameters offloaded to CPU (DeepSpeed CPU Adam), bf16 compute."""
     if (reason := hardware.deepspeed_op_problem("cpu_adam")) is not None:
         pytest.skip(reason)
-    run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=zero3_offload", "backend.precision=bf16",
+    run_ranks(2, _overrides(demo_shards, tmp_path, "backend=zero3_offload", "backend.precision=bf16",
                                "trainer.max_steps=4", "optim.lr=3e-3"), cwd=REPO, timeout=900)
     losses = _train_losses(tmp_path)
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
@@ -446,7 +446,7 @@ def test_bf16_keeps_fp32_master_weights_and_optimizer_state(demo_shards, tmp_pat
     import torch
     from torch.distributed.checkpoint import FileSystemReader
 
-    run_torchrun(2, _overrides(demo_shards, tmp_path, "backend=fsdp2", "backend.precision=bf16", "trainer.max_steps=2"),
+    run_ranks(2, _overrides(demo_shards, tmp_path, "backend=fsdp2", "backend.precision=bf16", "trainer.max_steps=2"),
                  cwd=REPO)
     meta = FileSystemReader(str(tmp_path / "checkpoints/step_00000002/state")).read_metadata().state_dict_metadata
     dtypes = {k: v.properties.dtype for k, v in meta.items() if hasattr(v, "properties") and v.size}
@@ -481,9 +481,9 @@ def test_checkpoint_moves_between_hsdp_and_fsdp2(reference, demo_shards, tmp_pat
     processes and the other way round; the whole run (losses, gradient norms, step-24 parameters)
     matches the one-process reference."""
     half = EQUIV_STEPS // 2
-    run_torchrun(first[0], _equiv_overrides(demo_shards, tmp_path, f"trainer.halt_at_step={half}", *first[1]),
+    run_ranks(first[0], _equiv_overrides(demo_shards, tmp_path, f"trainer.halt_at_step={half}", *first[1]),
                  cwd=REPO)
-    proc = run_torchrun(second[0], _equiv_overrides(demo_shards, tmp_path, *second[1]), cwd=REPO)
+    proc = run_ranks(second[0], _equiv_overrides(demo_shards, tmp_path, *second[1]), cwd=REPO)
     assert f"resumed from {tmp_path}" in proc.stderr and f"step {half}" in proc.stderr
     diff = compare(tmp_path, reference)
     print(f"{first} -> {second}: {diff}")

@@ -12,7 +12,7 @@ import pytest
 
 from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, read_meta
 from tests.conftest import REPO, losses_by_step, tiny_train_overrides
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_ranks
 
 pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
@@ -91,7 +91,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(runs, demo_shards, tm
     (tmp_path / "metrics.jsonl").unlink()
     shard = _shard(tmp_path / "checkpoints/step_00000008", backend)
     _flip(shard)
-    proc = run_torchrun(2, tiny_train_overrides(demo_shards, tmp_path, backend=backend), cwd=REPO)
+    proc = run_ranks(2, tiny_train_overrides(demo_shards, tmp_path, backend=backend), cwd=REPO)
     assert f"step_00000008 is corrupt, not loaded: {shard}: sha256 differs" in proc.stderr, proc.stderr[-3000:]
     assert "falling back to step_00000004; steps 5-8 are lost" in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints/corrupt/step_00000008/meta.json").is_file()  # kept, not deleted

@@ -6,7 +6,7 @@ import pytest
 
 from slimpajama_train.distributed import process_group_backend
 from tests.conftest import REPO, rank_exit_statuses, tiny_train_overrides
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_ranks
 
 GUARD = REPO / "tests/helpers/collective_guard.py"
 
@@ -22,7 +22,7 @@ def _guarded_run(shards: Path, run_dir: Path, backend: str, *extra: str,
     """(violations, collectives checked, each rank's exit status) of a guarded 6-step run on 2 ranks."""
     out, status_dir = run_dir / "guard", run_dir / "exit_status"
     run_dir.mkdir(parents=True, exist_ok=True)
-    proc = run_torchrun(2, tiny_train_overrides(shards, run_dir, "checkpoint.interval=2", *extra, backend=backend,
+    proc = run_ranks(2, tiny_train_overrides(shards, run_dir, "checkpoint.interval=2", *extra, backend=backend,
                                                 steps=6),
                         script=GUARD, exit_status=status_dir, extra_env={"GUARD_OUT": str(out), **(env or {})},
                         check=False)

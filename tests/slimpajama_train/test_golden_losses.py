@@ -23,7 +23,7 @@ import pytest
 from data_prep.demo_corpus import build_demo_corpus
 from data_prep.prep import run_prep
 from tests.conftest import REPO, read_metrics, small_prep_config
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_ranks
 
 pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
@@ -48,7 +48,7 @@ def data_fingerprint(shards: Path) -> str:
 def _demo_run(shards: Path, run_dir: Path, nproc: int, backend: str) -> list[tuple[float, float]]:
     """The demo configuration (experiment=demo: tiny model, fp32, global batch 16 of micro-batches of
     8, lr 3e-3 after 20 warmup steps, 200 steps) stopped after STEPS, every step logged."""
-    run_torchrun(nproc, ["experiment=demo", f"data.path={shards}", f"run_dir={run_dir}", f"backend={backend}",
+    run_ranks(nproc, ["experiment=demo", f"data.path={shards}", f"run_dir={run_dir}", f"backend={backend}",
                          f"trainer.halt_at_step={STEPS}", "trainer.log_interval=1", "trainer.eval_interval=0",
                          "checkpoint.interval=0", "data.num_workers=0", "logger.wandb.enabled=false"],
                  cwd=REPO, extra_env=SAME_KERNELS)

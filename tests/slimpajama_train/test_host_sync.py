@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tests.helpers.launch import HELPERS, run_torchrun
+from tests.helpers.launch import HELPERS, run_ranks
 
 pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
@@ -22,7 +22,7 @@ def _probe(demo_shards, tmp_path, backend: str, **env_extra: str) -> dict:
                  "data.micro_batch_size=2", "data.num_workers=1", "trainer.global_batch_size=8",
                  "trainer.max_steps=12", "trainer.log_interval=10", "trainer.eval_interval=0", "checkpoint.interval=0",
                  "logger.wandb.enabled=false", *env_extra.get("SYNC_EXTRA", "").split()]
-    run_torchrun(2, overrides, script=HELPERS / "sync_probe.py", extra_env={"SYNC_OUT": str(out), **env_extra})
+    run_ranks(2, overrides, script=HELPERS / "sync_probe.py", extra_env={"SYNC_OUT": str(out), **env_extra})
     return {r: json.loads((tmp_path / f"sync.rank{r}").read_text()) for r in (0, 1)}
 
 

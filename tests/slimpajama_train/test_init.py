@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_ranks
 
 pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
@@ -14,7 +14,7 @@ HELPER = REPO / "tests/helpers/init_helper.py"
 
 
 def _build(nproc: int, shards: Path, out: Path, *overrides: str, compare: bool = False) -> list[dict]:
-    run_torchrun(nproc, [f"data.path={shards}", "logger.wandb.enabled=false", "data.micro_batch_size=1",
+    run_ranks(nproc, [f"data.path={shards}", "logger.wandb.enabled=false", "data.micro_batch_size=1",
                          "trainer.global_batch_size=2", *overrides], script=HELPER, timeout=900,
                  extra_env={"INIT_COMPARE": "1" if compare else "0", "INIT_OUT": str(out)})
     return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(nproc)]

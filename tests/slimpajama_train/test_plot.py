@@ -10,7 +10,7 @@ import pytest
 
 from slimpajama_train.tools.plot import draw, figure, load_runs, main, plot_data
 from tests.conftest import REPO, tiny_train_overrides
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_ranks
 
 SEQ, BATCH = 64, 8  # tokens per step: 512
 
@@ -172,7 +172,7 @@ def test_cli_errors_name_the_path(tmp_path, capsys):
 def test_plot_of_a_real_tiny_run(demo_shards, tmp_path):
     """The key names the trainer really writes (a 1-process, 4-step CPU run) give the panels data."""
     run_dir = tmp_path / "tiny"
-    run_torchrun(1, tiny_train_overrides(demo_shards, run_dir, "checkpoint.interval=0", "trainer.eval_interval=2",
+    run_ranks(1, tiny_train_overrides(demo_shards, run_dir, "checkpoint.interval=0", "trainer.eval_interval=2",
                                          steps=4), cwd=REPO)
     main([str(run_dir), str(run_dir), "--names", "first,again", "--out", str(tmp_path / "real.png")])
     data = plot_data(load_runs([run_dir]))

@@ -16,7 +16,7 @@ import torch
 from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, CorruptCheckpointError, read_meta
 from tests.conftest import REPO, losses_by_step, rank_exit_statuses, read_metrics, tiny_train_overrides
 from tests.helpers.equivalence import assert_bitwise_same, compare
-from tests.helpers.launch import HELPERS, launch_env, run_torchrun, start_torchrun
+from tests.helpers.launch import HELPERS, launch_env, run_ranks, start_torchrun
 
 STEPS = 8
 BACKENDS = ["fsdp2", "zero1", "zero2", "zero3"]
@@ -75,13 +75,13 @@ def test_exact_resume_after_clean_stop(straight, demo_shards, tmp_path, backend)
     the uninterrupted run's, bit for bit; the checkpoint holds the loader position, each rank's RNG and
     the config; W&B (offline) continues the same run id."""
     wandb = ["logger.wandb.enabled=true", "logger.wandb.mode=offline"]
-    first = run_torchrun(2, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4", *wandb), cwd=REPO)
+    first = run_ranks(2, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4", *wandb), cwd=REPO)
     assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 4
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000004"
     meta = read_meta(tmp_path / "checkpoints/step_00000004")
     assert meta["samples_consumed"] == 32 and meta["world_size"] == 2 and len(meta["rng"]) == 2
     assert meta["tokens_seen"] == 32 * 64 and meta["config"]["trainer"]["global_batch_size"] == 8
-    proc = run_torchrun(2, _overrides(demo_shards, tmp_path, backend, *wandb), cwd=REPO)
+    proc = run_ranks(2, _overrides(demo_shards, tmp_path, backend, *wandb), cwd=REPO)
     assert "resumed from" in proc.stderr and "step 4" in proc.stderr
     assert_bitwise_same(tmp_path, straight[backend])  # fp32 on CPU
     run_id = read_meta(tmp_path / "checkpoints/step_00000008")["callbacks"]["wandb"]["run_id"]
@@ -90,11 +90,10 @@ def test_exact_resume_after_clean_stop(straight, demo_shards, tmp_path, backend)
 
 
 def _crash(demo_shards: Path, run_dir: Path, backend: str, at: str, step: int, rank: int, *extra: str) -> None:
-    env = _env(CRASH_AT=at, CRASH_STEP=str(step), CRASH_RANK=str(rank))
-    proc = start_torchrun(2, _overrides(demo_shards, run_dir, backend, *extra), script=CRASH_HELPER, env=env)
-    _, err = proc.communicate(timeout=600)
+    proc = run_ranks(2, _overrides(demo_shards, run_dir, backend, *extra), script=CRASH_HELPER, check=False,
+                     extra_env={"CRASH_AT": at, "CRASH_STEP": str(step), "CRASH_RANK": str(rank)})
     assert proc.returncode != 0, "the run should have died"
-    assert "SIGKILL" in err or "Signal 9" in err or "-9" in err, err[-3000:]
+    assert "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]
 
 
 # ZeRO-1 and ZeRO-2 run the same DeepSpeed optimizer class (DeepSpeedZeroOptimizer) and write the same
@@ -108,7 +107,7 @@ ZERO_1_2_ONCE = ["fsdp2", "zero2", "zero3"]
 def test_exact_resume_after_kill_9_of_a_rank(straight, demo_shards, tmp_path, backend):
     _crash(demo_shards, tmp_path, backend, "step", 6, 1)
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000004"
-    resumed = run_torchrun(2, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
+    resumed = run_ranks(2, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
     assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
     assert_bitwise_same(tmp_path, straight[backend])
 
@@ -119,7 +118,7 @@ def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_sha
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
     assert (ckpts / ".tmp_step_00000008/state").is_dir() and not (ckpts / "step_00000008").exists()
-    resumed = run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2"), cwd=REPO)
+    resumed = run_ranks(2, _overrides(demo_shards, tmp_path, "fsdp2"), cwd=REPO)
     assert "step_00000004" in resumed.stderr
     assert_bitwise_same(tmp_path, straight["fsdp2"])
     assert (ckpts / "latest").read_text().strip() == "step_00000008"
@@ -127,18 +126,16 @@ def test_kill_9_during_checkpoint_write_keeps_previous_latest(straight, demo_sha
 
 @pytest.mark.slow
 def test_preemption_signal_on_one_rank_stops_all_saves_and_resumes(straight, demo_shards, tmp_path):
-    proc = start_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
-                                        "logger.wandb.mode=offline"),
-                          script=CRASH_HELPER, exit_status=tmp_path / "exit_status",
-                          extra_env={"CRASH_AT": "signal", "CRASH_STEP": "3", "CRASH_RANK": "1"})
-    _, err = proc.communicate(timeout=600)
-    assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, err[-3000:]  # both: the requeue status
-    assert proc.returncode == 1 and "exitcode  : 75" in err, err[-3000:]  # torchrun reports the first and fails
+    proc = run_ranks(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
+                                   "logger.wandb.mode=offline"),
+                     script=CRASH_HELPER, exit_status=tmp_path / "exit_status", check=False,
+                     extra_env={"CRASH_AT": "signal", "CRASH_STEP": "3", "CRASH_RANK": "1"})
+    assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, proc.stderr[-3000:]  # the requeue status
     marker = json.loads((tmp_path / "preempted.json").read_text())
     # the signal arrived during step 3 on rank 1 only; both ranks stopped after step 4 at the latest
     assert marker["step"] in (3, 4) and marker["checkpoint"].endswith(f"step_0000000{marker['step']}")
     run_id = read_meta(Path(marker["checkpoint"]))["callbacks"]["wandb"]["run_id"]
-    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
+    run_ranks(2, _overrides(demo_shards, tmp_path, "fsdp2", "logger.wandb.enabled=true",
                                "logger.wandb.mode=offline"), cwd=REPO)
     assert_bitwise_same(tmp_path, straight["fsdp2"])
     assert not (tmp_path / "preempted.json").exists()
@@ -184,8 +181,8 @@ def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second)
     losses, gradient norms (clipped at 1.0 here) and step-8 parameters match the uninterrupted
     2-process run and the one-process run within the equivalence tolerances
     (tests/helpers/equivalence.py)."""
-    run_torchrun(first, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4"), cwd=REPO)
-    proc = run_torchrun(second, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
+    run_ranks(first, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4"), cwd=REPO)
+    proc = run_ranks(second, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
     assert "resumed from" in proc.stderr
     for reference in (backend, "one_process"):
         diff = compare(tmp_path, straight[reference])
@@ -199,14 +196,14 @@ def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second)
 @pytest.mark.slow
 def test_resume_from_a_chosen_checkpoint(straight, demo_shards, tmp_path):
     chosen = straight["fsdp2"] / "checkpoints/step_00000004"
-    proc = run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", f"resume_from={chosen}"), cwd=REPO)
+    proc = run_ranks(2, _overrides(demo_shards, tmp_path, "fsdp2", f"resume_from={chosen}"), cwd=REPO)
     assert f"resumed from {chosen}" in proc.stderr
     assert_bitwise_same(tmp_path, straight["fsdp2"], after_step=4)
 
 
 @pytest.mark.slow
 def test_async_save_gives_the_same_run_and_blocks_less(straight, demo_shards, tmp_path):
-    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "checkpoint.async_save=true"), cwd=REPO)
+    run_ranks(2, _overrides(demo_shards, tmp_path, "fsdp2", "checkpoint.async_save=true"), cwd=REPO)
     assert_bitwise_same(tmp_path, straight["fsdp2"])
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000008"
     read_meta(tmp_path / "checkpoints/step_00000004")
@@ -244,7 +241,7 @@ def test_trainer_refuses_a_corrupt_checkpoint(straight, demo_shards, tmp_path):
     shard = next((ckpt / "state").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(AssertionError) as info:
-        run_torchrun(2, _overrides(demo_shards, tmp_path / "run", "fsdp2", f"resume_from={ckpt}"), cwd=REPO)
+        run_ranks(2, _overrides(demo_shards, tmp_path / "run", "fsdp2", f"resume_from={ckpt}"), cwd=REPO)
     # One line naming the file (the integrity tests cover each kind of damage), no traceback.
     assert f"slimpajama-train: error: checkpoint.resume={ckpt}: {ckpt}/state/{shard.name} has " in str(info.value)
 
@@ -287,7 +284,7 @@ LONG = 24  # steps of the SIGTERM runs: long enough that the signal lands mid-ru
 @pytest.fixture(scope="module")
 def straight_long(demo_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("straight_long")
-    run_torchrun(2, tiny_train_overrides(demo_shards, run_dir, "checkpoint.interval=10", steps=LONG), cwd=REPO)
+    run_ranks(2, tiny_train_overrides(demo_shards, run_dir, "checkpoint.interval=10", steps=LONG), cwd=REPO)
     return run_dir
 
 
@@ -341,7 +338,7 @@ def test_sigterm_to_every_process_saves_exits_75_and_resumes_bitwise(straight_lo
         assert proc.returncode == 1 and "got signal: 15" in err, err[-3000:]  # torchrun raised on its SIGTERM
     assert "exiting for requeue" in err and "after the signal" in err
     print(f"{launcher}: signalled {len(signalled)} processes; stopped and saved at step {marker['step']}")
-    resumed = run_torchrun(2, overrides, cwd=REPO)
+    resumed = run_ranks(2, overrides, cwd=REPO)
     assert f"step_{marker['step']:08d}" in resumed.stderr
     assert_bitwise_same(tmp_path, straight_long)  # fp32 on CPU
 
@@ -351,19 +348,16 @@ def test_signal_during_model_build_is_honoured(straight, demo_shards, tmp_path):
     """SIGTERM while the model is being built (minutes at 7B), on one rank, after resuming from a
     checkpoint: the ranks agree before training anything, save nothing new (nothing changed),
     exit 75 for requeue; the requeued run then finishes with the uninterrupted run's losses."""
-    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2", "trainer.halt_at_step=4"), cwd=REPO)
-    proc = start_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2"), script=CRASH_HELPER,
-                          exit_status=tmp_path / "exit_status",
-                          extra_env={"CRASH_AT": "build", "CRASH_STEP": "0", "CRASH_RANK": "1",
-                                     "CRASH_SIGNAL": "SIGTERM"})
-    _, err = proc.communicate(timeout=600)
-    assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, err[-3000:]
-    assert proc.returncode == 1 and "exitcode  : 75" in err, err[-3000:]
+    run_ranks(2, _overrides(demo_shards, tmp_path, "fsdp2", "trainer.halt_at_step=4"), cwd=REPO)
+    proc = run_ranks(2, _overrides(demo_shards, tmp_path, "fsdp2"), script=CRASH_HELPER,
+                     exit_status=tmp_path / "exit_status", check=False,
+                     extra_env={"CRASH_AT": "build", "CRASH_STEP": "0", "CRASH_RANK": "1", "CRASH_SIGNAL": "SIGTERM"})
+    assert rank_exit_statuses(tmp_path / "exit_status") == {0: 75, 1: 75}, proc.stderr[-3000:]
     marker = json.loads((tmp_path / "preempted.json").read_text())
     assert marker == {"step": 4, "checkpoint": str(tmp_path / "checkpoints/step_00000004")}
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000004"]
     assert max(losses_by_step(tmp_path)) == 4  # no step trained after the signal
-    run_torchrun(2, _overrides(demo_shards, tmp_path, "fsdp2"), cwd=REPO)
+    run_ranks(2, _overrides(demo_shards, tmp_path, "fsdp2"), cwd=REPO)
     assert_bitwise_same(tmp_path, straight["fsdp2"])
 
 

@@ -147,9 +147,9 @@ def test_batch_that_does_not_divide_names_values_that_would():
 
 def test_resolved_config_is_recorded_with_its_hash(tmp_path, demo_shards):
     from tests.conftest import tiny_train_overrides
-    from tests.helpers.launch import run_torchrun
+    from tests.helpers.launch import run_ranks
 
-    run_torchrun(1, tiny_train_overrides(demo_shards, tmp_path, "trainer.global_batch_tokens=512", steps=1), cwd=REPO)
+    run_ranks(1, tiny_train_overrides(demo_shards, tmp_path, "trainer.global_batch_tokens=512", steps=1), cwd=REPO)
     recorded = json.loads((tmp_path / "config.json").read_text())
     meta = json.loads((tmp_path / "checkpoints/step_00000001/meta.json").read_text())
     assert recorded["config"]["model"]["vocab_size"] == 1000 and recorded["config"]["trainer"]["global_batch_size"] == 8

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, read_metrics
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_ranks
 
 STEPS = 8
 
@@ -76,7 +76,7 @@ def test_export_from_fsdp2_checkpoint_matches_transformers(straight_run, tmp_pat
 @pytest.mark.slow
 def test_export_from_zero3_checkpoint_matches_transformers(demo_shards, tmp_path):
     run_dir = tmp_path / "z3"
-    run_torchrun(2, _overrides(demo_shards, run_dir, "backend=zero3", "trainer.max_steps=3", "trainer.eval_interval=0"),
+    run_ranks(2, _overrides(demo_shards, run_dir, "backend=zero3", "trainer.max_steps=3", "trainer.eval_interval=0"),
                  cwd=REPO)
     assert_hf_parity(run_dir, tmp_path / "hf")
 
@@ -84,7 +84,7 @@ def test_export_from_zero3_checkpoint_matches_transformers(demo_shards, tmp_path
 @pytest.mark.slow
 def test_bf16_run_trains(demo_shards, tmp_path):
     run_dir = tmp_path / "bf16"
-    run_torchrun(1, _overrides(demo_shards, run_dir, "backend.precision=bf16", "trainer.max_steps=4",
+    run_ranks(1, _overrides(demo_shards, run_dir, "backend.precision=bf16", "trainer.max_steps=4",
                                "checkpoint.interval=0", "trainer.eval_interval=0"), cwd=REPO)
     losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
     assert len(losses) == 4 and all(loss == loss and loss < 8.0 for loss in losses) and losses[-1] < losses[0]
@@ -95,7 +95,7 @@ def test_batch_in_tokens_metrics_and_wandb_naming(demo_shards, tmp_path):
     """global_batch_tokens derives the batch and accumulation; MFU, memory and per-device throughput
     are logged; W&B gets the configured name, tags and config offline."""
     run_dir = tmp_path / "tok"
-    proc = run_torchrun(2, _overrides(demo_shards, run_dir, "trainer.global_batch_tokens=1024", "trainer.max_steps=2",
+    proc = run_ranks(2, _overrides(demo_shards, run_dir, "trainer.global_batch_tokens=1024", "trainer.max_steps=2",
                                       "trainer.peak_tflops=1.0", "logger.wandb.enabled=true",
                                       "logger.wandb.name=unit-run", "logger.wandb.tags=[ci,tiny]",
                                       "logger.wandb.id=fixedid123"), cwd=REPO)
@@ -128,7 +128,7 @@ def test_export_refuses_what_llama_cannot_express():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
 def test_model_options_train_on_both_backends(demo_shards, tmp_path, backend):
-    run_torchrun(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp32",
+    run_ranks(2, _overrides(demo_shards, tmp_path, f"backend={backend}", "backend.precision=fp32",
                                "trainer.max_steps=3", "model.n_layers=4", "model.share_layers_every=2",
                                "model.embedding_rank=16", "model.position_encoding=alibi", "model.tie_embeddings=true",
                                "checkpoint.interval=0", "trainer.eval_interval=0"), cwd=REPO)

@@ -8,7 +8,7 @@ import torch
 from data_prep.prep import run_prep
 from tests.conftest import REPO, read_metrics, tiny_train_overrides
 from tests.data_prep.test_pipeline import _cfg, synthetic_corpus
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_ranks
 
 pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
 
@@ -27,7 +27,7 @@ def test_per_source_validation_matches_a_direct_computation(tmp_path):
     assert len({next(iter(s["tokens_per_source"])) for s in val["shards"]}) == 3
 
     run_dir = tmp_path / "run"
-    proc = run_torchrun(2, tiny_train_overrides(shards, run_dir, "trainer.eval_batches=2", steps=4), cwd=REPO)
+    proc = run_ranks(2, tiny_train_overrides(shards, run_dir, "trainer.eval_batches=2", steps=4), cwd=REPO)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 4
     assert "val_loss by source: RedPajamaBook" in proc.stderr  # the console line
 
