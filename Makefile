@@ -22,13 +22,19 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/slimpajama-demo
 
+# Two pytest workers on two cores: half a test's time is process start-up, rendezvous and waiting
+# (SLURM's scheduler, requeues), which the other worker fills. loadgroup keeps an xdist_group (the
+# SLURM jobs of tests/launch/test_slurm.py, submitted at once) on one worker.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # Every test not marked slow; fails if it leaves a module of slimpajama_train/ or data_prep/ untouched
 # (imported by no test process nor any process a test started).
 test-fast: setup
-	SLIMPAJAMA_TOUCH_CHECK=1 $(PY) -m pytest -q -m "not slow"
+	SLIMPAJAMA_TOUCH_CHECK=1 $(PY) -m pytest -q $(XDIST) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -23,11 +23,19 @@ def pytest_configure(config: pytest.Config) -> None:
     if TOUCH_CHECK:
         from tests.helpers import touched
 
+        if hasattr(config, "workerinput"):  # a pytest-xdist worker: it records into its controller's folder
+            config._touch_worker = True
+            return
         config._touch_dir = Path(config.rootpath) / ".pytest_touch" / str(os.getpid())
         touched.start(config._touch_dir)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if getattr(session.config, "_touch_worker", False):
+        from tests.helpers import touched
+
+        touched.record_this_process()  # before the worker reports back: the controller checks next
+        return
     touch_dir = getattr(session.config, "_touch_dir", None)
     if touch_dir is None or exitstatus != 0:
         return

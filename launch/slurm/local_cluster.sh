@@ -75,7 +75,8 @@ MinJobAge=600
 # between the SIGTERM and the SIGKILL that end a job (scancel, time limit): the window to save in
 KillWait=30
 NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+# jobs that ask (--oversubscribe) share a CPU, up to 8 on one: the test suite runs its SLURM jobs at once
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES:8
 CONF
 }
 

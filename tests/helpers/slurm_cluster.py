@@ -2,6 +2,7 @@
 talk to it: submit, wait for a state, read a job's fields."""
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -27,7 +28,15 @@ def _controller_cmdlines() -> list[str]:
 
 
 def cluster_env() -> dict[str, str]:
-    """Environment for sbatch/scontrol against a running test cluster, starting it if needed."""
+    """Environment for sbatch/scontrol against a running test cluster, starting it if needed. One
+    process at a time (pytest-xdist workers): a second start beside a starting cluster would race it."""
+    CLUSTER_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(CLUSTER_DIR.parent / f".{CLUSTER_DIR.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _cluster_env()
+
+
+def _cluster_env() -> dict[str, str]:
     if os.geteuid() != 0:
         raise ClusterUnavailable("starting munged/slurmctld/slurmd needs root")
     if not all(shutil.which(b) for b in BINARIES):

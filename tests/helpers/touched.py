@@ -28,6 +28,16 @@ def start(touch_dir: Path) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE_DIR), os.environ.get("PYTHONPATH")) if p)
 
 
+def record_this_process() -> None:
+    """Write the project modules this process imported into the session's folder now (a pytest-xdist
+    worker, before it reports its end: its own exit, where sitecustomize records, may come later than
+    the controller's check)."""
+    names = sorted(m for m in list(sys.modules) if m.split(".")[0] in ("slimpajama_train", "data_prep"))
+    path = Path(os.environ[TOUCH_ENV], f"{os.getpid()}.txt")
+    path.with_suffix(".tmp").write_text("\n".join(names) + "\n")
+    path.with_suffix(".tmp").replace(path)
+
+
 def untouched(touch_dir: Path) -> list[str]:
     seen = {m for m in sys.modules if m.split(".")[0] in ("slimpajama_train", "data_prep")}
     for record in touch_dir.glob("*.txt"):

@@ -13,7 +13,10 @@ import pytest
 
 from tests.helpers.slurm_cluster import CLUSTER_DIR, CLUSTER_SCRIPT
 
-pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
+# slow: `make test-fast` leaves the module out. The SLURM xdist group: its namesakes of the daemons
+# (copies of sleep named slurmctld...) would look, to a worker starting the test cluster beside it,
+# like a controller it did not start
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 DAEMONS = ("slurmd", "slurmctld", "munged")
 

@@ -48,12 +48,12 @@ def test_op_mode_recomputes_no_matmul_or_attention_and_block_modes_do():
 
 @pytest.mark.slow
 def test_peak_memory_ordered_and_results_unchanged(tmp_path: Path):
-    # Activation-dominated (4 blocks x ~50 MiB of fp32 activations, a 256-token vocabulary): the order is
+    # Activation-dominated (4 blocks x ~12 MiB of fp32 activations, a 256-token vocabulary): the order is
     # none > op > block(2) > full. ``op`` keeps, per token and block, the input, q/k/v, the attention output,
     # both projections' outputs and gate/up: 7·dim + 2·ffn floats of the 12·dim + 4·ffn ``none`` keeps, ~54%
     # at Llama's ffn = 8/3·dim, and re-creates the rest of one block in backward; block(2) keeps half the blocks.
-    shape = ["--vocab", "256", "--dim", "128", "--heads", "4", "--layers", "4", "--micro-batch", "8",
-             "--seq-len", "512", "--measure", "tensors"]
+    shape = ["--vocab", "256", "--dim", "128", "--heads", "4", "--layers", "4", "--micro-batch", "4",
+             "--seq-len", "256", "--measure", "tensors"]
     runs = {mode: run_probe(*shape, "--ac", mode, "--grads-out", str(tmp_path / f"{mode}.pt")) for mode in AC_MODES}
     # Tensor bytes the step creates (deterministic; RSS varied by tens of MB between runs and CPUs).
     peaks = {mode: round(run["peak_mib"], 2) for mode, run in runs.items()}
