@@ -23,8 +23,8 @@ demo: setup
 	$(VENV)/bin/slimpajama-demo
 
 # Two pytest workers on two cores: half a test's time is process start-up, rendezvous and waiting
-# (SLURM's scheduler, requeues), which the other worker fills. loadgroup keeps an xdist_group (the
-# SLURM jobs of tests/launch/test_slurm.py, submitted at once) on one worker.
+# (SLURM's scheduler, requeues), which the other worker fills. With loadgroup, tests/conftest.py's
+# scheduler sends every test to whichever worker is free, the SLURM modules together to one.
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 

@@ -30,6 +30,29 @@ def pytest_configure(config: pytest.Config) -> None:
         touched.start(config._touch_dir)
 
 
+# Test modules that share the one-node SLURM cluster: one pytest-xdist worker runs them, one after the
+# other (test_local_cluster's stand-ins named like the daemons would look, to a worker starting the
+# cluster beside them, like a controller it did not start; test_slurm submits its jobs at once).
+ONE_WORKER = ("tests/launch/test_local_cluster.py::", "tests/launch/test_slurm.py::")
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` (make test): every test its own unit of work, sent to whichever worker is
+    free, except the modules of ONE_WORKER, one unit together. Not xdist's own loadgroup: xdist 3.8
+    marks a group by rewriting ``item._nodeid``, which pytest 9 no longer reads, so its groups
+    silently split across workers."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm-cluster" if nodeid.startswith(ONE_WORKER) else nodeid
+
+    return Scheduling(config, log)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if getattr(session.config, "_touch_worker", False):
         from tests.helpers import touched

@@ -13,10 +13,9 @@ import pytest
 
 from tests.helpers.slurm_cluster import CLUSTER_DIR, CLUSTER_SCRIPT
 
-# slow: `make test-fast` leaves the module out. The SLURM xdist group: its namesakes of the daemons
-# (copies of sleep named slurmctld...) would look, to a worker starting the test cluster beside it,
-# like a controller it did not start
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# slow: `make test-fast` leaves the module out; one pytest-xdist worker runs this module and the
+# other SLURM one (tests/conftest.py: ONE_WORKER)
+pytestmark = pytest.mark.slow
 
 DAEMONS = ("slurmd", "slurmctld", "munged")
 

@@ -22,9 +22,9 @@ from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overri
 from tests.helpers.slurm_cluster import job_env, job_fields, submit, wait_for_state
 from tests.launch.conftest import KILL_STEPS, kill_overrides, kill_rank_after_checkpoint
 
-# slow: `make test-fast` leaves the module out; one xdist group: `scenarios` submits the jobs of every
-# test of the module at once, so its tests run on one pytest-xdist worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# slow: `make test-fast` leaves the module out; one pytest-xdist worker runs this module and the
+# other SLURM one (tests/conftest.py: ONE_WORKER)
+pytestmark = pytest.mark.slow
 
 TRAIN_SBATCH = REPO / "launch/slurm/train.sbatch"
 STEPS = 12
