@@ -44,8 +44,9 @@ def test_timed_out_ranks_are_killed(tmp_path, launcher):
 
 
 DESCRIBE = """
-import json, multiprocessing, os, pathlib, sys, torch
+import json, multiprocessing, os, pathlib, sys, time, psutil, torch
 import torch.distributed as dist
+pathlib.Path(sys.argv[1], f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
 dist.init_process_group("gloo")
 total = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(total)
@@ -57,7 +58,18 @@ seen = {"env": {k: os.environ.get(k) for k in keys}, "argv": sys.argv[1:], "name
 pathlib.Path(sys.argv[1], f"rank{dist.get_rank()}.json").write_text(json.dumps(seen, sort_keys=True))
 rank = dist.get_rank()
 dist.destroy_process_group()
-sys.exit(int(os.environ.get("EXIT_RANK1", "0")) if rank == 1 else 0)
+code = int(os.environ.get("EXIT_RANK1", "0")) if rank == 1 else 0
+if code:  # fail once rank 0 has exited: a launcher stops (SIGTERM, SIGKILL) the ranks left when one fails
+    rank0 = int(pathlib.Path(sys.argv[1], "pid0").read_text())
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if psutil.Process(rank0).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+sys.exit(code)
 """
 
 
