@@ -16,7 +16,7 @@ import torch
 from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, CorruptCheckpointError, read_meta
 from tests.conftest import REPO, losses_by_step, rank_exit_statuses, read_metrics, tiny_train_overrides
 from tests.helpers.equivalence import assert_bitwise_same, compare
-from tests.helpers.launch import HELPERS, launch_env, run_ranks, start_torchrun
+from tests.helpers.launch import HELPERS, kill_tree, launch_env, run_ranks, start_torchrun
 
 STEPS = 8
 BACKENDS = ["fsdp2", "zero1", "zero2", "zero3"]
@@ -47,7 +47,8 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
         if proc.poll() is not None:
             raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
         time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
+    kill_tree(proc.pid)  # torchrun and every rank: their output pipes close, and the tail says where it stalled
+    raise AssertionError(f"no step {step} within {timeout} s; killed the run:\n{proc.stderr.read()[-6000:]}")
 
 
 class _Straight(dict):
