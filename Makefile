@@ -11,11 +11,17 @@ setup: $(STAMP)
 # torch first and pinned (a CPU wheel here; no CUDA packages pulled), then DeepSpeed without build
 # isolation (its build imports torch), then this project with its test and bench extras (the bench
 # smoke tests run datasketch).
+# DeepSpeed's CPU ops are compiled at install, as DeepSpeed advises for installs (DS_BUILD_*): else the
+# first run that needs one compiles it just in time, every rank waiting on a lock (ZeRO-Offload's cpu_adam
+# ~100 s, the shared-memory comm op every ZeRO start loads ~30 s, on 2 cores). --no-cache-dir: a wheel
+# cached from a build without them would be reused. Without a working compiler, the plain install.
+DS_PREBUILD := DS_ACCELERATOR=cpu DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 DS_ENABLE_NINJA=1
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet --no-build-isolation deepspeed
+	$(PY) -m pip install --quiet torch==2.13.0 ninja
+	$(DS_PREBUILD) $(PY) -m pip install --quiet --no-build-isolation --no-cache-dir deepspeed \
+	  || $(PY) -m pip install --quiet --no-build-isolation deepspeed
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 

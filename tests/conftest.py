@@ -13,6 +13,7 @@ from data_prep.config import DecontamConfig, HoldoutConfig, PrepConfig, RunConfi
 from data_prep.demo_corpus import build_demo_corpus
 from data_prep.prep import run_prep
 from data_prep.tokenizer import TokenizerConfig
+from tests.helpers.built_once import built_once
 
 REPO = Path(__file__).resolve().parents[1]
 # `make test-fast` sets this: the session fails if the fast suite leaves a project module untouched.
@@ -110,16 +111,13 @@ def small_prep_config(corpus: Path, out: Path, **overrides) -> PrepConfig:
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory) -> Path:
     """The demo corpus capped at 400 kB per source: every source present, seconds to build."""
-    out = tmp_path_factory.mktemp("demo_corpus")
-    build_demo_corpus(out, max_bytes_per_source=400_000, docs_per_file=200)
-    return out
+    return built_once(tmp_path_factory, "demo_corpus",
+                      lambda out: build_demo_corpus(out, max_bytes_per_source=400_000, docs_per_file=200))
 
 
 @pytest.fixture(scope="session")
 def demo_shards(demo_corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo_shards")
-    run_prep(small_prep_config(demo_corpus, out))
-    return out
+    return built_once(tmp_path_factory, "demo_shards", lambda out: run_prep(small_prep_config(demo_corpus, out)))
 
 
 def tiny_train_overrides(shards: Path, run_dir: Path, *extra: str, backend: str = "fsdp2", steps: int = 8) -> list[str]:
@@ -134,9 +132,9 @@ def tiny_train_overrides(shards: Path, run_dir: Path, *extra: str, backend: str 
 
 
 class TinyRuns:
-    """Uninterrupted tiny runs (:func:`tiny_train_overrides`), each trained once per session on first
-    use and shared by every module that compares against it (resume, integrity, multi-node). Shared
-    means read-only: a test that changes a run copies it first."""
+    """Uninterrupted tiny runs (:func:`tiny_train_overrides`), each trained once per session (whichever
+    worker asks first: :func:`built_once`) and shared by every module that compares against it (resume,
+    integrity, multi-node). Shared means read-only: a test that changes a run copies it first."""
 
     def __init__(self, shards: Path, factory: pytest.TempPathFactory) -> None:
         self.shards, self.factory = shards, factory
@@ -147,9 +145,8 @@ class TinyRuns:
         if key not in self._runs:
             from tests.helpers.launch import run_ranks
 
-            run_dir = self.factory.mktemp(f"tiny_{backend}_{nproc}proc_{steps}")
-            run_ranks(nproc, tiny_train_overrides(self.shards, run_dir, backend=backend, steps=steps))
-            self._runs[key] = run_dir
+            self._runs[key] = built_once(self.factory, f"tiny_{backend}_{nproc}proc_{steps}", lambda run_dir: run_ranks(
+                nproc, tiny_train_overrides(self.shards, run_dir, backend=backend, steps=steps)))
         return self._runs[key]
 
 

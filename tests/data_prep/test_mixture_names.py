@@ -10,6 +10,7 @@ from data_prep.mixture import MixtureConfig
 from data_prep.prep import run_prep
 from slimpajama_train.tools.study import compose_prep, link_shared_work
 from tests.conftest import REPO, small_prep_config
+from tests.helpers.built_once import built_once
 
 README = (REPO / "README.md").read_text()
 SMALL = ["seq_len=64", "samples_per_shard=64", "holdout.ratio=0.1", "tokenizer.vocab_size=1000",
@@ -35,9 +36,9 @@ def readme_mixture_overrides() -> list[str]:
 @pytest.fixture(scope="module")
 def shared_base(demo_corpus, tmp_path_factory):
     """The demo corpus prepared up to tokenization with a mixture-independent tokenizer (as the study does)."""
-    base = tmp_path_factory.mktemp("names") / "base"
-    run_prep(compose_prep([f"inputs=[{demo_corpus}/train]", f"input_root={demo_corpus}", *SMALL,
-                           "tokenizer.sample_by_mixture=false", f"output_dir={base}"]))
+    base = built_once(tmp_path_factory, "mixture_names_base", lambda base: run_prep(compose_prep([
+        f"inputs=[{demo_corpus}/train]", f"input_root={demo_corpus}", *SMALL, "tokenizer.sample_by_mixture=false",
+        f"output_dir={base}"])))
     return demo_corpus, base
 
 

@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, losses_by_step, read_metrics, tiny_train_overrides
+from tests.helpers.built_once import built_once
 from tests.helpers.launch import run_ranks
 from tests.helpers.slurm_cluster import ClusterUnavailable, cluster_env
 
@@ -35,8 +36,8 @@ def kill_overrides(shards: Path, run_dir: Path) -> list[str]:
 def kill_reference(demo_shards, tmp_path_factory) -> dict[int, tuple]:
     """Per-step losses of kill_overrides run without interruption (plain torchrun, 2 CPU ranks): what a
     run with a rank killed and restarted (torchrun or SLURM) must reproduce."""
-    run_dir = tmp_path_factory.mktemp("kill_reference")
-    run_ranks(2, kill_overrides(demo_shards, run_dir), cwd=REPO)
+    run_dir = built_once(tmp_path_factory, "kill_reference",
+                         lambda run_dir: run_ranks(2, kill_overrides(demo_shards, run_dir), cwd=REPO))
     losses = losses_by_step(run_dir)
     assert sorted(losses) == list(range(KILL_STEPS + 1))
     return losses

@@ -12,6 +12,7 @@ from slimpajama_train.backends.deepspeed_config import deepspeed_config
 from slimpajama_train.distributed import DistInfo
 from slimpajama_train.optim import OptimConfig
 from tests.conftest import REPO, read_metrics
+from tests.helpers.built_once import built_once
 from tests.helpers.equivalence import compare, step_records
 from tests.helpers.launch import HELPERS, run_ranks
 
@@ -77,8 +78,8 @@ def _run_cases(nproc: int, cases: list[dict], work: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(demo_shards, tmp_path_factory) -> Path:
     """One process, 4 micro-batches of 2 accumulated per step: the run every layout must reproduce."""
-    run_dir = tmp_path_factory.mktemp("ref")
-    _run_cases(1, [{"overrides": _equiv_overrides(demo_shards, run_dir)}], run_dir / "work")
+    run_dir = built_once(tmp_path_factory, "equivalence_reference", lambda run_dir: _run_cases(
+        1, [{"overrides": _equiv_overrides(demo_shards, run_dir)}], run_dir / "work"))
     losses = [m["loss"] for m in step_records(run_dir).values()]
     assert len(losses) == EQUIV_STEPS and losses[-1] < losses[0]
     return run_dir
@@ -87,25 +88,31 @@ def reference(demo_shards, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def layout_runs(demo_shards, tmp_path_factory):
     """Per layout, in one launch: the clean run and, for the layouts in MUTATED, one run per injected
-    bug (``perturb_shard`` after resuming at step 2); run dirs by case name."""
+    bug (``perturb_shard`` after resuming at step 2); run dirs by case name. Each layout's launch once
+    per session (its tests may land on either worker)."""
     done: dict[str, dict[str, Path]] = {}
+
+    def dirs_of(layout: str, root: Path) -> dict[str, Path]:
+        return {"clean": root / "clean", **{m: root / m for m in MUTATIONS if layout in MUTATED}}
+
+    def cases(layout: str, root: Path) -> None:
+        nproc, extra = LAYOUTS[layout]
+        dirs = dirs_of(layout, root)
+        specs = [{"overrides": _equiv_overrides(demo_shards, dirs["clean"], *extra)}]
+        halt = f"trainer.halt_at_step={MUTATION_STEPS}"
+        for m in ("grad_x2", "drop_micro", "wrong_divisor"):
+            if m in dirs:
+                specs.append({"overrides": _equiv_overrides(demo_shards, dirs[m], halt, *extra), "mutation": m})
+        if "perturb_shard" in dirs:
+            d = dirs["perturb_shard"]
+            specs += [{"overrides": _equiv_overrides(demo_shards, d, "trainer.halt_at_step=2", *extra)},
+                      {"overrides": _equiv_overrides(demo_shards, d, halt, *extra), "mutation": "perturb_shard"}]
+        _run_cases(nproc, specs, root / "work")
 
     def run(layout: str) -> dict[str, Path]:
         if layout not in done:
-            nproc, extra = LAYOUTS[layout]
-            root = tmp_path_factory.mktemp(layout)
-            dirs = {"clean": root / "clean", **{m: root / m for m in MUTATIONS if layout in MUTATED}}
-            cases = [{"overrides": _equiv_overrides(demo_shards, dirs["clean"], *extra)}]
-            halt = f"trainer.halt_at_step={MUTATION_STEPS}"
-            for m in ("grad_x2", "drop_micro", "wrong_divisor"):
-                if m in dirs:
-                    cases.append({"overrides": _equiv_overrides(demo_shards, dirs[m], halt, *extra), "mutation": m})
-            if "perturb_shard" in dirs:
-                d = dirs["perturb_shard"]
-                cases += [{"overrides": _equiv_overrides(demo_shards, d, "trainer.halt_at_step=2", *extra)},
-                          {"overrides": _equiv_overrides(demo_shards, d, halt, *extra), "mutation": "perturb_shard"}]
-            _run_cases(nproc, cases, root / "work")
-            done[layout] = dirs
+            root = built_once(tmp_path_factory, f"layout_{layout}", lambda root: cases(layout, root))
+            done[layout] = dirs_of(layout, root)
         return done[layout]
 
     return run

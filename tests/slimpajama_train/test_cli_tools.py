@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, tiny_train_overrides
+from tests.helpers.built_once import built_once
 
 STEPS = 2
 
@@ -29,13 +30,18 @@ def _train(*overrides: str, env: dict | None = None, timeout: int = 600) -> subp
 
 
 @pytest.fixture(scope="module")
-def tiny_run(demo_shards, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A run whose warm-up (2 steps) is as long as the run (2 steps): it warns, and still trains."""
-    run_dir = tmp_path_factory.mktemp("tools_run")
-    proc = _train(*tiny_train_overrides(demo_shards, run_dir, "trainer.eval_interval=0", "data.num_workers=0",
-                                        f"checkpoint.interval={STEPS}", steps=STEPS))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir, proc
+def tiny_run(demo_shards, tmp_path_factory) -> tuple[Path, str]:
+    """A run whose warm-up (2 steps) is as long as the run (2 steps): it warns, and still trains.
+    The run folder and the trainer's stderr."""
+
+    def train(folder: Path) -> None:
+        proc = _train(*tiny_train_overrides(demo_shards, folder / "run", "trainer.eval_interval=0",
+                                            "data.num_workers=0", f"checkpoint.interval={STEPS}", steps=STEPS))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        (folder / "stderr.txt").write_text(proc.stderr)
+
+    folder = built_once(tmp_path_factory, "tools_run", train)
+    return folder / "run", (folder / "stderr.txt").read_text()
 
 
 @pytest.fixture
@@ -161,10 +167,10 @@ def test_train_config_error_traceback_with_hydra_full_error():
 
 
 def test_warmup_as_long_as_the_run_warns(tiny_run):
-    warning = [line for line in tiny_run[1].stderr.splitlines() if line.startswith("warning: optim.warmup_steps")]
+    warning = [line for line in tiny_run[1].splitlines() if line.startswith("warning: optim.warmup_steps")]
     assert warning == [f"warning: optim.warmup_steps=2 >= trainer.max_steps={STEPS}: the whole run is warm-up (the "
                        "learning rate rises to 0.003 of optim.lr=0.003 at the last step and never decays); set "
-                       "optim.warmup_steps below trainer.max_steps (often 1-10% of it)"], tiny_run[1].stderr[-2000:]
+                       "optim.warmup_steps below trainer.max_steps (often 1-10% of it)"], tiny_run[1][-2000:]
 
 
 def test_schedule_warning_only_for_a_warmup_at_least_the_run():

@@ -27,6 +27,7 @@ from slimpajama_train.model import Transformer, lm_loss
 from slimpajama_train.tools.evaluate import load_for_eval, main, run_lm_eval, shard_perplexity
 from slimpajama_train.tools.lm_eval_adapter import SlimPajamaLM
 from tests.conftest import REPO, read_metrics, tiny_train_overrides
+from tests.helpers.built_once import built_once
 from tests.helpers.launch import run_ranks
 
 STEPS = 300  # calibrated: MC accuracy 0.81 after 200 steps, 0.92 after 300 (untrained: 0.44)
@@ -49,10 +50,9 @@ def offline_single_thread(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_run(demo_shards, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("eval_run")
-    run_ranks(1, tiny_train_overrides(demo_shards, run_dir, "trainer.eval_interval=100",
-                                         f"checkpoint.interval={STEPS}", steps=STEPS), cwd=REPO)
-    return run_dir
+    return built_once(tmp_path_factory, "eval_run", lambda run_dir: run_ranks(
+        1, tiny_train_overrides(demo_shards, run_dir, "trainer.eval_interval=100", f"checkpoint.interval={STEPS}",
+                                steps=STEPS), cwd=REPO))
 
 
 @pytest.fixture(scope="module")

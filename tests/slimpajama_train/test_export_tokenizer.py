@@ -13,6 +13,7 @@ from data_prep.tokenizer import TokenizerConfig, train_tokenizer
 from slimpajama_train.model import ModelConfig
 from slimpajama_train.tools.export import hf_config
 from slimpajama_train.tools.hf_tokenizer import PROBES, build_tokenizer, first_disagreement, write_hf_tokenizer
+from tests.helpers.built_once import built_once
 
 # Beyond PROBES: long runs, lone control characters, and text that is exactly one piece.
 EDGE_CASES = PROBES + (
@@ -41,8 +42,9 @@ def texts(demo_corpus: Path) -> list[str]:
 @pytest.fixture(scope="module", params=[1000, 8000], ids=["vocab1000", "vocab8000"])
 def sp_model(request: pytest.FixtureRequest, texts: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer trained the way the pipeline trains one."""
-    out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    return train_tokenizer(texts, TokenizerConfig(vocab_size=request.param, max_sample_bytes=2_000_000), out)
+    folder = built_once(tmp_path_factory, f"tokenizer_{request.param}", lambda folder: train_tokenizer(
+        texts, TokenizerConfig(vocab_size=request.param, max_sample_bytes=2_000_000), folder / "tokenizer.model"))
+    return folder / "tokenizer.model"
 
 
 def export_folder(model_file: Path, out_dir: Path) -> Path:

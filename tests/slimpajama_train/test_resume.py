@@ -15,6 +15,7 @@ import torch
 
 from slimpajama_train.checkpoint import CheckpointConfig, CheckpointStore, CorruptCheckpointError, read_meta
 from tests.conftest import REPO, losses_by_step, rank_exit_statuses, read_metrics, tiny_train_overrides
+from tests.helpers.built_once import built_once
 from tests.helpers.equivalence import assert_bitwise_same, compare
 from tests.helpers.launch import HELPERS, kill_tree, launch_env, run_ranks, start_torchrun
 
@@ -284,9 +285,8 @@ LONG = 24  # steps of the SIGTERM runs: long enough that the signal lands mid-ru
 
 @pytest.fixture(scope="module")
 def straight_long(demo_shards, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("straight_long")
-    run_ranks(2, tiny_train_overrides(demo_shards, run_dir, "checkpoint.interval=10", steps=LONG), cwd=REPO)
-    return run_dir
+    return built_once(tmp_path_factory, "straight_long", lambda run_dir: run_ranks(
+        2, tiny_train_overrides(demo_shards, run_dir, "checkpoint.interval=10", steps=LONG), cwd=REPO))
 
 
 def _signal_tree(root: psutil.Process, sig: int) -> list[str]:
