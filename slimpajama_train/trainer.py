@@ -28,7 +28,7 @@ from slimpajama_train.checkpoint import Checkpointer, checkpoint_step, list_chec
 from slimpajama_train.config import TrainConfig, config_hash, resolve_config
 from slimpajama_train.data.dataset import check_manifest, open_dataset
 from slimpajama_train.data.loader import train_loader, val_loader
-from slimpajama_train.data.workers import shut_down_workers
+from slimpajama_train.data.workers import shut_down_workers, start_workers
 from slimpajama_train.distributed import (
     AsyncVote,
     DistInfo,
@@ -170,7 +170,7 @@ class Trainer:
         pin = dist_info.device.type == "cuda"  # pinned batches copy to the GPU asynchronously
         self.train_data = train_loader(cfg.data, self.manifest, self.data_dir, self.samples_consumed, G,
                                        dist_info.rank, W, pin_memory=pin)
-        self.train_iter = iter(self.train_data)
+        self.train_iter = start_workers(self.train_data)  # a worker stuck in its fork is forked again
         self.val_data = (
             val_loader(cfg.data, self.manifest, self.data_dir, cfg.trainer.eval_batches, G, dist_info.rank, W,
                        pin_memory=pin)
@@ -183,7 +183,8 @@ class Trainer:
             # thread of the rank held at that moment, and the rank waited for its batch forever
             # (test_elastic_resume[1-2-zero3], 2 loaded cores). Persistent workers: later iter() calls
             # reuse these processes (prefetched batches are discarded), so no evaluation forks again.
-            iter(self.val_data)
+            # The same hang at this first fork (CPython gh-112275) is start_workers' to undo.
+            start_workers(self.val_data)
 
     def _write_resolved_config(self) -> None:
         if not self.dist.is_main:

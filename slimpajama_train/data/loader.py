@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from slimpajama_train.data.dataset import DataConfig, TokenBlocks
-from slimpajama_train.data.workers import ignore_preemption_signals, track_loader_workers
+from slimpajama_train.data.workers import ignore_preemption_signals, track_loader_workers, worker_start_slots
 
 
 class RankBatchSampler(Sampler[list[int]]):
@@ -76,10 +76,13 @@ def _loader(ds: TokenBlocks, sampler: RankBatchSampler, collate_fn: Any, num_wor
     # per rank alive for the whole run: each up to max_open_shards open shard files and its own
     # memory (the pages of the parent it touches, its readers, prefetch_factor batches in flight),
     # so per node ranks x 2 x num_workers x max_open_shards descriptors (8 x 2 x 4 x 16 = 1024).
-    return track_loader_workers(DataLoader(
+    started = worker_start_slots(num_workers)  # each worker's pid once it runs: workers.start_workers
+    loader = DataLoader(
         ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,
         persistent_workers=True, prefetch_factor=4,
-        worker_init_fn=partial(ignore_preemption_signals, loader_pid=os.getpid())))
+        worker_init_fn=partial(ignore_preemption_signals, loader_pid=os.getpid(), started=started))
+    loader.worker_started = started
+    return track_loader_workers(loader)
 
 
 def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, start: int, global_batch: int, rank: int,

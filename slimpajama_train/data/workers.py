@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import atexit
+import multiprocessing.sharedctypes
 import os
 import signal
+import sys
 import threading
+import time
 import weakref
+from collections.abc import Iterator
+from typing import Any
 
 from torch.utils.data import DataLoader
+from torch.utils.data._utils.signal_handling import _remove_worker_pids, _set_worker_pids
 
 
-def ignore_preemption_signals(_: int, loader_pid: int | None = None) -> None:
+def ignore_preemption_signals(worker_id: int, loader_pid: int | None = None, started: Any = None) -> None:
     """``worker_init_fn``: loader workers outlive the scheduler's preemption signals.
 
     SLURM (SIGUSR1 ahead of the time limit, SIGTERM on preemption/cancel) and Kubernetes (SIGTERM)
@@ -29,8 +35,13 @@ def ignore_preemption_signals(_: int, loader_pid: int | None = None) -> None:
     dropped. ``loader_pid``, the process that owns the DataLoader, also counts as the parent (under
     the forkserver start method, the worker's parent process is the fork server). Without
     ``sigwaitinfo`` (not Linux), SIGTERM keeps torch's handler.
+
+    ``started``: the loader's shared slots (:func:`start_workers`); this worker writes its pid into
+    slot ``worker_id`` once it runs Python code, which a worker stuck inside ``os.fork`` never does.
     """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if started is not None:
+        started[worker_id] = os.getpid()
     if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
         return
     parents = frozenset({os.getppid(), loader_pid or os.getppid()})
@@ -85,3 +96,64 @@ atexit.register(_shut_down_loader_workers)
 def track_loader_workers(loader: DataLoader) -> DataLoader:
     _LOADERS_WITH_WORKERS.add(loader)
     return loader
+
+
+# A worker forked while another thread of the rank creates or deletes a Python thread state (a C++
+# thread of gloo or NCCL entering Python to drop a tensor's reference, say) can hang for ever inside
+# os.fork, before running any Python code: CPython gh-112275, fixed in 3.11.10 and 3.12.1. Seen here
+# on 3.11.7 (gdb: PyOS_AfterFork_Child -> _PyThreadState_DeleteExcept waiting on the runtime's HEAD
+# lock) in two loaded test runs: the rank then waited for its first batch for ever. So the trainer
+# starts its loaders' workers with start_workers, which gives them this long to run their first line,
+# and forks a stuck one again (a healthy fork reaches it in milliseconds, a loaded host in seconds).
+WORKER_START_TIMEOUT_S = 30.0
+WORKER_START_ATTEMPTS = 3
+
+
+def worker_start_slots(num_workers: int) -> Any:
+    """Shared slots (one per worker, inherited by fork, passed at spawn) for ``ignore_preemption_signals``'
+    ``started``; kept on the loader as ``loader.worker_started`` for :func:`start_workers`."""
+    return multiprocessing.sharedctypes.RawArray("q", num_workers)
+
+
+def _stuck_workers(it: Any, started: Any, timeout: float) -> list[Any]:
+    """The workers of iterator ``it`` still alive without having written their slot after ``timeout``
+    seconds (a worker that died is the DataLoader's to report, on the next batch)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = [w for i, w in enumerate(it._workers) if started[i] != w.pid and w.is_alive()]
+        if not waiting or time.monotonic() >= deadline:
+            return waiting
+        time.sleep(0.01)
+
+
+def start_workers(loader: DataLoader, timeout: float = WORKER_START_TIMEOUT_S,
+                  attempts: int = WORKER_START_ATTEMPTS) -> Iterator:
+    """``iter(loader)``, having seen every worker it forked run Python code; a worker stuck in
+    ``os.fork`` (see above) is killed and the workers forked again. Nothing was consumed from the
+    discarded iterator and the batch sampler starts from its position at every ``iter``, so the
+    batches are those a first clean start gives. A loader without workers or without
+    ``worker_started`` slots: plain ``iter``."""
+    started = getattr(loader, "worker_started", None)
+    for attempt in range(1, attempts + 1):
+        if started is not None:
+            started[:] = [0] * len(started)
+        it = iter(loader)
+        if started is None or not getattr(it, "_workers", None):
+            return it
+        stuck = _stuck_workers(it, started, timeout)
+        if not stuck:
+            return it
+        pids = ", ".join(str(w.pid) for w in stuck)
+        print(f"warning: DataLoader worker(s) {pids} ran no Python code {timeout:.0f} s after their fork (stuck "
+              f"in os.fork: CPython gh-112275, fixed in 3.11.10/3.12.1; this is Python "
+              f"{sys.version.split()[0]}); killed and forked again ({attempt}/{attempts})",
+              file=sys.stderr, flush=True)
+        # Off torch's list of this iterator's workers first: its SIGCHLD handler raises in this process
+        # for a listed worker killed by a signal. Its shutdown then joins the rest the ordinary way.
+        _remove_worker_pids(id(it))
+        _set_worker_pids(id(it), tuple(w.pid for w in it._workers if w not in stuck))
+        for w in stuck:
+            os.kill(w.pid, signal.SIGKILL)
+        shut_down_workers(loader)
+    raise RuntimeError(f"DataLoader workers stayed stuck in os.fork at {attempts} starts ({timeout:.0f} s each): "
+                       "upgrade Python to 3.11.10+ or 3.12.1+ (CPython gh-112275), or set data.num_workers=0")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, losses_by_step, tiny_train_overrides
+from tests.helpers.launch import kill_tree
 from tests.launch.conftest import KILL_STEPS, kill_overrides, kill_rank_after_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
@@ -34,7 +35,13 @@ def test_two_nodes_over_c10d_match_one_node_with_two_processes(demo_shards, tiny
                               env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
              for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:  # torchrun, its ranks and their loader workers: nothing left running
+            kill_tree(node.pid)
+        tails = "\n".join(f"node {i}:\n{node.communicate()[0][-3000:]}" for i, node in enumerate(nodes))
+        raise AssertionError(f"the two nodes did not finish in 600 s; killed them:\n{tails}") from None
     for node, out in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, out[-4000:]
     assert "world 2" in outputs[0] + outputs[1]

@@ -569,3 +569,40 @@ def test_pin_memory_is_accepted_without_a_gpu(demo_shards):
         assert all(torch.equal(b, e) for (b, _), (e, _) in zip(got_val, _batches(
             val_loader(cfg, manifest, data_dir, 2, 8, 0, 1)), strict=True))
         shut_down_workers(train), shut_down_workers(val)
+
+
+# A process whose first loader worker hangs inside os.fork, as CPython gh-112275 makes one hang: the
+# after-fork hook of the first child blocks before any Python code of the worker runs.
+STUCK_FORK = """
+import os, sys, threading
+import torch
+from slimpajama_train.data.dataset import DataConfig, open_dataset
+from slimpajama_train.data.loader import train_loader
+from slimpajama_train.data.workers import shut_down_workers, start_workers
+
+forks = []
+os.register_at_fork(before=lambda: forks.append(1),
+                    after_in_child=lambda: len(forks) == 1 and threading.Event().wait())  # the first: for ever
+cfg = DataConfig(path=sys.argv[1], micro_batch_size=2, num_workers=2)
+manifest, data_dir = open_dataset(cfg)
+loader = train_loader(cfg, manifest, data_dir, 16, 8, 1, 2)
+it = start_workers(loader, timeout=float(sys.argv[2]))
+got = [next(it) for _ in range(6)]
+shut_down_workers(loader)
+plain = iter(train_loader(DataConfig(path=sys.argv[1], micro_batch_size=2, num_workers=0), manifest, data_dir,
+                          16, 8, 1, 2))
+assert all(torch.equal(b, next(plain)) for b in got), "not the batches of a clean start"
+print("forks", len(forks), "ok")
+"""
+
+
+def test_a_loader_worker_stuck_in_its_fork_is_forked_again(demo_shards):
+    """start_workers (what the trainer starts its loaders with): the worker that never runs is
+    killed after the timeout, the workers are forked again, and the batches are a clean start's.
+    Without it (plain ``iter``) this process waits for its first batch for ever."""
+    proc = subprocess.run([sys.executable, "-c", STUCK_FORK, str(demo_shards), "3"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["forks", "4", "ok"]  # 2 workers, the first stuck: 2 more
+    (warning,) = [line for line in proc.stderr.splitlines() if line.startswith("warning: DataLoader worker")]
+    assert "ran no Python code 3 s after their fork" in warning and "gh-112275" in warning and "(1/3)" in warning
