@@ -131,9 +131,11 @@ def start_workers(loader: DataLoader, timeout: float = WORKER_START_TIMEOUT_S,
     """``iter(loader)``, having seen every worker it forked run Python code; a worker stuck in
     ``os.fork`` (see above) is killed and the workers forked again. Nothing was consumed from the
     discarded iterator and the batch sampler starts from its position at every ``iter``, so the
-    batches are those a first clean start gives. A loader without workers or without
-    ``worker_started`` slots: plain ``iter``."""
+    batches are those a first clean start gives. A loader without workers, without
+    ``worker_started`` slots, or whose persistent workers are already up: plain ``iter``."""
     started = getattr(loader, "worker_started", None)
+    if getattr(loader, "_iterator", None) is not None:  # persistent workers already up: nothing is forked
+        return iter(loader)
     for attempt in range(1, attempts + 1):
         if started is not None:
             started[:] = [0] * len(started)

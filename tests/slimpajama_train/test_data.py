@@ -587,6 +587,9 @@ cfg = DataConfig(path=sys.argv[1], micro_batch_size=2, num_workers=2)
 manifest, data_dir = open_dataset(cfg)
 loader = train_loader(cfg, manifest, data_dir, 16, 8, 1, 2)
 it = start_workers(loader, timeout=float(sys.argv[2]))
+pids = [w.pid for w in it._workers]
+it = start_workers(loader, timeout=float(sys.argv[2]))  # workers up: reused, nothing waited for or killed
+assert [w.pid for w in it._workers] == pids and all(w.is_alive() for w in it._workers)
 got = [next(it) for _ in range(6)]
 shut_down_workers(loader)
 plain = iter(train_loader(DataConfig(path=sys.argv[1], micro_batch_size=2, num_workers=0), manifest, data_dir,
