@@ -133,15 +133,12 @@ def start_workers(loader: DataLoader, timeout: float = WORKER_START_TIMEOUT_S,
     discarded iterator and the batch sampler starts from its position at every ``iter``, so the
     batches are those a first clean start gives. A loader without workers, without
     ``worker_started`` slots, or whose persistent workers are already up: plain ``iter``."""
-    started = getattr(loader, "worker_started", None)
-    if getattr(loader, "_iterator", None) is not None:  # persistent workers already up: nothing is forked
+    started = getattr(loader, "worker_started", None)  # set by _loader where num_workers > 0
+    if started is None or getattr(loader, "_iterator", None) is not None:  # workers already up: none forked
         return iter(loader)
     for attempt in range(1, attempts + 1):
-        if started is not None:
-            started[:] = [0] * len(started)
+        started[:] = [0] * len(started)
         it = iter(loader)
-        if started is None or not getattr(it, "_workers", None):
-            return it
         stuck = _stuck_workers(it, started, timeout)
         if not stuck:
             return it
