@@ -54,6 +54,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return Scheduling(config, log)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the slow tests first (their order kept, and the rest's): workers take the
+    next test when they are free, so the long ones (rank launches, SLURM jobs, timeouts) start while
+    there is still other work to overlap them, and the session ends on short tests, not with one
+    worker idle beside a long one (the last 30 s of a session were three launcher tests on one worker)."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the workers collect, the controller schedules
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: False (slow) first
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if getattr(session.config, "_touch_worker", False):
         from tests.helpers import touched
@@ -168,3 +177,29 @@ def rank_exit_statuses(status_dir: Path) -> dict[int, int]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def halted_copy(run_dir: Path, dst: Path, step: int) -> Path:
+    """``dst`` as ``run_dir`` would have been had it been stopped after ``step`` (``trainer.halt_at_step``):
+    its checkpoints up to ``step`` with ``latest`` naming that one, its metrics records up to ``step``,
+    its other files as they are. For a resume test whose first leg an uninterrupted shared run already
+    trained (the steps up to the halt are the same: the schedule and the order depend on ``max_steps``,
+    not on the halt). A copy: resuming writes next to the checkpoint (ZeRO's universal conversion)."""
+    name = f"step_{step:08d}"
+    if not (run_dir / "checkpoints" / name).is_dir():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint at step {step}")
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in run_dir.iterdir():
+        if item.name == "checkpoints":
+            for ckpt in item.glob("step_*"):
+                if int(ckpt.name.removeprefix("step_")) <= step:
+                    shutil.copytree(ckpt, dst / "checkpoints" / ckpt.name)
+            (dst / "checkpoints/latest").write_text(name + "\n")
+        elif item.name == "metrics.jsonl":
+            kept = [line for line in item.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+            (dst / item.name).write_text("".join(line + "\n" for line in kept))
+        elif item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+    return dst

@@ -11,7 +11,7 @@ from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.backends.deepspeed_config import deepspeed_config
 from slimpajama_train.distributed import DistInfo
 from slimpajama_train.optim import OptimConfig
-from tests.conftest import REPO, read_metrics
+from tests.conftest import REPO, halted_copy, read_metrics
 from tests.helpers.built_once import built_once
 from tests.helpers.equivalence import compare, step_records
 from tests.helpers.launch import HELPERS, run_ranks
@@ -481,16 +481,17 @@ def test_fsdp2_gradient_accumulation_holds_sharded_gradients_only(demo_shards, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,second", [((4, HSDP), (2, [])), ((2, []), (4, HSDP))],
+@pytest.mark.parametrize("first,second", [("hsdp_2x2", "fsdp2_2proc"), ("fsdp2_2proc", "hsdp_2x2")],
                          ids=["hsdp4_then_fsdp2_2", "fsdp2_2_then_hsdp4"])
-def test_checkpoint_moves_between_hsdp_and_fsdp2(reference, demo_shards, tmp_path, first, second):
+def test_checkpoint_moves_between_hsdp_and_fsdp2(reference, layout_runs, demo_shards, tmp_path, first, second):
     """A DCP checkpoint written under HSDP (2 replicas x 2 shards) resumes under plain FSDP2 on 2
     processes and the other way round; the whole run (losses, gradient norms, step-24 parameters)
-    matches the one-process reference."""
+    matches the one-process reference. The first half is the first layout's clean run (the same
+    overrides) as it stood at its step-12 checkpoint."""
     half = EQUIV_STEPS // 2
-    run_ranks(first[0], _equiv_overrides(demo_shards, tmp_path, f"trainer.halt_at_step={half}", *first[1]),
-                 cwd=REPO)
-    proc = run_ranks(second[0], _equiv_overrides(demo_shards, tmp_path, *second[1]), cwd=REPO)
+    halted_copy(layout_runs(first)["clean"], tmp_path, half)
+    nproc, extra = LAYOUTS[second]
+    proc = run_ranks(nproc, _equiv_overrides(demo_shards, tmp_path, *extra), cwd=REPO)
     assert f"resumed from {tmp_path}" in proc.stderr and f"step {half}" in proc.stderr
     diff = compare(tmp_path, reference)
     print(f"{first} -> {second}: {diff}")
