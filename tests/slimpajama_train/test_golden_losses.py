@@ -23,6 +23,7 @@ import pytest
 from data_prep.demo_corpus import build_demo_corpus
 from data_prep.prep import run_prep
 from tests.conftest import REPO, read_metrics, small_prep_config
+from tests.helpers.built_once import built_once
 from tests.helpers.launch import run_ranks
 
 pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the module out
@@ -45,13 +46,16 @@ def data_fingerprint(shards: Path) -> str:
     return digest.hexdigest()
 
 
-def _demo_run(shards: Path, run_dir: Path, nproc: int, backend: str) -> list[tuple[float, float]]:
+def _demo_run(shards: Path, run_dir: Path, nproc: int, backend: str) -> None:
     """The demo configuration (experiment=demo: tiny model, fp32, global batch 16 of micro-batches of
     8, lr 3e-3 after 20 warmup steps, 200 steps) stopped after STEPS, every step logged."""
     run_ranks(nproc, ["experiment=demo", f"data.path={shards}", f"run_dir={run_dir}", f"backend={backend}",
                          f"trainer.halt_at_step={STEPS}", "trainer.log_interval=1", "trainer.eval_interval=0",
                          "checkpoint.interval=0", "data.num_workers=0", "logger.wandb.enabled=false"],
                  cwd=REPO, extra_env=SAME_KERNELS)
+
+
+def _losses_and_norms(run_dir: Path) -> list[tuple[float, float]]:
     records = [m for m in read_metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in records] == list(range(1, STEPS + 1))
     return [(m["loss"], m["grad_norm"]) for m in records]
@@ -63,15 +67,19 @@ def stdlib_shards(tmp_path_factory) -> Path:
     license and metadata texts: a new release of any dependency changed that source, the shards and
     the record's fingerprint on a fresh install with no change of ours. The rest is made of the
     standard library, a function of the Python version."""
-    corpus, out = tmp_path_factory.mktemp("stdlib_corpus"), tmp_path_factory.mktemp("stdlib_shards")
-    build_demo_corpus(corpus, max_bytes_per_source=400_000, docs_per_file=200, with_distributions=False)
-    run_prep(small_prep_config(corpus, out))
-    return out
+    def build(out: Path) -> None:
+        corpus = tmp_path_factory.mktemp("stdlib_corpus")
+        build_demo_corpus(corpus, max_bytes_per_source=400_000, docs_per_file=200, with_distributions=False)
+        run_prep(small_prep_config(corpus, out))
+
+    return built_once(tmp_path_factory, "golden_stdlib_shards", build)
 
 
 @pytest.fixture(scope="module")
 def demo_runs(stdlib_shards, tmp_path_factory) -> dict[str, list[tuple[float, float]]]:
-    return {name: _demo_run(stdlib_shards, tmp_path_factory.mktemp(name), nproc, backend)
+    """The record's runs, each trained once per session (the module's two tests may land on both workers)."""
+    return {name: _losses_and_norms(built_once(tmp_path_factory, f"golden_{name}", lambda run_dir, n=nproc, b=backend:
+                                               _demo_run(stdlib_shards, run_dir, n, b)))
             for name, (nproc, backend) in RUNS.items()}
 
 
