@@ -101,6 +101,13 @@ def collector_frozen(gc_interval: int) -> Iterator[None]:
         gc.enable()
 
 
+def _sample_order(data: dict[str, Any]) -> tuple[Any, str, int | None]:
+    """What fixes the training order besides the manifest: (seed, order, K); K only for ``blocks``
+    (a checkpoint from before ``data.order`` existed was trained in the global order)."""
+    order = data.get("order", "global")
+    return data.get("seed"), order, data.get("block_shards") if order == "blocks" else None
+
+
 class Trainer:
     """Builds model, backend, data and checkpointer from a :class:`TrainConfig` and runs ``callbacks``
     (the entry point builds them: :func:`slimpajama_train.callbacks.build.build_callbacks`);
@@ -459,6 +466,14 @@ class Trainer:
                      f"data.path={self.cfg.data.path} is {new_data}")
             if not self.cfg.data.allow_change:
                 raise ValueError(f"{where}; resume on the checkpoint's data, or set data.allow_change=true")
+            self.log(f"warning: {where} (data.allow_change=true)")
+        if "data" in saved and _sample_order(saved["data"]) != _sample_order(now["data"]):
+            where = (f"{path} was trained in the sample order data.seed/order/block_shards="
+                     f"{'/'.join(map(str, _sample_order(saved['data'])))}, now "
+                     f"{'/'.join(map(str, _sample_order(now['data'])))}: its samples consumed would name other "
+                     "samples (some read twice, some never)")
+            if not self.cfg.data.allow_change:
+                raise ValueError(f"{where}; resume with the checkpoint's values, or set data.allow_change=true")
             self.log(f"warning: {where} (data.allow_change=true)")
         changes = [f"{group}.{key} {saved[group][key]} -> {now[group][key]}" for group, key in SCHEDULE_KEYS
                    if key in saved.get(group, {}) and saved[group][key] != now[group][key]]

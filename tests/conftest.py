@@ -149,13 +149,15 @@ class TinyRuns:
         self.shards, self.factory = shards, factory
         self._runs: dict[tuple[str, int, int], Path] = {}
 
-    def get(self, backend: str = "fsdp2", nproc: int = 2, steps: int = 8) -> Path:
-        key = (backend, nproc, steps)
+    def get(self, backend: str = "fsdp2", nproc: int = 2, steps: int = 8, *extra: str) -> Path:
+        """The run; ``extra``: overrides on top of the tiny ones (e.g. another data order)."""
+        key = (backend, nproc, steps, *extra)
         if key not in self._runs:
             from tests.helpers.launch import run_ranks
 
-            self._runs[key] = built_once(self.factory, f"tiny_{backend}_{nproc}proc_{steps}", lambda run_dir: run_ranks(
-                nproc, tiny_train_overrides(self.shards, run_dir, backend=backend, steps=steps)))
+            name = "_".join([f"tiny_{backend}_{nproc}proc_{steps}", *(e.replace("=", "-") for e in extra)])
+            self._runs[key] = built_once(self.factory, name, lambda run_dir: run_ranks(
+                nproc, tiny_train_overrides(self.shards, run_dir, *extra, backend=backend, steps=steps)))
         return self._runs[key]
 
 

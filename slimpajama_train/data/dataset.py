@@ -13,7 +13,9 @@ import torch
 from torch.utils.data import Dataset
 
 from data_prep.shard_format import MANIFEST, RecordLayout, ShardReader, load_manifest
-from slimpajama_train.data.order import GlobalSampleOrder
+from slimpajama_train.data.order import BlockShuffledOrder, GlobalSampleOrder
+
+ORDERS = ("global", "blocks")
 
 
 @dataclass
@@ -28,8 +30,16 @@ class DataConfig:
         tokenizer_sha256: when set, the manifest's tokenizer must have this checksum.
         max_open_shards: shard files each loader process keeps open (an LRU); with a global random
             order every read may hit another shard, so this bounds file descriptors per worker.
-        allow_change: resume onto data whose manifest (``prep_config_hash``) differs from the one the
-            checkpoint was trained on (a warning instead of an error).
+        allow_change: resume onto data whose manifest (``prep_config_hash``) or training order
+            (``seed``, ``order``, ``block_shards``) differs from the checkpoint's (a warning instead of
+            an error).
+        order: ``global``, a seeded permutation of every sample of the split per epoch (any sample
+            after any other: each read may open another shard); ``blocks``, the shards permuted per
+            epoch and the samples shuffled within blocks of ``block_shards`` consecutive shards of that
+            permutation (:class:`~slimpajama_train.data.order.BlockShuffledOrder`: K shards in use at a
+            time). Either is a pure function of (manifest, seed, epoch[, K]): exact resume on any world
+            size and worker count either way.
+        block_shards: K, shards per block of the ``blocks`` order.
     """
 
     path: str = "data/demo_shards"
@@ -39,6 +49,8 @@ class DataConfig:
     tokenizer_sha256: str | None = None
     max_open_shards: int = 16
     allow_change: bool = False
+    order: str = "global"
+    block_shards: int = 16
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -47,6 +59,10 @@ class DataConfig:
             raise ValueError(f"data.num_workers={self.num_workers}: must be >= 0")
         if self.max_open_shards < 1:
             raise ValueError(f"data.max_open_shards={self.max_open_shards}: must be >= 1")
+        if self.order not in ORDERS:
+            raise ValueError(f"data.order={self.order!r}: must be one of {', '.join(ORDERS)}")
+        if self.block_shards < 1:
+            raise ValueError(f"data.block_shards={self.block_shards}: must be >= 1")
 
 
 class TokenBlocks(Dataset):
@@ -70,7 +86,8 @@ class TokenBlocks(Dataset):
     """
 
     def __init__(self, data_dir: Path, manifest: dict[str, Any], split: str, seed: int, shuffle: bool,
-                 max_open_shards: int = 16, with_source: bool = False) -> None:
+                 max_open_shards: int = 16, with_source: bool = False, order: str = "global",
+                 block_shards: int = 16) -> None:
         entry = manifest["splits"].get(split)
         if not entry or not entry["shards"]:
             raise ValueError(f"{data_dir}: manifest has no {split!r} shards")
@@ -90,7 +107,9 @@ class TokenBlocks(Dataset):
         self.layout = RecordLayout(**manifest["record"])
         self.block_size = int(manifest["block_size"])
         self.max_open_shards = max_open_shards
-        self.order = GlobalSampleOrder([s["samples"] for s in shards], seed, shuffle)
+        counts = [s["samples"] for s in shards]
+        self.order = (BlockShuffledOrder(counts, seed, block_shards, shuffle) if order == "blocks"
+                      else GlobalSampleOrder(counts, seed, shuffle))
         # Ids at or past the tokenizer's vocabulary are refused on read (0: no vocabulary recorded).
         self.vocab_size = int(vocab)
         check_shard_names(self.data_dir, [s["name"] for s in shards], self.manifest_path)

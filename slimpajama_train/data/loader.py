@@ -90,7 +90,8 @@ def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, star
     """Infinite loader of this rank's micro-batches from position ``start``: each a (B, T+1) tensor
     of the stored token dtype (see :func:`to_device_batch`). ``pin_memory``: pinned host memory,
     for copies to a CUDA device (ignored without CUDA)."""
-    ds = TokenBlocks(data_dir, manifest, "train", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards)
+    ds = TokenBlocks(data_dir, manifest, "train", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards,
+                     order=cfg.order, block_shards=cfg.block_shards)
     sampler = RankBatchSampler(start, global_batch, cfg.micro_batch_size, rank, world_size)
     return _loader(ds, sampler, _collate, cfg.num_workers, pin_memory)
 

@@ -173,6 +173,25 @@ def test_resume_onto_another_dataset_is_refused_unless_allowed(runs, demo_shards
     assert "warning: " in proc.stderr and "0123456789abcdef (data.allow_change=true)" in proc.stderr
 
 
+def test_resume_that_changes_the_sample_order_is_refused_unless_allowed(runs, demo_shards, tmp_path):
+    """samples_consumed names positions of the order: resumed in another order (data.order,
+    data.block_shards, data.seed), the rest of the epoch would read some samples twice and others
+    never. Refused, naming both orders and the way out; with data.allow_change a warning."""
+    ckpt = runs["fsdp2"] / "checkpoints/step_00000004"
+    blocks = ["data.order=blocks", "data.block_shards=2"]
+    proc = _train(tiny_train_overrides(demo_shards, tmp_path / "run", f"resume_from={ckpt}", *blocks))
+    assert proc.returncode != 0
+    last = _error_line(proc.stderr)
+    assert "data.seed/order/block_shards=1234/global/None, now 1234/blocks/2" in last, proc.stderr[-3000:]
+    assert "data.allow_change=true" in last
+    proc = _train(tiny_train_overrides(demo_shards, tmp_path / "seed", f"resume_from={ckpt}", "data.seed=7"))
+    assert proc.returncode != 0 and "now 7/global/None" in _error_line(proc.stderr), proc.stderr[-3000:]
+    proc = _train(tiny_train_overrides(demo_shards, tmp_path / "run", f"resume_from={ckpt}", *blocks,
+                                       "data.allow_change=true", "trainer.halt_at_step=5"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: " in proc.stderr and "now 1234/blocks/2" in proc.stderr
+
+
 def test_resume_that_changes_the_lr_schedule_warns(runs, demo_shards, tmp_path):
     ckpt = runs["fsdp2"] / "checkpoints/step_00000004"
     proc = _train(tiny_train_overrides(demo_shards, tmp_path, f"resume_from={ckpt}", "trainer.halt_at_step=5",

@@ -199,6 +199,29 @@ def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second)
     assert all(abs(got[s][1] - ref[s][1]) < 1e-5 for s in ref if ref[s][1] is not None)  # validation losses
 
 
+BLOCKS = ("data.order=blocks", "data.block_shards=4")
+
+
+@pytest.mark.parametrize("second", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_blocks_order_resumes_exactly_on_any_world_size(tiny_runs, demo_shards, tmp_path, second):
+    """data.order=blocks (4 of the demo's 33 shards per block), stopped at step 4 of 2 processes:
+    resumed on 2, every step and the final parameters as the uninterrupted run's, bit for bit; on 1,
+    within the equivalence tolerances (the same samples, summed in another order). A resume that
+    read other samples than the uninterrupted run moves the losses far past both."""
+    straight_blocks = tiny_runs.get("fsdp2", 2, STEPS, *BLOCKS)
+    global_order = tiny_runs.get("fsdp2", 2, STEPS)
+    assert losses_by_step(straight_blocks)[1] != losses_by_step(global_order)[1]  # the order is in use
+    halted_copy(straight_blocks, tmp_path, 4)
+    proc = run_ranks(second, _overrides(demo_shards, tmp_path, "fsdp2", *BLOCKS), cwd=REPO)
+    assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
+    if second == 2:
+        assert_bitwise_same(tmp_path, straight_blocks)
+    else:
+        diff = compare(tmp_path, straight_blocks)
+        print(f"blocks order, 2 -> 1 processes: {diff}")
+        assert diff.steps == STEPS and diff.within_tolerance, diff
+
+
 @pytest.mark.slow
 def test_resume_from_a_chosen_checkpoint(straight, demo_shards, tmp_path):
     chosen = straight["fsdp2"] / "checkpoints/step_00000004"

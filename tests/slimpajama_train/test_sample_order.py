@@ -14,7 +14,7 @@ import torch
 from data_prep.shard_format import FORMAT_VERSION, MANIFEST, RecordLayout, ShardWriter, shard_name
 from slimpajama_train.data.dataset import DataConfig, open_dataset
 from slimpajama_train.data.loader import train_loader
-from slimpajama_train.data.order import GlobalSampleOrder
+from slimpajama_train.data.order import BlockShuffledOrder, GlobalSampleOrder, KeyedBijection
 from slimpajama_train.data.workers import shut_down_workers
 
 SLIMPAJAMA_SAMPLES = 300_000_000  # ~627B tokens / 2049 tokens per sample
@@ -72,7 +72,7 @@ def test_permutations_of_a_tiny_domain_are_uniform_over_keys():
     assert len(counts) == 120 and chi2 < 119 + 6 * 15.4
 
 
-def test_slimpajama_scale_order_is_a_uniform_bijection_in_constant_memory():
+def test_slimpajama_scale_order_is_a_uniform_bijection_in_constant_memory(monkeypatch):
     order = GlobalSampleOrder([4096] * (SLIMPAJAMA_SAMPLES // 4096), seed=1234)
     n = order.total
     rng = np.random.default_rng(0)
@@ -104,14 +104,14 @@ def test_slimpajama_scale_order_is_a_uniform_bijection_in_constant_memory():
     # The work of a lookup, counted (not timed, which depends on the machine): passes through the
     # network, the same far into training as at the start, and under 2 on average (cycle walking).
     passes = 0
-    feistel = order._feistel
+    feistel = KeyedBijection._feistel
 
-    def counted(x, keys):
+    def counted(self, x):
         nonlocal passes
         passes += 1
-        return feistel(x, keys)
+        return feistel(self, x)
 
-    order._feistel = counted
+    monkeypatch.setattr(KeyedBijection, "_feistel", counted)
 
     def per_lookup(start: int) -> float:
         nonlocal passes
@@ -186,19 +186,93 @@ def _loader_steps(cfg: DataConfig, start: int, steps: int, G: int, world: int, d
     return out
 
 
-@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
-def test_loader_batches_follow_the_global_order_on_any_world_size_and_resume(tmp_path, dtype):
-    """Global step ``s`` holds the samples at positions [s·G, (s+1)·G) of the order, whatever the
-    world size, in the stored dtype, over epoch boundaries (24 samples, 8 per step), from a resume
-    position as from the start; through loader workers as in process."""
+@pytest.mark.parametrize("dtype,order_name", [("uint16", "global"), ("uint32", "global"), ("uint16", "blocks")])
+def test_loader_batches_follow_the_global_order_on_any_world_size_and_resume(tmp_path, dtype, order_name):
+    """Global step ``s`` holds the samples at positions [s·G, (s+1)·G) of the order (``data.order``
+    global, or blocks of 2 shards), whatever the world size, in the stored dtype, over epoch
+    boundaries (24 samples, 8 per step), from a resume position as from the start; through loader
+    workers as in process."""
+    orders = {"global": dict(order="global"), "blocks": dict(order="blocks", block_shards=2)}
     cfg = DataConfig(path=str(write_numbered_shards(tmp_path / dtype, dtype, [5, 7, 3, 9])), micro_batch_size=2,
-                     num_workers=0, seed=77)
+                     num_workers=0, seed=77, **orders[order_name])
     G, steps = 8, 7
-    order = GlobalSampleOrder([5, 7, 3, 9], seed=77)
+    order = (GlobalSampleOrder([5, 7, 3, 9], seed=77) if order_name == "global"
+             else BlockShuffledOrder([5, 7, 3, 9], seed=77, block_shards=2))
     expected = [order.sample_ids(np.arange(s * G, (s + 1) * G)).tolist() for s in range(steps)]
     assert sorted(sum(expected[:3], [])) == list(range(24))  # an epoch visits every sample once
     for world in (1, 2, 4):
         assert _loader_steps(cfg, 0, steps, G, world, dtype) == expected, world
     assert _loader_steps(cfg, 3 * G, 4, G, 2, dtype) == expected[3:]  # resume: a seek
-    workers = DataConfig(path=cfg.path, micro_batch_size=2, num_workers=2, seed=77)
+    workers = DataConfig(path=cfg.path, micro_batch_size=2, num_workers=2, seed=77, **orders[order_name])
     assert _loader_steps(workers, G, 4, G, 2, dtype) == expected[1:5]
+
+
+# ---- data.order=blocks -------------------------------------------------------------------------------
+def _block_epoch(order: BlockShuffledOrder, epoch: int) -> np.ndarray:
+    return order.sample_ids(np.arange(epoch * order.total, (epoch + 1) * order.total))
+
+
+def test_blocks_order_is_a_bijection_per_epoch_and_a_pure_function_of_seed_epoch_and_k():
+    layouts = [[5], [5, 7, 3], [5, 0, 7, 3, 9, 4], [1] * 40, [256] * 33 + [45], [0, 0, 3]]
+    for counts in layouts:
+        for k in (1, 2, 3, 16, 100):
+            for seed, epoch in ((0, 0), (1234, 1), (2**40 + 3, 7)):
+                order = BlockShuffledOrder(counts, seed, k)
+                ids = _block_epoch(order, epoch)
+                assert np.array_equal(np.sort(ids), np.arange(sum(counts))), (counts, k, seed, epoch)
+                again = BlockShuffledOrder(counts, seed, k)  # a fresh object (another worker, a resume)
+                assert np.array_equal(_block_epoch(again, epoch), ids)
+                positions = epoch * order.total + np.arange(min(order.total, 50))
+                assert [order.sample_id(p) for p in positions] == ids[:len(positions)].tolist()
+    order = BlockShuffledOrder([64] * 12, 5, 3)
+    e0, e1 = _block_epoch(order, 0), _block_epoch(order, 1)
+    assert not np.array_equal(e0, e1) and not np.array_equal(e0, _block_epoch(BlockShuffledOrder([64] * 12, 6, 3), 0))
+    assert not np.array_equal(e0, _block_epoch(BlockShuffledOrder([64] * 12, 5, 4), 0))  # K is part of the order
+
+
+def test_blocks_order_reads_k_shards_at_a_time_each_once_per_epoch_and_mixes_within():
+    """Each block of the epoch is K whole shards of a seeded shard permutation, read in turn: at any
+    point of an epoch at most K shards have been started and not finished (the shards a node must
+    hold), and every shard is read whole within one block; within a block the samples are shuffled
+    (not shard after shard), and the shard permutation changes with the epoch. Shards of unequal
+    sizes, as prep writes them (each task's last shard is short)."""
+    counts, k = [40 + (i * 7) % 23 for i in range(24)], 4
+    order = BlockShuffledOrder(counts, 11, k)
+    firsts = []
+    for epoch in range(3):
+        shard = np.searchsorted(order.cum, _block_epoch(order, epoch), side="right") - 1
+        first = {int(s): int(np.flatnonzero(shard == s)[0]) for s in range(24)}
+        last = {int(s): int(np.flatnonzero(shard == s)[-1]) for s in range(24)}
+        in_progress = [sum(first[s] <= i <= last[s] for s in range(24)) for i in range(len(shard))]
+        assert max(in_progress) == k, max(in_progress)
+        starts = sorted(first.values())
+        block_starts = starts[::k]  # each block begins where its K shards all begin together
+        for b, lo in enumerate(block_starts):
+            hi = block_starts[b + 1] if b + 1 < len(block_starts) else len(shard)
+            members = set(shard[lo:hi].tolist())
+            assert len(members) == min(k, 24 - b * k) and all(first[m] >= lo and last[m] < hi for m in members)
+            runs = int(np.count_nonzero(np.diff(shard[lo:hi]))) + 1
+            assert runs > (hi - lo) // 3, runs  # shuffled within: a shard's samples spread over the block
+        firsts.append(sorted(set(shard[:block_starts[1]].tolist())))
+    assert len({tuple(f) for f in firsts}) == 3  # each epoch permutes the shards anew
+
+
+def test_blocks_order_memory_is_per_shard_not_per_sample():
+    """SlimPajama's train split (~300M samples in 75k shards): a lookup far into training builds the
+    epoch's shard permutation once (two int64 per shard) and nothing per sample."""
+    order = BlockShuffledOrder([4096] * 75_000, seed=1234, block_shards=16)
+    tracemalloc.start()
+    ids = order.sample_ids(np.arange(10**9, 10**9 + 4096))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"blocks order at 75k shards: traced peak {peak / 2**20:.2f} MiB for the first lookup of an epoch")
+    assert len(np.unique(ids)) == 4096 and peak < 2 * 75_000 * 8 + 4 * 2**20
+    shard = np.searchsorted(order.cum, ids, side="right") - 1
+    assert len(np.unique(shard)) <= 2 * 16  # a global batch reads within one block (or two, at its edge)
+
+
+def test_blocks_order_is_validated():
+    with pytest.raises(ValueError, match="data.order='shuffle'"):
+        DataConfig(order="shuffle")
+    with pytest.raises(ValueError, match="data.block_shards=0"):
+        DataConfig(order="blocks", block_shards=0)
