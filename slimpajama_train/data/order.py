@@ -171,14 +171,25 @@ class BlockShuffledOrder:
                 for b in np.unique(block):
                     sel = block == b
                     lo, hi = int(blocks[b]), int(blocks[b + 1])
-                    key = _mix64(_mix64(self.seed ^ _BLOCK_SALT) + int(b))
-                    flat[sel] = lo + KeyedBijection(hi - lo, key, int(e)).many(flat[sel] - lo)
+                    flat[sel] = lo + KeyedBijection(hi - lo, self._block_key(int(b)), int(e)).many(flat[sel] - lo)
             at = np.searchsorted(starts, flat, side="right") - 1  # skips shards without samples
             out[in_epoch] = self.cum[shards[at]] + (flat - starts[at])
         return out
 
+    def _block_key(self, block: int) -> int:
+        return _mix64(_mix64(self.seed ^ _BLOCK_SALT) + block)
+
     def sample_id(self, position: int) -> int:
-        return int(self.sample_ids(np.array([position]))[0])
+        """:meth:`sample_ids` of one position, on Python ints (what a loader's ``__getitem__`` asks)."""
+        epoch, offset = divmod(int(position), self.total)
+        shards, starts, blocks = self.epoch_layout(epoch)
+        flat = offset
+        if self.shuffle:
+            b = int(np.searchsorted(blocks, offset, side="right")) - 1
+            lo, hi = int(blocks[b]), int(blocks[b + 1])
+            flat = lo + KeyedBijection(hi - lo, self._block_key(b), epoch)(offset - lo)
+        at = int(np.searchsorted(starts, flat, side="right")) - 1
+        return int(self.cum[shards[at]]) + flat - int(starts[at])
 
     def locate(self, sample_id: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.cum, sample_id, side="right")) - 1
