@@ -57,16 +57,25 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
     raise AssertionError(f"no step {step} within {timeout} s; killed the run:\n{proc.stderr.read()[-6000:]}")
 
 
+# The sample orders the resume cases run in (data.order; blocks: 4 of the demo's 33 shards per block).
+ORDERS = {"global": (), "blocks": ("data.order=blocks", "data.block_shards=4")}
+
+
 class _Straight(dict):
     """Uninterrupted runs (the session's shared tiny runs), one per backend on 2 processes, and
-    ``one_process`` (FSDP2 unwrapped); each trained on first use."""
+    ``one_process`` (FSDP2 unwrapped); each trained on first use. ``straight[backend]`` in the global
+    order, ``straight[backend, order]`` in either."""
 
     def __init__(self, tiny_runs) -> None:
         super().__init__()
         self.tiny_runs = tiny_runs
 
-    def __missing__(self, key: str) -> Path:
-        run = self.tiny_runs.get("fsdp2", 1, STEPS) if key == "one_process" else self.tiny_runs.get(key, 2, STEPS)
+    def __missing__(self, key: str | tuple[str, str]) -> Path:
+        backend, order = (key, "global") if isinstance(key, str) else key
+        nproc, backend = (1, "fsdp2") if backend == "one_process" else (2, backend)
+        run = self.tiny_runs.get(backend, nproc, STEPS, *ORDERS[order])
+        if order != "global":  # the order is in use: the first batch is another one
+            assert losses_by_step(run)[1] != losses_by_step(self[key[0]])[1], f"{order}: the global order's losses"
         self[key] = run
         return run
 
@@ -104,13 +113,14 @@ def _crash(demo_shards: Path, run_dir: Path, backend: str, at: str, step: int, r
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("order", list(ORDERS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exact_resume_after_kill_9_of_a_rank(straight, demo_shards, tmp_path, backend):
-    _crash(demo_shards, tmp_path, backend, "step", 6, 1)
+def test_exact_resume_after_kill_9_of_a_rank(straight, demo_shards, tmp_path, backend, order):
+    _crash(demo_shards, tmp_path, backend, "step", 6, 1, *ORDERS[order])
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000004"
-    resumed = run_ranks(2, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
+    resumed = run_ranks(2, _overrides(demo_shards, tmp_path, backend, *ORDERS[order]), cwd=REPO)
     assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
-    assert_bitwise_same(tmp_path, straight[backend])
+    assert_bitwise_same(tmp_path, straight[backend, order])
 
 
 @pytest.mark.slow
@@ -175,51 +185,32 @@ def test_a_sigterm_while_exiting_for_requeue_keeps_exit_status_75():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("order", list(ORDERS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second):
+def test_elastic_resume(straight, demo_shards, tmp_path, backend, first, second, order):
     """FSDP2 through DCP resharding; ZeRO through DeepSpeed's universal checkpoint: the resumed run's
     losses, gradient norms (clipped at 1.0 here) and step-8 parameters match the uninterrupted
     2-process run and the one-process run within the equivalence tolerances
-    (tests/helpers/equivalence.py). The first leg, where a shared uninterrupted run has the same
-    layout, is that run as it stood at step 4 (halted there, it would have written the same)."""
-    shared = straight[backend] if first == 2 else straight["one_process"] if backend == "fsdp2" else None
+    (tests/helpers/equivalence.py), in either sample order. The first leg, where a shared
+    uninterrupted run has the same layout, is that run as it stood at step 4 (halted there, it would
+    have written the same)."""
+    extra = ORDERS[order]
+    shared = (straight[backend, order] if first == 2 else straight["one_process", order] if backend == "fsdp2"
+              else None)
     if shared is not None:
         halted_copy(shared, tmp_path, 4)
     else:
-        run_ranks(first, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4"), cwd=REPO)
-    proc = run_ranks(second, _overrides(demo_shards, tmp_path, backend), cwd=REPO)
+        run_ranks(first, _overrides(demo_shards, tmp_path, backend, "trainer.halt_at_step=4", *extra), cwd=REPO)
+    proc = run_ranks(second, _overrides(demo_shards, tmp_path, backend, *extra), cwd=REPO)
     assert "resumed from" in proc.stderr
     for reference in (backend, "one_process"):
-        diff = compare(tmp_path, straight[reference])
-        print(f"{backend} {first} -> {second} processes, against {reference}: {diff}")
+        diff = compare(tmp_path, straight[reference, order])
+        print(f"{backend} {first} -> {second} processes, {order} order, against {reference}: {diff}")
         assert diff.steps == STEPS and diff.within_tolerance, (reference, diff)
-    got, ref = losses_by_step(tmp_path), losses_by_step(straight[backend])
+    got, ref = losses_by_step(tmp_path), losses_by_step(straight[backend, order])
     assert sorted(got) == sorted(ref)
     assert all(abs(got[s][1] - ref[s][1]) < 1e-5 for s in ref if ref[s][1] is not None)  # validation losses
-
-
-BLOCKS = ("data.order=blocks", "data.block_shards=4")
-
-
-@pytest.mark.parametrize("second", [2, pytest.param(1, marks=pytest.mark.slow)])
-def test_blocks_order_resumes_exactly_on_any_world_size(tiny_runs, demo_shards, tmp_path, second):
-    """data.order=blocks (4 of the demo's 33 shards per block), stopped at step 4 of 2 processes:
-    resumed on 2, every step and the final parameters as the uninterrupted run's, bit for bit; on 1,
-    within the equivalence tolerances (the same samples, summed in another order). A resume that
-    read other samples than the uninterrupted run moves the losses far past both."""
-    straight_blocks = tiny_runs.get("fsdp2", 2, STEPS, *BLOCKS)
-    global_order = tiny_runs.get("fsdp2", 2, STEPS)
-    assert losses_by_step(straight_blocks)[1] != losses_by_step(global_order)[1]  # the order is in use
-    halted_copy(straight_blocks, tmp_path, 4)
-    proc = run_ranks(second, _overrides(demo_shards, tmp_path, "fsdp2", *BLOCKS), cwd=REPO)
-    assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
-    if second == 2:
-        assert_bitwise_same(tmp_path, straight_blocks)
-    else:
-        diff = compare(tmp_path, straight_blocks)
-        print(f"blocks order, 2 -> 1 processes: {diff}")
-        assert diff.steps == STEPS and diff.within_tolerance, diff
 
 
 @pytest.mark.slow
