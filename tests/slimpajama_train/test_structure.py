@@ -99,7 +99,7 @@ def test_the_package_is_laid_out_by_job():
     assert root == ["checkpoint", "chunked_loss", "config", "distributed", "log_window", "mfu", "model", "optim",
                     "preemption", "safe_load", "train", "trainer"]
     assert sorted(p.stem for p in (PACKAGE / "data").glob("*.py")) == ["__init__", "dataset", "loader", "order",
-                                                                        "workers"]
+                                                                        "shard_cache", "workers"]
     tools = {p.stem for p in (PACKAGE / "tools").glob("*.py")} - {"__init__"}
     assert tools == {"demo", "evaluate", "export", "generate", "hf_tokenizer", "lm_eval_adapter", "load_checkpoint",
                      "plot", "study"}
