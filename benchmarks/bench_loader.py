@@ -36,15 +36,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slimpajama_train.data.dataset import TokenBlocks  # noqa: E402 - after the sys.path insert
-from slimpajama_train.data.order import BlockShuffledOrder, GlobalSampleOrder  # noqa: E402
+from slimpajama_train.data.order import sample_order  # noqa: E402
 
 # SlimPajama's token shares by source (the paper's table), for --simulate-shards.
 SLIMPAJAMA_SHARES = {"CommonCrawl": 0.522, "C4": 0.267, "GitHub": 0.052, "Book": 0.042, "ArXiv": 0.046,
                      "Wikipedia": 0.038, "StackExchange": 0.033}
-
-
-def make_order(name: str, counts: list[int], seed: int, k: int | None) -> GlobalSampleOrder | BlockShuffledOrder:
-    return GlobalSampleOrder(counts, seed) if name == "global" else BlockShuffledOrder(counts, seed, k)
 
 
 def shard_mix(shards: list[dict]) -> tuple[list[str], np.ndarray]:
@@ -169,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for name, k in [("global", None), *(("blocks", k) for k in ks)]:
         label = "global" if k is None else f"blocks_k{k}"
-        order = make_order(name, counts, a.seed, k)
+        order = sample_order(name, counts, a.seed, k or 1)
         n = min(a.samples, total)
         shard = shard_of(order, order.sample_ids(np.arange(start, start + n)))
         fetched = fetches(shard, cache, len(shards))

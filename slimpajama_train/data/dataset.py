@@ -13,9 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_prep.shard_format import MANIFEST, RecordLayout, ShardReader, load_manifest
-from slimpajama_train.data.order import BlockShuffledOrder, GlobalSampleOrder
-
-ORDERS = ("global", "blocks")
+from slimpajama_train.data.order import ORDERS, sample_order
 
 
 @dataclass
@@ -108,8 +106,7 @@ class TokenBlocks(Dataset):
         self.block_size = int(manifest["block_size"])
         self.max_open_shards = max_open_shards
         counts = [s["samples"] for s in shards]
-        self.order = (BlockShuffledOrder(counts, seed, block_shards, shuffle) if order == "blocks"
-                      else GlobalSampleOrder(counts, seed, shuffle))
+        self.order = sample_order(order, counts, seed, block_shards, shuffle)
         # Ids at or past the tokenizer's vocabulary are refused on read (0: no vocabulary recorded).
         self.vocab_size = int(vocab)
         check_shard_names(self.data_dir, [s["name"] for s in shards], self.manifest_path)

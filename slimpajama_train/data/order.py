@@ -123,7 +123,7 @@ class GlobalSampleOrder:
 _SHARDS_SALT, _BLOCK_SALT = 0x5B4A9D3C2E1F0A17, 0x2D6C8E4A1B3F5978
 
 
-class BlockShuffledOrder:
+class BlockShuffledOrder(GlobalSampleOrder):
     """``data.order=blocks``: the shards are permuted per (seed, epoch), cut into blocks of ``K``
     consecutive shards of that permutation, and the samples of each block are shuffled among
     themselves; an epoch reads the blocks one after the other. A loader then reads K shards at a
@@ -133,17 +133,15 @@ class BlockShuffledOrder:
 
     Memory: the permutation of one epoch and its sample prefix sums, two int64 per shard (1.2 MB at
     75k shards), computed for the epoch in use (each loader process keeps one); nothing per sample.
-    The shuffle within a block is a :class:`KeyedBijection` of its samples."""
+    The shuffle within a block is a :class:`KeyedBijection` of its samples. Sample ids, ``cum`` and
+    :meth:`locate` are the global order's."""
 
     def __init__(self, shard_samples: list[int], seed: int, block_shards: int, shuffle: bool = True) -> None:
         if block_shards < 1:
             raise ValueError(f"data.block_shards={block_shards}: must be >= 1")
-        self.samples = np.asarray(shard_samples, dtype=np.int64)
-        self.cum = np.concatenate([[0], np.cumsum(self.samples)]).astype(np.int64)
-        self.total = int(self.cum[-1])
-        if self.total == 0:
-            raise ValueError("the split has no samples")
-        self.seed, self.block_shards, self.shuffle = int(seed), int(block_shards), shuffle
+        super().__init__(shard_samples, seed, shuffle)
+        self.samples = np.diff(self.cum)
+        self.block_shards = int(block_shards)
         self._layout: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,6 +189,15 @@ class BlockShuffledOrder:
         at = int(np.searchsorted(starts, flat, side="right")) - 1
         return int(self.cum[shards[at]]) + flat - int(starts[at])
 
-    def locate(self, sample_id: int) -> tuple[int, int]:
-        shard = int(np.searchsorted(self.cum, sample_id, side="right")) - 1
-        return shard, sample_id - int(self.cum[shard])
+
+ORDERS = ("global", "blocks")
+
+
+def sample_order(name: str, shard_samples: list[int], seed: int, block_shards: int,
+                 shuffle: bool = True) -> GlobalSampleOrder:
+    """The order ``data.order`` names (``block_shards`` is read by ``blocks`` only)."""
+    if name not in ORDERS:
+        raise ValueError(f"data.order={name!r}: must be one of {', '.join(ORDERS)}")
+    if name == "blocks":
+        return BlockShuffledOrder(shard_samples, seed, block_shards, shuffle)
+    return GlobalSampleOrder(shard_samples, seed, shuffle)
