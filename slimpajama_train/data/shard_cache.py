@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 LOCKS, TMP = ".locks", ".tmp"
+# Written into a folder the cache starts in: eviction deletes files, so it only ever runs in a folder
+# that holds nothing but what a cache put there.
+MARKER = ".slimpajama_shard_cache"
 
 
 class ShardFetchError(RuntimeError):
@@ -70,7 +73,11 @@ class ShardCache:
         self.source = str(source).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.source)
         self.dir = Path(cache_dir)
+        if self.dir.is_dir() and any(self.dir.iterdir()) and not (self.dir / MARKER).is_file():
+            raise ValueError(f"{self.dir} holds files and is not a shard cache: the cache evicts (deletes) files in "
+                             "its folder, so name a new or empty folder for data.cache_dir")
         (self.dir / LOCKS).mkdir(parents=True, exist_ok=True)
+        (self.dir / MARKER).touch()
         (self.dir / TMP).mkdir(exist_ok=True)
         self.limit_bytes, self.retries, self.backoff_s = int(limit_bytes), int(retries), float(backoff_s)
         self._fetch_file = fetch or (lambda url, dest: self.fs.get_file(url, str(dest)))
@@ -170,7 +177,7 @@ class ShardCache:
         """(mtime, bytes, path) of every shard in the cache, least recently used first."""
         out = []
         for p in self.dir.iterdir():
-            if p.is_file():
+            if p.is_file() and p.name != MARKER:
                 st = p.stat()
                 out.append((st.st_mtime, st.st_size, p))
         return sorted(out)

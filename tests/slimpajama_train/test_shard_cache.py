@@ -133,3 +133,17 @@ def test_a_killed_fetch_leaves_no_shard_under_its_name_and_its_leftover_is_clear
     cache = ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000, backoff_s=0.01)
     assert cache.use(name, size, sha).read_bytes() == (tmp_path / "src" / name).read_bytes()
     assert not list((tmp_path / "cache/.tmp").iterdir())
+
+
+def test_a_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path):
+    """Eviction deletes files: a cache only starts in a new or empty folder, or one a cache made."""
+    shards = _source(tmp_path / "src")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a shard cache: .* new or empty folder"):
+        ShardCache(str(tmp_path / "src"), mine, limit_bytes=1)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    cache = ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000)
+    cache.use(*next(iter((n, *v) for n, v in shards.items())))
+    ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000)  # its own folder again: fine
