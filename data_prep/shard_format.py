@@ -220,11 +220,19 @@ class ShardReader:
         return state
 
 
-def load_manifest(data_dir: Path) -> dict[str, Any]:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path={str(data_dir)!r}: no {MANIFEST} there (run slimpajama-prep first)")
-    manifest = json.loads(path.read_text())
+def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of the shards at ``data_dir``: a local folder or an fsspec URL (``s3://…``)."""
+    from data_prep import storage
+
+    path = storage.join(data_dir, MANIFEST)
+    try:
+        text = storage.read_bytes(path).decode()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.path={str(data_dir)!r}: no {MANIFEST} there (run slimpajama-prep first)") \
+            from None
+    except OSError as e:
+        raise type(e)(f"data.path={str(data_dir)!r}: {e}") from None  # PermissionError stays one
+    manifest = json.loads(text)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
     return manifest

@@ -26,7 +26,7 @@ from slimpajama_train.backends.hardware import compile_problem
 from slimpajama_train.callbacks.base import Callback, ordered
 from slimpajama_train.checkpoint import Checkpointer, checkpoint_step, list_checkpoints
 from slimpajama_train.config import TrainConfig, config_hash, resolve_config
-from slimpajama_train.data.dataset import check_manifest, open_dataset
+from slimpajama_train.data.dataset import check_manifest, local_file, open_dataset
 from slimpajama_train.data.loader import train_loader, val_loader
 from slimpajama_train.data.workers import shut_down_workers, start_workers
 from slimpajama_train.distributed import (
@@ -167,7 +167,8 @@ class Trainer:
         self._window = LogWindow(self.dist.device, self.dist.world_size, self.grad_accum)
         self.summary: dict[str, Any] = {}
         self.callbacks = ordered(callbacks)
-        tokenizer = self.data_dir / self.manifest["tokenizer"]["file"]
+        tok = self.manifest["tokenizer"]
+        tokenizer = local_file(cfg.data, self.data_dir, tok["file"], tok["sha256"])
         self.checkpointer = Checkpointer(cfg.checkpoint, Path(cfg.checkpoint_dir), self.backend, self,
                                          extra_files=[tokenizer], log=self.log)
         self.checkpointer.resume()

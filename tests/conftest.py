@@ -129,6 +129,37 @@ def demo_shards(demo_corpus, tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "demo_shards", lambda out: run_prep(small_prep_config(demo_corpus, out)))
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (tests/helpers/s3_server.py), one per test process, stopped at the end."""
+    from tests.helpers.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto_server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 server's variables in this process's environment, for clients in the test process
+    (s3fs's cached clients dropped before and after: they keep the credentials they were made with)."""
+    import s3fs
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_demo_shards(s3_server, demo_shards) -> str:
+    """The demo shards uploaded once per test process to ``s3://demo/shards``; read-only (a test that
+    changes objects uploads its own copy)."""
+    s3_server.make_bucket("demo")
+    return s3_server.upload(demo_shards, "s3://demo/shards")
+
+
 def tiny_train_overrides(shards: Path, run_dir: Path, *extra: str, backend: str = "fsdp2", steps: int = 8) -> list[str]:
     """Hydra overrides for a tiny fp32 run (seconds on CPU) that evaluates and checkpoints every 4 steps."""
     return [

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from slimpajama_train.data.dataset import DataConfig, TokenBlocks
+from slimpajama_train.data.dataset import DataConfig, TokenBlocks, check_cache_fits
 from slimpajama_train.data.workers import ignore_preemption_signals, track_loader_workers, worker_start_slots
 
 
@@ -85,25 +85,26 @@ def _loader(ds: TokenBlocks, sampler: RankBatchSampler, collate_fn: Any, num_wor
     return track_loader_workers(loader)
 
 
-def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, start: int, global_batch: int, rank: int,
-                 world_size: int, pin_memory: bool = False) -> DataLoader:
+def train_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: str | Path, start: int, global_batch: int,
+                 rank: int, world_size: int, pin_memory: bool = False) -> DataLoader:
     """Infinite loader of this rank's micro-batches from position ``start``: each a (B, T+1) tensor
     of the stored token dtype (see :func:`to_device_batch`). ``pin_memory``: pinned host memory,
     for copies to a CUDA device (ignored without CUDA)."""
+    check_cache_fits(cfg, manifest, data_dir)
     ds = TokenBlocks(data_dir, manifest, "train", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards,
-                     order=cfg.order, block_shards=cfg.block_shards)
+                     order=cfg.order, block_shards=cfg.block_shards, cache=cfg.cache_spec())
     sampler = RankBatchSampler(start, global_batch, cfg.micro_batch_size, rank, world_size)
     return _loader(ds, sampler, _collate, cfg.num_workers, pin_memory)
 
 
-def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: Path, batches: int, global_batch: int, rank: int,
-               world_size: int, pin_memory: bool = False) -> DataLoader:
+def val_loader(cfg: DataConfig, manifest: dict[str, Any], data_dir: str | Path, batches: int, global_batch: int,
+               rank: int, world_size: int, pin_memory: bool = False) -> DataLoader:
     """(batch (B, T+1), source index (B,)) of the first ``batches`` global batches of the holdout split
     in a fixed shuffled order (seeded, so it draws from every source's shards): the same samples every
     evaluation and on any world size (each rank takes its slice of every global batch). Read by
     ``cfg.num_workers`` persistent workers, as training is; ``pin_memory`` as in :func:`train_loader`."""
     ds = TokenBlocks(data_dir, manifest, "val", cfg.seed, shuffle=True, max_open_shards=cfg.max_open_shards,
-                     with_source=True)
+                     with_source=True, cache=cfg.cache_spec())
     n = min(batches * global_batch, (len(ds) // global_batch) * global_batch)
     if n == 0:
         raise ValueError(f"{data_dir}: the val split has {len(ds)} samples, fewer than one global batch of "

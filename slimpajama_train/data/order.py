@@ -156,6 +156,11 @@ class BlockShuffledOrder(GlobalSampleOrder):
             self._layout = (epoch, shards, starts, blocks)
         return self._layout[1:]
 
+    def block_shards_of(self, epoch: int, block: int) -> np.ndarray:
+        """The shards of block ``block`` of epoch ``epoch`` (what a cache prefetches before the block)."""
+        shards, _, _ = self.epoch_layout(epoch)
+        return shards[block * self.block_shards:(block + 1) * self.block_shards]
+
     def sample_ids(self, positions: np.ndarray) -> np.ndarray:
         """The sample id (as :class:`GlobalSampleOrder` numbers them: shard by shard) at each position."""
         epoch, offset = np.divmod(np.asarray(positions, dtype=np.int64), self.total)

@@ -10,13 +10,15 @@ releases the shard, and eviction only takes shards whose lock it can get exclusi
 use is never evicted. Eviction is least recently used (a use touches the file's mtime) and runs
 after each fetch while the cache holds more than its limit.
 
-Not yet read by the loader (issue 22: the loader's remote path comes with it).
+A shard is kept under a name that carries the first 16 hex digits of its sha256
+(``<sha>-train-000001.tar``): prep writes shards of equal size (a fixed record size), so a dataset
+prepared again to the same URL has shards of the same names and sizes; with the digest in the name a
+cache never hands out a shard of an earlier preparation, whose files age out by LRU.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import threading
 import time
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from data_prep.storage import describe_error, file_sha256, filesystem
 
 LOCKS, TMP = ".locks", ".tmp"
 # Written into a folder the cache starts in: eviction deletes files, so it only ever runs in a folder
@@ -39,12 +43,11 @@ class CacheFullError(RuntimeError):
     """The shards in use fill the cache: nothing can be evicted for the one asked for."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _present(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -68,20 +71,21 @@ class ShardCache:
     def __init__(self, source: str, cache_dir: str | Path, limit_bytes: int, retries: int = 5,
                  backoff_s: float = 1.0, prefetch_threads: int = 2,
                  fetch: Callable[[str, Path], None] | None = None) -> None:
-        import fsspec
-
         self.source = str(source).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.source)
+        self.fs, self.root = filesystem(self.source)
         self.dir = Path(cache_dir)
         if self.dir.is_dir() and any(self.dir.iterdir()) and not (self.dir / MARKER).is_file():
             raise ValueError(f"{self.dir} holds files and is not a shard cache: the cache evicts (deletes) files in "
                              "its folder, so name a new or empty folder for data.cache_dir")
-        (self.dir / LOCKS).mkdir(parents=True, exist_ok=True)
+        # The marker before anything else: another process starting beside this one then never finds
+        # the folder holding files without it.
+        self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / MARKER).touch()
+        (self.dir / LOCKS).mkdir(exist_ok=True)
         (self.dir / TMP).mkdir(exist_ok=True)
         self.limit_bytes, self.retries, self.backoff_s = int(limit_bytes), int(retries), float(backoff_s)
         self._fetch_file = fetch or (lambda url, dest: self.fs.get_file(url, str(dest)))
-        self._pins: dict[str, int] = {}  # shard name -> fd of its lock file, held shared
+        self._pins: dict[str, int] = {}  # local name -> fd of its lock file, held shared
         self._mutex = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="shard-prefetch")
         self.fetched = 0  # shards this process fetched (the others found them in place)
@@ -89,42 +93,54 @@ class ShardCache:
     def url(self, name: str) -> str:
         return f"{self.source}/{name}"
 
+    @staticmethod
+    def local_name(name: str, sha256: str | None) -> str:
+        """The file name of shard ``name`` in the cache: its digest's first 16 hex digits in front."""
+        flat = name.replace("/", "__")  # a shard in a sub-folder of the data folder: one folder here
+        return f"{sha256[:16]}-{flat}" if sha256 else flat
+
     def _lock_fd(self, name: str) -> int:
         return os.open(self.dir / LOCKS / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
 
     def use(self, name: str, size: int, sha256: str | None) -> Path:
         """The local path of shard ``name`` (fetched if absent), pinned until :meth:`release`."""
+        local = self.dir / self.local_name(name, sha256)
         with self._mutex:
-            if name in self._pins:
-                os.utime(self.dir / name)
-                return self.dir / name
-        fd = self._lock_fd(name)
+            if local.name in self._pins:
+                os.utime(local)
+                return local
+        fd = self._lock_fd(local.name)
         try:
-            self._ensure(name, size, sha256, fd)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # from exclusive: not atomic, so look again
-            while not (self.dir / name).is_file():
+            # Shared first: a shard in place is used by many processes at once (every rank of the node
+            # reads the same block); only a missing one needs the exclusive lock, to fetch it.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            while not _present(local, size):
                 self._ensure(name, size, sha256, fd)
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                fcntl.flock(fd, fcntl.LOCK_SH)  # from exclusive: not atomic, so look again
         except BaseException:
             os.close(fd)
             raise
-        os.utime(self.dir / name)  # least recently used: by mtime
+        os.utime(local)  # least recently used: by mtime
         with self._mutex:
-            self._pins[name] = fd
-        return self.dir / name
+            self._pins[local.name] = fd
+        return local
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, sha256: str | None = None) -> None:
+        """Unpin shard ``name`` (as :meth:`use` was called for it)."""
         with self._mutex:
-            fd = self._pins.pop(name, None)
+            fd = self._pins.pop(self.local_name(name, sha256), None)
         if fd is not None:
             os.close(fd)  # drops the shared lock
 
     def prefetch(self, shards: list[tuple[str, int, str | None]]) -> list[Future]:
         """Fetch these (name, size, sha256) in the background, unpinned (eviction may take them again)."""
         def one(name: str, size: int, sha256: str | None) -> None:
-            fd = self._lock_fd(name)
+            local = self.dir / self.local_name(name, sha256)
+            fd = self._lock_fd(local.name)
             try:
-                self._ensure(name, size, sha256, fd)
+                fcntl.flock(fd, fcntl.LOCK_SH)  # in place (maybe in use elsewhere): nothing to do
+                if not _present(local, size):
+                    self._ensure(name, size, sha256, fd)
             finally:
                 os.close(fd)
 
@@ -132,21 +148,23 @@ class ShardCache:
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
-        for name in list(self._pins):
-            self.release(name)
+        with self._mutex:
+            fds, self._pins = list(self._pins.values()), {}
+        for fd in fds:
+            os.close(fd)
 
     # ---- fetching and eviction -----------------------------------------------------------------
     def _ensure(self, name: str, size: int, sha256: str | None, fd: int) -> None:
         """Under the shard's exclusive lock: fetch it unless it is in place, then evict down to the limit."""
         fcntl.flock(fd, fcntl.LOCK_EX)
-        final = self.dir / name
-        if final.is_file() and final.stat().st_size == size:
+        final = self.dir / self.local_name(name, sha256)
+        if _present(final, size):
             return
-        for stale in (self.dir / TMP).glob(f"{name}.*"):
+        for stale in (self.dir / TMP).glob(f"{final.name}.*"):
             if not _alive(int(stale.suffix[1:])):
                 stale.unlink(missing_ok=True)
-        self._make_room(size, keep=name)
-        tmp = self.dir / TMP / f"{name}.{os.getpid()}"
+        self._make_room(size, keep=final.name)
+        tmp = self.dir / TMP / f"{final.name}.{os.getpid()}"
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -156,11 +174,14 @@ class ShardCache:
                 got = tmp.stat().st_size
                 if got != size:
                     raise ShardFetchError(f"{self.url(name)}: {got} bytes fetched, the manifest says {size}")
-                if sha256 is not None and (digest := _sha256(tmp)) != sha256:
+                if sha256 is not None and (digest := file_sha256(tmp)) != sha256:
                     raise ShardFetchError(f"{self.url(name)}: sha256 {digest[:12]}…, the manifest says {sha256[:12]}…")
                 os.replace(tmp, final)
                 self.fetched += 1
                 return
+            except (FileNotFoundError, PermissionError) as e:  # retrying will not make it appear or let us in
+                tmp.unlink(missing_ok=True)
+                raise ShardFetchError(describe_error(self.url(name), e)) from e
             except OSError as e:
                 if e.errno == errno.ENOSPC:  # retrying will not make room
                     tmp.unlink(missing_ok=True)

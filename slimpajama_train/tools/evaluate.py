@@ -33,7 +33,7 @@ from data_prep.cli import add_debug_flag, cli_errors
 from data_prep.shard_format import MANIFEST, load_manifest
 from data_prep.tokenizer import file_sha256
 from slimpajama_train.callbacks.wandb_logger import WANDB_ID_FILE
-from slimpajama_train.data.dataset import DataConfig, TokenBlocks
+from slimpajama_train.data.dataset import DataConfig, TokenBlocks, local_file
 from slimpajama_train.data.loader import to_device_batch
 from slimpajama_train.model import ModelConfig, Transformer, lm_loss
 from slimpajama_train.tools.load_checkpoint import load_model, resolve_checkpoint
@@ -87,14 +87,15 @@ def model_tokenizer_sha256(model_dir: Path, meta: dict[str, Any], override: str 
                      "cannot be checked against the model's; pass --tokenizer FILE (the tokenizer it was trained with)")
 
 
-def load_tokenizer(model_dir: Path, meta: dict[str, Any], data_dir: Path | None,
+def load_tokenizer(model_dir: Path, meta: dict[str, Any], data_dir: str | None,
                    override: str | None) -> spm.SentencePieceProcessor:
     """The run's SentencePiece model: ``--tokenizer``, else the checkpoint's copy, else the data dir's.
     A checkpoint records the tokenizer's checksum; a different file is refused (its ids would mean
     other text)."""
     candidates = [Path(override)] if override else [model_dir / TOKENIZER_FILE]
     if not override and data_dir is not None:
-        candidates.append(data_dir / load_manifest(data_dir)["tokenizer"]["file"])
+        tok = load_manifest(data_dir)["tokenizer"]
+        candidates.append(local_file(DataConfig(path=data_dir), data_dir, tok["file"], tok["sha256"]))
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"no tokenizer: looked for {', '.join(map(str, candidates))}; pass --tokenizer")
@@ -135,18 +136,20 @@ class Progress:
 @torch.no_grad()
 def shard_perplexity(model: Transformer, data_dir: str | Path, split: str = "val", batch_size: int = 16,
                      max_batches: int | None = None, seed: int = DataConfig.seed,
-                     tokenizer_sha256: str | None = None, progress_stream: Any = None) -> dict[str, Any]:
+                     tokenizer_sha256: str | None = None, progress_stream: Any = None,
+                     cache_dir: str | None = None) -> dict[str, Any]:
     """Mean next-token loss and perplexity over a split of prepared shards, overall and per source
     (where a shard holds one source, as prep writes validation shards), with the tokens behind each.
 
     The loss is the trainer's (``lm_loss(..., per_sample=True)``), so ``loss`` matches its ``val_loss``
     on the same samples. Samples are read in the split's seeded shuffled order, so ``max_batches``
     draws from every source, not from the first shard only. Progress goes to ``progress_stream``
-    (stderr by default; see :class:`Progress`).
+    (stderr by default; see :class:`Progress`). ``data_dir`` may be a URL: its shards are read
+    through the shard cache in ``cache_dir`` (default as ``data.cache_dir``'s).
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"--max-batches={max_batches}: must be >= 1 (omit it to score the whole split)")
-    data_dir = Path(data_dir)
+    data_dir = str(data_dir)
     manifest = load_manifest(data_dir)
     theirs = manifest["tokenizer"]["sha256"]
     if tokenizer_sha256 and theirs != tokenizer_sha256:
@@ -155,7 +158,8 @@ def shard_perplexity(model: Transformer, data_dir: str | Path, split: str = "val
     if manifest["seq_len"] > model.cfg.max_seq_len:
         raise ValueError(f"{data_dir}: samples of {manifest['seq_len']} tokens exceed model.max_seq_len="
                          f"{model.cfg.max_seq_len}")
-    ds = TokenBlocks(data_dir, manifest, split, seed, shuffle=True, with_source=True)
+    ds = TokenBlocks(data_dir, manifest, split, seed, shuffle=True, with_source=True,
+                     cache=DataConfig(path=data_dir, cache_dir=cache_dir).cache_spec())
     n = len(ds) if max_batches is None else min(len(ds), max_batches * batch_size)
     device = next(model.parameters()).device
     k = len(ds.sources)
@@ -301,7 +305,9 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Score a slimpajama_train checkpoint: shard perplexity and lm-eval tasks.")
     p.add_argument("checkpoint", help="checkpoint dir, its checkpoints/ root, the run dir (latest), or an export")
-    p.add_argument("--data", help="prepared shard dir (manifest.json) for perplexity")
+    p.add_argument("--data", help="prepared shard dir (manifest.json) for perplexity: a path or a URL (s3://…)")
+    p.add_argument("--cache-dir", help="node-local folder for shards fetched from a URL --data (default: "
+                                       "$TMPDIR/slimpajama_shard_cache)")
     p.add_argument("--split", default="val", help="split of --data to score (default: val)")
     p.add_argument("--max-batches", type=int, help="perplexity over at most this many batches (default: all)")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks or groups, e.g. arc_easy,hellaswag")
@@ -339,9 +345,10 @@ def evaluate(a: argparse.Namespace) -> dict[str, Any]:
     if a.data:
         seed = meta.get("config", {}).get("data", {}).get("seed", DataConfig.seed)
         results["perplexity"] = shard_perplexity(model, a.data, a.split, a.batch_size, a.max_batches, seed,
-                                                 model_tokenizer_sha256(model_dir, meta, a.tokenizer))
+                                                 model_tokenizer_sha256(model_dir, meta, a.tokenizer),
+                                                 cache_dir=a.cache_dir)
     if a.tasks:
-        sp = load_tokenizer(model_dir, meta, Path(a.data) if a.data else None, a.tokenizer)
+        sp = load_tokenizer(model_dir, meta, a.data, a.tokenizer)
         tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
         results["lm_eval"] = run_lm_eval(model, sp, tasks, a.include_path, a.batch_size, a.limit, a.num_fewshot,
                                          a.device, a.seed)

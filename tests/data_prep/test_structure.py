@@ -51,10 +51,10 @@ def test_one_declarative_stage_list():
                                                 "tokenize", "plan", "write", "report"} for s in STAGES)
 
 
-def test_a_trainer_start_loads_the_shard_format_and_the_cli_conventions_only():
+def test_a_trainer_start_loads_the_shard_format_storage_and_cli_conventions_only():
     """A trainer start (``slimpajama-train --cfg job``: the import, Hydra's composition, the config
-    check) loads, of ``data_prep``, the shard format and the shared error/CLI conventions (standard
-    library only), not the prep pipeline: no dedup, tokenizer or SentencePiece. Before the layout
+    check) loads, of ``data_prep``, the shard format, the storage locations and the shared error/CLI
+    conventions (standard library only; fsspec when a URL is read), not the prep pipeline: no dedup, tokenizer or SentencePiece. Before the layout
     change it loaded 12 ``data_prep`` modules and SentencePiece (``conf_dir`` sat in ``data_prep.config``)."""
     code = ("import atexit, runpy, sys\n"
             "def report():\n"
@@ -68,7 +68,7 @@ def test_a_trainer_start_loads_the_shard_format_and_the_cli_conventions_only():
     assert out.returncode == 0, out.stderr
     assert "max_steps" in out.stdout  # the job's config was composed and printed
     prep_modules, heavy = out.stderr.strip().splitlines()[-2:]
-    assert prep_modules == "['data_prep', 'data_prep.cli', 'data_prep.shard_format']"
+    assert prep_modules == "['data_prep', 'data_prep.cli', 'data_prep.shard_format', 'data_prep.storage']"
     assert heavy == "[]"
 
 

@@ -21,6 +21,11 @@ def _source(root: Path, n: int = 4, size: int = 1000) -> dict[str, tuple[int, st
     return shards
 
 
+def _cached(cache: ShardCache) -> list[str]:
+    """The shard names in the cache (their files carry a digest prefix: ``<sha16>-<name>``)."""
+    return sorted(p.name.split("-", 1)[1] for _, _, p in cache.cached())
+
+
 def _slow_fetch(url: str, dest: Path) -> None:
     time.sleep(0.3)  # a download takes a while: the others ask meanwhile
     dest.write_bytes(Path(url).read_bytes())
@@ -57,8 +62,8 @@ def test_a_truncated_or_corrupt_shard_is_retried_then_refused_naming_the_url(tmp
         cache.use(name, size + 1, sha)  # the manifest's size differs: the object is truncated or replaced
     with pytest.raises(ShardFetchError, match="sha256"):
         cache.use(name, size, "0" * 64)
-    assert not (tmp_path / "cache" / name).exists() and not list((tmp_path / "cache/.tmp").iterdir())
-    with pytest.raises(ShardFetchError, match="no_such.tar"):
+    assert _cached(cache) == [] and not list((tmp_path / "cache/.tmp").iterdir())
+    with pytest.raises(ShardFetchError, match="no_such.tar does not exist"):
         cache.use("no_such.tar", 10, None)
 
 
@@ -85,15 +90,15 @@ def test_least_recently_used_is_evicted_but_never_a_shard_in_use(tmp_path):
     a, b, c, d = (name for name, _ in items)
     cache.use(a, *shards[a])  # pinned
     cache.use(b, *shards[b])
-    cache.release(b)
-    os.utime(tmp_path / "cache" / b, (1, 1))  # b: least recently used
+    cache.release(b, shards[b][1])
+    os.utime(tmp_path / "cache" / ShardCache.local_name(b, shards[b][1]), (1, 1))  # b: least recently used
     cache.use(c, *shards[c])  # 3000 > 2500: b goes, a (older but pinned) stays
-    assert sorted(p.name for _, _, p in cache.cached()) == sorted([a, c])
+    assert _cached(cache) == sorted([a, c])
     with pytest.raises(CacheFullError, match="data.cache_limit_gb"):
         cache.use(d, *shards[d])  # a and c in use fill the cache
-    cache.release(c)
+    cache.release(c, shards[c][1])
     cache.use(d, *shards[d])
-    assert sorted(p.name for _, _, p in cache.cached()) == sorted([a, d])
+    assert _cached(cache) == sorted([a, d])
 
 
 def test_prefetch_fills_the_cache_in_the_background(tmp_path):
@@ -101,7 +106,7 @@ def test_prefetch_fills_the_cache_in_the_background(tmp_path):
     cache = ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000, backoff_s=0.01)
     for f in cache.prefetch([(n, *v) for n, v in shards.items()]):
         f.result(timeout=30)
-    assert cache.fetched == 3 and sorted(p.name for _, _, p in cache.cached()) == sorted(shards)
+    assert cache.fetched == 3 and _cached(cache) == sorted(shards)
     cache.use(*next(iter((n, *v) for n, v in shards.items())))
     assert cache.fetched == 3  # found in place
     cache.close()
@@ -124,12 +129,12 @@ def test_a_killed_fetch_leaves_no_shard_under_its_name_and_its_leftover_is_clear
     p = ctx.Process(target=killed_mid_fetch)
     p.start()
     deadline = time.monotonic() + 30
-    while not list((tmp_path / "cache/.tmp").glob(f"{name}.*")) and time.monotonic() < deadline:
+    while not list((tmp_path / "cache/.tmp").glob(f"*{name}.*")) and time.monotonic() < deadline:
         time.sleep(0.02)
     p.kill()
     p.join()
-    assert [t.name for t in (tmp_path / "cache/.tmp").iterdir()] == [f"{name}.{p.pid}"]
-    assert not (tmp_path / "cache" / name).exists()
+    assert [t.name for t in (tmp_path / "cache/.tmp").iterdir()] == [f"{ShardCache.local_name(name, sha)}.{p.pid}"]
+    assert not (tmp_path / "cache" / ShardCache.local_name(name, sha)).exists()
     cache = ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000, backoff_s=0.01)
     assert cache.use(name, size, sha).read_bytes() == (tmp_path / "src" / name).read_bytes()
     assert not list((tmp_path / "cache/.tmp").iterdir())
@@ -147,3 +152,41 @@ def test_a_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path):
     cache = ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000)
     cache.use(*next(iter((n, *v) for n, v in shards.items())))
     ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000)  # its own folder again: fine
+
+
+def test_a_shard_prepared_again_with_the_same_name_and_size_is_fetched_again(tmp_path):
+    """Prep's shards all have one size (a fixed record size): a dataset prepared again to the same
+    location has the same names and sizes, so a cache keyed by name and size would hand out the old
+    bytes. The digest in the cached name makes it fetch the new shard."""
+    shards = _source(tmp_path / "src", n=1)
+    name, (size, sha) = next(iter(shards.items()))
+    cache = ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000, backoff_s=0.01)
+    old = cache.use(name, size, sha).read_bytes()
+    cache.release(name, sha)
+    new = bytes(255 - b for b in old)
+    (tmp_path / "src" / name).write_bytes(new)
+    assert cache.use(name, size, hashlib.sha256(new).hexdigest()).read_bytes() == new
+    assert cache.fetched == 2
+
+
+def test_a_shard_in_use_by_one_process_is_used_by_another_at_once(tmp_path):
+    """Every rank of a node reads the same block: a shard another process holds (its shared pin)
+    is handed out at once, not after that process lets it go (two caches on one folder stand for two
+    processes: flock locks belong to each open of the lock file)."""
+    import threading
+
+    shards = _source(tmp_path / "src", n=1)
+    name, (size, sha) = next(iter(shards.items()))
+    first = ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000, backoff_s=0.01)
+    second = ShardCache(str(tmp_path / "src"), tmp_path / "cache", limit_bytes=10_000, backoff_s=0.01)
+    first.use(name, size, sha)  # pinned, shared
+    got = []
+    t = threading.Thread(target=lambda: got.append(second.use(name, size, sha)), daemon=True)
+    t.start()
+    t.join(10)
+    assert got and not t.is_alive(), "the second process waited for the first to release the shard"
+    prefetched = second.prefetch([(name, size, sha)])[0]
+    prefetched.result(timeout=10)  # in place: the prefetch does not wait for the pins either
+    assert first.fetched + second.fetched == 1
+    first.close()
+    second.close()

@@ -1,0 +1,124 @@
+"""Locations that are either local paths or fsspec URLs (``s3://``, ``gs://``, ``az://``, ...).
+
+Everything that takes a data, prep-output or checkpoint location goes through here, so that one
+rule says what is remote and one place turns a client's exception into a message that names the URL
+and the setting to fix. Credentials are never part of a location: they come from the client's own
+environment and config files (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_PROFILE``,
+``~/.aws``; ``GOOGLE_APPLICATION_CREDENTIALS``; ``AZURE_STORAGE_*``), as every tool of those clouds
+reads them, and an S3-compatible endpoint from ``AWS_ENDPOINT_URL``. A URL that carries a secret
+(``s3://KEY:SECRET@bucket``) is refused, so a location can be logged and written to ``config.json``
+as it is.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+from pathlib import Path
+from typing import Any
+
+# "scheme://": a protocol fsspec resolves. file:// and local:// are local paths.
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_LOCAL_PROTOCOLS = ("file", "local")
+
+
+def protocol(location: str | os.PathLike) -> str | None:
+    """The URL scheme of ``location`` (``s3``, ``gs``, ...), or None for a local path."""
+    m = _URL.match(str(location))
+    return m.group(1).lower() if m else None
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for an fsspec URL of anything but the local filesystem."""
+    p = protocol(location)
+    return p is not None and p not in _LOCAL_PROTOCOLS
+
+
+def check_location(location: str | os.PathLike, key: str) -> str:
+    """``location`` as a string, refused (naming ``key``) if it embeds credentials."""
+    text = str(location)
+    if is_remote(text) and "@" in text.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(f"{key}: a URL with credentials in it ({protocol(text)}://…@…) would be logged and saved in "
+                         "config.json; give them through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                         "AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*) instead")
+    return text
+
+
+def join(location: str | os.PathLike, *names: str) -> str:
+    """``location/names...``: ``/``-joined for a URL (``Path`` would fold ``s3://`` into ``s3:/``)."""
+    text = str(location)
+    if protocol(text) is None:
+        return str(Path(text, *names))
+    return posixpath.join(text.rstrip("/"), *names)
+
+
+def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for ``location``; a clear error when the protocol's client
+    package is not installed."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(str(location))
+    except ImportError as e:
+        raise ImportError(f"{location}: reading {protocol(location)}:// needs a client package that is not installed "
+                          f"({e}); e.g. pip install 'slimpajama-pipeline[gcs]' for gs://, "
+                          "'slimpajama-pipeline[azure]' for az://") from None
+
+
+def describe_error(location: str, exc: BaseException) -> str:
+    """What went wrong reading or writing ``location``, in words a user can act on."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{location} does not exist"
+    if isinstance(exc, PermissionError):
+        return (f"{location}: access denied ({exc}); check the credentials in the environment "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE; AWS_ENDPOINT_URL for an S3-compatible store)")
+    return f"{location}: {type(exc).__name__}: {exc}"
+
+
+def exists(location: str | os.PathLike) -> bool:
+    if not is_remote(location):
+        return Path(str(location).removeprefix("file://")).exists()
+    fs, path = filesystem(location)
+    return fs.exists(path)
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    """The whole object or file at ``location``; raises ``FileNotFoundError``/``PermissionError``/
+    ``OSError`` with :func:`describe_error`'s message."""
+    if not is_remote(location):
+        return Path(str(location).removeprefix("file://")).read_bytes()
+    fs, path = filesystem(location)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(describe_error(str(location), e)) from None
+    except PermissionError as e:
+        raise PermissionError(describe_error(str(location), e)) from None
+    except OSError as e:
+        raise OSError(describe_error(str(location), e)) from e
+
+
+def fetch_file(location: str, dest: Path, sha256: str | None = None) -> Path:
+    """Copy the object at ``location`` to ``dest`` (a temporary name, then a rename: a reader of
+    ``dest`` never sees part of it), checking ``sha256`` when given. Kept if already in place with
+    that checksum."""
+    dest = Path(dest)
+    if dest.is_file() and (sha256 is None or file_sha256(dest) == sha256):
+        return dest
+    data = read_bytes(location)
+    if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256:
+        raise ValueError(f"{location}: sha256 {got[:12]}…, expected {sha256[:12]}… (changed since it was recorded)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
