@@ -1,6 +1,8 @@
 """What each sample order costs the loader and how well it mixes batches, measured in one run.
 
     python benchmarks/bench_loader.py --data data/demo_shards [--ks 1,4,16,64] [--samples 4096]
+    python benchmarks/bench_loader.py --data data/demo_shards --moto   # also from a local S3 server
+    python benchmarks/bench_loader.py --data /local/copy --url s3://bucket/shards   # your store
     python benchmarks/bench_loader.py --simulate-shards 75000 [--samples-per-shard 4096]
 
 For ``data.order=global`` and ``data.order=blocks`` with each K of ``--ks``:
@@ -9,6 +11,11 @@ For ``data.order=global`` and ``data.order=blocks`` with each K of ``--ks``:
   ``--samples`` consecutive positions of the order through ``TokenBlocks`` (an LRU of
   ``--max-open-shards`` open files, as a loader worker does): samples/s, shard opens per 1,000
   samples, bytes read per byte consumed (``os.pread`` counted, the per-open header reads included).
+- **Object storage** (``--url``, or ``--moto``: ``--data`` uploaded to moto's S3 server on
+  127.0.0.1): the same positions read through ``TokenBlocks`` from the URL via a cold node cache
+  (``ShardCache``) of ``--cache-shards`` shards, the next block prefetched as in training: samples/s
+  with the fetches, whole-shard requests per 1,000 samples, bytes fetched per byte consumed, and the
+  cache hit rate (shard uses that found the shard in place).
 - **Whole-shard fetches** (what object storage asks: a shard is fetched whole into a node's cache,
   evicted least-recently-used): the same positions' shards through an LRU of ``--cache-shards``
   shards, counting fetches: requests per 1,000 samples, bytes fetched per byte consumed, hit rate,
@@ -27,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -35,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slimpajama_train.data.dataset import TokenBlocks  # noqa: E402 - after the sys.path insert
+from slimpajama_train.data.dataset import CacheSpec, TokenBlocks  # noqa: E402 - after the sys.path insert
 from slimpajama_train.data.order import sample_order  # noqa: E402
 
 # SlimPajama's token shares by source (the paper's table), for --simulate-shards.
@@ -130,9 +139,35 @@ def local_read(data: Path, manifest: dict, name: str, k: int | None, seed: int, 
             "bytes_read_per_byte": counted["bytes"] / consumed}
 
 
+def remote_read(url: str, manifest: dict, name: str, k: int | None, seed: int, samples: int, max_open: int,
+                cache_dir: Path, cache_shards: int) -> dict:
+    """Read ``samples`` positions through TokenBlocks from ``url`` via a cold node cache of
+    ``cache_shards`` of the largest shards (the next block prefetched in the blocks order, as in
+    training): samples/s with the fetches, whole-shard requests per 1,000 samples, bytes fetched per
+    byte consumed, and the share of shard uses that found the shard in the cache."""
+    shards = manifest["splits"]["train"]["shards"]
+    limit = cache_shards * max(s["bytes"] for s in shards)
+    spec = CacheSpec(str(cache_dir / f"{name}_{k}"), limit, retries=5, backoff_s=0.5)
+    ds = TokenBlocks(url, manifest, "train", seed, shuffle=True, max_open_shards=max_open, order=name,
+                     block_shards=k or 1, cache=spec)
+    consumed = 0
+    t0 = time.perf_counter()
+    for p in range(samples):
+        consumed += ds[p].numel() * ds.dtype.itemsize
+    dt = time.perf_counter() - t0
+    cache = ds._shard_cache()
+    ds.close()  # waits for the prefetches in flight: their fetches count
+    return {"remote_samples_per_s": samples / dt, "remote_requests_per_1k": 1000 * cache.fetched / samples,
+            "remote_fetched_bytes_per_byte": cache.fetched_bytes / consumed,
+            "remote_cache_hit_rate": cache.hits / max(cache.uses, 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="a folder of shards with manifest.json (slimpajama-prep's output)")
+    p.add_argument("--url", default=None, help="the same shards at an fsspec URL (s3://…): also read through a cache")
+    p.add_argument("--moto", action="store_true", help="upload --data to a local S3 server (moto) and use it as --url")
+    p.add_argument("--cache-dir", default=None, help="with --url: the cache folders (default: a temporary one)")
     p.add_argument("--simulate-shards", type=int, default=0, help="no files: this many simulated shards")
     p.add_argument("--samples-per-shard", type=int, default=4096, help="with --simulate-shards")
     p.add_argument("--ks", default="1,4,16,64", help="block sizes (shards) of the blocks order")
@@ -146,7 +181,18 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if bool(a.data) == bool(a.simulate_shards):
         p.error("give one of --data or --simulate-shards")
+    if (a.url or a.moto) and not a.data:
+        p.error("--url and --moto need --data (the local copy: its reads are the baseline)")
     ks = [int(k) for k in a.ks.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    server = None
+    if a.moto:
+        from tests.helpers.s3_server import S3Server
+
+        server = S3Server(tmp / "moto_server.log")
+        os.environ.update(server.env)
+        server.make_bucket("bench")
+        a.url = server.upload(Path(a.data), "s3://bench/shards")
     if a.data:
         data = Path(a.data)
         manifest = json.loads((data / "manifest.json").read_text())
@@ -180,8 +226,18 @@ def main(argv: list[str] | None = None) -> dict:
                **mixing(order, mix, start, n, a.global_batch)}
         if data is not None:
             row.update(local_read(data, manifest, name, k, a.seed, n, a.max_open_shards))
+        if a.url:
+            # The global order pins up to max_open_shards shards per process: no more than half the cache.
+            # It fetches on most reads: 512 positions give its per-1,000 figures (minutes saved on a slow store).
+            max_open = a.max_open_shards if k else min(a.max_open_shards, max(1, cache // 2))
+            row.update(remote_read(a.url, manifest, name, k, a.seed, n if k else min(n, 512), max_open,
+                                   Path(a.cache_dir) if a.cache_dir else tmp / "cache", cache))
         rows[label] = row
-    cols = ["samples_per_s", "opens_per_1k", "bytes_read_per_byte", "requests_per_1k", "fetched_bytes_per_byte",
+    if server is not None:
+        server.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+    cols = ["samples_per_s", "opens_per_1k", "bytes_read_per_byte", "remote_samples_per_s", "remote_requests_per_1k",
+            "remote_fetched_bytes_per_byte", "remote_cache_hit_rate", "requests_per_1k", "fetched_bytes_per_byte",
             "cache_hit_rate", "fetches_per_shard_epoch_mean", "source_share_dev_mean", "source_share_dev_max",
             "distinct_shards_per_batch", "position_shard_rank_corr"]
     cols = [c for c in cols if c in next(iter(rows.values()))]
@@ -190,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'order':<12}" + "".join(f"{c[:14]:>15}" for c in cols))
     for label, row in rows.items():
         print(f"{label:<12}" + "".join(f"{row[c]:>15.3f}" for c in cols))
-    result = {"data": str(data) if data else None, "shards": len(shards), "samples": total, "read": a.samples,
-              "global_batch": a.global_batch, "cache_shards": cache, "max_open_shards": a.max_open_shards,
-              "ks": ks, "orders": rows}
+    result = {"data": str(data) if data else None, "url": a.url, "shards": len(shards), "samples": total,
+              "read": a.samples, "global_batch": a.global_batch, "cache_shards": cache,
+              "max_open_shards": a.max_open_shards, "ks": ks, "orders": rows}
     print(json.dumps(result))
     return result
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from data_prep import storage
 from data_prep.dedup_core import DedupConfig
 from data_prep.filters import QualityConfig
 from data_prep.mixture import MixtureConfig
@@ -145,6 +146,12 @@ class PrepConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("prep.inputs is empty: give at least one glob or directory")
+        for key, where in (("output_dir", self.output_dir), ("input_root", self.input_root),
+                           *((f"inputs[{i}]", x) for i, x in enumerate(self.inputs))):
+            if where is not None and storage.is_remote(where):
+                raise ValueError(f"{key}={where}: prep reads and writes local or shared paths (object storage not yet "
+                                 "supported); copy the inputs down first and upload output_dir after (aws s3 sync): "
+                                 "training reads shards from a URL")
         if self.seq_len < 1:
             raise ValueError(f"seq_len={self.seq_len}: must be >= 1")
         if self.samples_per_shard < 1:

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from data_prep import storage
 from slimpajama_train.backends.base import BackendConfig
 from slimpajama_train.callbacks.config import LoggerConfig
 from slimpajama_train.checkpoint import CheckpointConfig
@@ -88,6 +89,12 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
+        for key, where in (("run_dir", self.run_dir), ("checkpoint.dir", self.checkpoint.dir),
+                           ("resume_from", self.resume_from), ("checkpoint.resume", self.checkpoint.resume)):
+            if where is not None and storage.is_remote(where):
+                raise ValueError(f"{key}={where}: checkpoints and run folders on object storage are not supported yet "
+                                 "(data.path may be a URL); give a local or shared path and copy it to the bucket "
+                                 "after the run (aws s3 sync, gsutil rsync)")
         if self.checkpoint.async_save and self.backend.name != "fsdp2":
             raise ValueError("checkpoint.async_save=true needs backend=fsdp2 "
                              "(DeepSpeed writes its own format synchronously)")

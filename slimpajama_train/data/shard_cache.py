@@ -89,6 +89,8 @@ class ShardCache:
         self._mutex = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="shard-prefetch")
         self.fetched = 0  # shards this process fetched (the others found them in place)
+        self.fetched_bytes = 0
+        self.uses = self.hits = 0  # use() calls, and those that found the shard in place (fetched or prefetched)
 
     def url(self, name: str) -> str:
         return f"{self.source}/{name}"
@@ -114,6 +116,8 @@ class ShardCache:
             # Shared first: a shard in place is used by many processes at once (every rank of the node
             # reads the same block); only a missing one needs the exclusive lock, to fetch it.
             fcntl.flock(fd, fcntl.LOCK_SH)
+            self.uses += 1
+            self.hits += _present(local, size)
             while not _present(local, size):
                 self._ensure(name, size, sha256, fd)
                 fcntl.flock(fd, fcntl.LOCK_SH)  # from exclusive: not atomic, so look again
@@ -177,7 +181,9 @@ class ShardCache:
                 if sha256 is not None and (digest := file_sha256(tmp)) != sha256:
                     raise ShardFetchError(f"{self.url(name)}: sha256 {digest[:12]}…, the manifest says {sha256[:12]}…")
                 os.replace(tmp, final)
-                self.fetched += 1
+                with self._mutex:  # prefetch threads count too
+                    self.fetched += 1
+                    self.fetched_bytes += size
                 return
             except (FileNotFoundError, PermissionError) as e:  # retrying will not make it appear or let us in
                 tmp.unlink(missing_ok=True)

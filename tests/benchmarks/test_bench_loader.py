@@ -49,3 +49,21 @@ def test_bench_loader_simulates_a_split_without_files():
     assert rows["global"]["cache_hit_rate"] < 0.2  # a random sample of 600 shards rarely sits in a 32-shard cache
     # single-source shards: 16 shards per block mix sources worse than the global order
     assert rows["blocks_k16"]["source_share_dev_mean"] > rows["global"]["source_share_dev_mean"]
+
+
+def test_bench_loader_through_a_local_s3_server(demo_shards):
+    """--moto: the demo shards uploaded to moto's S3 server and read back through a cold 12-shard node
+    cache: the blocks order (K=4, three blocks) fetches each shard about once; the global order, whose
+    reads land on any of the 33 shards, fetches on most of them."""
+    out = _bench("--data", str(demo_shards), "--moto", "--ks", "4", "--samples", "2048", "--cache-shards", "12",
+                 "--global-batch", "32")
+    rows = out["orders"]
+    assert out["url"] == "s3://bench/shards"
+    remote = {"remote_samples_per_s", "remote_requests_per_1k", "remote_fetched_bytes_per_byte",
+              "remote_cache_hit_rate"}
+    assert all(remote <= set(row) for row in rows.values())
+    blocks, glob = rows["blocks_k4"], rows["global"]
+    # 2048 samples = 8 shards of ~256 (2 blocks), and the third block prefetched: 12 requests, 5.9 per 1,000
+    assert blocks["remote_requests_per_1k"] <= 1000 * 12 / 2048 + 1e-9
+    assert blocks["remote_cache_hit_rate"] > 0.4  # block 1 was prefetched while block 0 was read
+    assert glob["remote_requests_per_1k"] > 20 * blocks["remote_requests_per_1k"]

@@ -54,8 +54,9 @@ def test_one_declarative_stage_list():
 def test_a_trainer_start_loads_the_shard_format_storage_and_cli_conventions_only():
     """A trainer start (``slimpajama-train --cfg job``: the import, Hydra's composition, the config
     check) loads, of ``data_prep``, the shard format, the storage locations and the shared error/CLI
-    conventions (standard library only; fsspec when a URL is read), not the prep pipeline: no dedup, tokenizer or SentencePiece. Before the layout
-    change it loaded 12 ``data_prep`` modules and SentencePiece (``conf_dir`` sat in ``data_prep.config``)."""
+    conventions (standard library only; fsspec when a URL is read), not the prep pipeline: no dedup,
+    tokenizer or SentencePiece. Before the layout change it loaded 12 ``data_prep`` modules and
+    SentencePiece (``conf_dir`` sat in ``data_prep.config``)."""
     code = ("import atexit, runpy, sys\n"
             "def report():\n"
             "    print(sorted(m for m in sys.modules if m.startswith('data_prep')), file=sys.stderr)\n"

@@ -125,10 +125,12 @@ def test_in_blocks_order_a_node_fetches_each_shard_at_most_1_1_times_per_epoch(d
     fetched = {}
     for order in ("blocks", "global"):
         spec = CacheSpec(str(tmp_path / f"cache_{order}"), limit, retries=0, backoff_s=0.0)
+        # 16 open shards per process (the default) in the blocks order, where 12 fill the cache: each
+        # process lets go of a block's shards when it enters the next. The global order keeps 4.
         ranks = [TokenBlocks(demo_shards, manifest, "train", seed=5, shuffle=True, order=order, block_shards=4,
-                             max_open_shards=4, cache=spec) for _ in range(2)]
-        G, epochs = 32, 3 if order == "blocks" else 1  # the global order: one epoch shows it
-        for b in range(epochs * len(ranks[0]) // G):
+                             max_open_shards=16 if order == "blocks" else 4, cache=spec) for _ in range(2)]
+        G, epochs = 32, 3 if order == "blocks" else 0.125  # the global order: an eighth of an epoch shows it
+        for b in range(int(epochs * len(ranks[0])) // G):
             for r, ds in enumerate(ranks):
                 for p in range(b * G + r * G // 2, b * G + (r + 1) * G // 2):
                     ds[p]
@@ -137,7 +139,7 @@ def test_in_blocks_order_a_node_fetches_each_shard_at_most_1_1_times_per_epoch(d
             ds.close()
     print(f"fetches per shard per epoch: {json.dumps(fetched)}")
     assert fetched["blocks"] <= 1.1
-    assert fetched["global"] > 5 * fetched["blocks"]
+    assert fetched["global"] > 20 * fetched["blocks"]
 
 
 
@@ -176,3 +178,20 @@ def test_training_from_a_bucket_resumes_bitwise_after_sigterm_and_records_no_cre
                                str(tmp_path / "eval_cache")])
             scores[where] = evaluate(args)["perplexity"]["loss"]
     assert scores[s3_demo_shards] == scores[str(demo_shards)]
+
+
+def test_locations_that_cannot_be_urls_yet_are_refused_with_what_to_do():
+    """Checkpoints and prep on object storage are not built yet: a URL there is refused by name, not
+    turned into a local folder called ``s3:`` (``Path`` folds ``s3://b`` into ``s3:/b``)."""
+    from data_prep.config import PrepConfig
+    from slimpajama_train.checkpoint import CheckpointConfig
+    from slimpajama_train.config import TrainConfig
+
+    for kwargs, key in (({"run_dir": "s3://b/run"}, "run_dir"),
+                        ({"checkpoint": CheckpointConfig(dir="gs://b/ckpt")}, "checkpoint.dir"),
+                        ({"resume_from": "s3://b/run/checkpoints/step_00000004"}, "resume_from")):
+        with pytest.raises(ValueError, match=rf"{key}=.*not supported yet.*local or shared path"):
+            TrainConfig(**kwargs)
+    for kwargs, key in (({"output_dir": "s3://b/shards"}, "output_dir"), ({"inputs": ["s3://b/raw"]}, r"inputs\[0\]")):
+        with pytest.raises(ValueError, match=rf"{key}=.*object storage not yet supported"):
+            PrepConfig(**kwargs)
