@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from data_prep import storage
@@ -28,8 +29,12 @@ class RunConfig:
         bucket_memory_mb: a buckets task reads its shard in as many passes as keep its band records
             under this (the result does not depend on it).
         input_fingerprint: how a clean task tells whether its input files changed since it ran:
-            ``stat`` (path, size and modification time; one stat per file) or ``content`` (size and
-            sha256 of the bytes: a full read, for file systems whose mtimes cannot be trusted).
+            ``stat`` (path, size and modification time; one stat per file; an object's size and ETag)
+            or ``content`` (size and sha256 of the bytes: a full read, for file systems whose mtimes
+            cannot be trusted).
+        local_dir: with an ``output_dir`` URL (``s3://…``): the local or shared folder where the work
+            files and the outputs are written before upload. Each shard is uploaded when written
+            and then removed here; the other outputs follow at the end and ``manifest.json`` last.
     """
 
     num_tasks: int = 1
@@ -39,8 +44,12 @@ class RunConfig:
     force: bool = False
     bucket_memory_mb: int = 2048
     input_fingerprint: str = "stat"
+    local_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.local_dir is not None and storage.is_remote(self.local_dir):
+            raise ValueError(f"prep.run.local_dir={self.local_dir}: must be a local or shared path (the work files "
+                             "are read and written in place)")
         if self.input_fingerprint not in ("stat", "content"):
             raise ValueError(f"prep.run.input_fingerprint={self.input_fingerprint!r}: expected stat or content")
         if self.num_tasks < 1:
@@ -146,12 +155,20 @@ class PrepConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("prep.inputs is empty: give at least one glob or directory")
-        for key, where in (("output_dir", self.output_dir), ("input_root", self.input_root),
-                           *((f"inputs[{i}]", x) for i, x in enumerate(self.inputs))):
-            if where is not None and storage.is_remote(where):
-                raise ValueError(f"{key}={where}: prep reads and writes local or shared paths (object storage not yet "
-                                 "supported); copy the inputs down first and upload output_dir after (aws s3 sync): "
-                                 "training reads shards from a URL")
+        storage.check_location(self.output_dir, "output_dir")
+        for i, x in enumerate(self.inputs):
+            storage.check_location(x, f"inputs[{i}]")
+        if self.input_root is not None:
+            storage.check_location(self.input_root, "input_root")
+        if storage.is_remote(self.output_dir) and self.run.local_dir is None:
+            raise ValueError(f"output_dir={self.output_dir}: writing to object storage needs run.local_dir, a local or "
+                             "shared folder for the work files and the outputs before upload (tens of GB per 100 GB "
+                             "of input: see docs/SCALE.md)")
+
+    def local_out(self) -> Path:
+        """Where the outputs and ``work/`` are written: ``output_dir``, or ``run.local_dir`` when
+        ``output_dir`` is a URL (the outputs are uploaded from there)."""
+        return Path(self.run.local_dir if storage.is_remote(self.output_dir) else self.output_dir)
         if self.seq_len < 1:
             raise ValueError(f"seq_len={self.seq_len}: must be >= 1")
         if self.samples_per_shard < 1:

@@ -35,7 +35,6 @@ import resource
 import sys
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from data_prep.cli import ConfigError
@@ -88,14 +87,13 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
     """
     from data_prep.shard_format import load_manifest
 
-    out = Path(cfg.output_dir)
     if cfg.run.force:
-        clear_outputs(out)
+        clear_outputs(cfg.local_out())
     run = cfg.run
     workers = run.workers if run.workers is not None else min(run.num_tasks, os.cpu_count() or 1)
     for stage in STAGES:
         run_tasks(partial(_task, cfg, stage.name), run.num_tasks if stage.parallel else 1, workers)
-    return load_manifest(out)
+    return load_manifest(cfg.output_dir)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import zstandard
 
+from data_prep import storage
 from data_prep.doc_pass import DocPass
 from data_prep.document import Document
 from data_prep.stats import PrepStats
@@ -64,7 +65,15 @@ def expand_inputs(patterns: Iterable[str], root: Path | None = None, skipped: li
     files: set[Path] = set()
     other: set[Path] = set()
     for pattern in patterns:
-        pat = str(Path(root, pattern)) if root is not None and not os.path.isabs(pattern) else pattern
+        relative = root is not None and not os.path.isabs(pattern) and not storage.is_remote(pattern)
+        pat = storage.join(root, pattern) if relative else pattern
+        if storage.is_remote(pat):  # objects: listed by the store (a folder: every object under it)
+            found = storage.glob_files(pat)
+            if not found:
+                raise FileNotFoundError(f"prep.inputs: pattern {pattern!r} matches no object ({pat})")
+            for q in found:
+                (files if has_suffix(q, SUFFIXES) else other).add(q)
+            continue
         matches = sorted(glob.glob(pat, recursive=True))
         if not matches:
             raise FileNotFoundError(f"prep.inputs: pattern {pattern!r} matches no file")
@@ -73,8 +82,8 @@ def expand_inputs(patterns: Iterable[str], root: Path | None = None, skipped: li
             for q in (q for q in p.rglob("*") if q.is_file()) if p.is_dir() else (p,):
                 (files if has_suffix(q, SUFFIXES) else other).add(q)
     if skipped is not None:
-        skipped.extend(sorted(other - files))
-    return sorted(files)
+        skipped.extend(sorted(other - files, key=str))
+    return sorted(files, key=str)
 
 
 def skip_reason(path: Path) -> str:
@@ -92,7 +101,7 @@ def _zst_lines(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     dobj = dctx.decompressobj()
     pending = b""
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:  # a local file, or an object streamed from the store (UPath)
         while block := fh.read(chunk):
             while block:
                 pending += dobj.decompress(block)
@@ -113,13 +122,13 @@ def _lines(path: Path) -> Iterator[bytes]:
     if name.endswith(".zst"):
         yield from _zst_lines(path)
     elif name.endswith(".gz"):
-        with gzip.open(path, "rb") as fh:
+        with path.open("rb") as raw, gzip.open(raw, "rb") as fh:
             yield from fh
     elif name.endswith(".bz2"):
-        with bz2.open(path, "rb") as fh:
+        with path.open("rb") as raw, bz2.open(raw, "rb") as fh:
             yield from fh
     else:
-        with open(path, "rb") as fh:
+        with path.open("rb") as fh:
             yield from fh
 
 
@@ -174,7 +183,7 @@ class DocumentReader(DocPass):
     def read_file(self, path: Path) -> Iterator[Document]:
         """Documents of one file; problems are recorded and reading stops only where the file does.
         A file that gives no document but had problems is recorded as a bad file, with its first one."""
-        rel = os.path.relpath(path, self.root)
+        rel = storage.relative(path, self.root)
         before = dict(self.stats.reasons[self.name])
         self._first_problem = None
         docs = 0
@@ -278,7 +287,7 @@ class DocumentReader(DocPass):
 
         row = 0
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path if isinstance(path, Path) else path.open("rb"))  # an object: streamed
             top = self.text_key.split(".")[0]
             src_top = self.source_key.split(".")[0]
             cols = [c for c in dict.fromkeys([top, src_top]) if c in pf.schema_arrow.names]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from data_prep import storage
 from data_prep.atomic import atomic_path, save_npz, write_json
 from data_prep.config import PrepConfig, config_hash
 from data_prep.doc_table import key_of
@@ -56,6 +57,8 @@ def input_fingerprint(path: Path, mode: str) -> list[int | str]:
     A file that cannot be read (a dangling link) gets ``[-1, <error>]``: the reader reports it, and
     the run goes on."""
     try:
+        if not isinstance(path, Path):  # an object in a store (UPath)
+            return storage.fingerprint(path, mode)
         st = path.stat()
         if mode != "content":
             return [st.st_size, st.st_mtime_ns]
@@ -77,7 +80,13 @@ class Context:
 
     @property
     def out(self) -> Path:
-        return Path(self.cfg.output_dir)
+        """Where outputs are written (``output_dir``, or ``run.local_dir`` before upload to a URL)."""
+        return self.cfg.local_out()
+
+    @property
+    def remote_out(self) -> str | None:
+        """``output_dir`` when it is a URL the outputs are uploaded to."""
+        return self.cfg.output_dir if storage.is_remote(self.cfg.output_dir) else None
 
     @property
     def work(self) -> WorkDir:
@@ -91,7 +100,7 @@ class Context:
         """Sorted input files and their root; files no reader handles go to ``skipped``."""
         from data_prep.readers import expand_inputs
 
-        root = Path(self.cfg.input_root) if self.cfg.input_root else Path.cwd()
+        root = storage.as_path(self.cfg.input_root) if self.cfg.input_root else Path.cwd()
         other: list[Path] = []
         try:
             files = expand_inputs(self.cfg.inputs, root=root if self.cfg.input_root else None, skipped=other)
@@ -111,7 +120,7 @@ class Context:
         if i not in self._inputs:
             skipped: list[Path] = []
             files, root = self.input_files(skipped)
-            rel = [os.path.relpath(p, root) for p in files]
+            rel = [storage.relative(p, root) for p in files]
             mode = self.cfg.run.input_fingerprint
             mine = {rel[k]: input_fingerprint(files[k], mode) for k in range(i, len(files), self.n)}
             self._inputs[i] = InputState(files, root, rel, skipped, mode, config_hash(rel), mine)
@@ -122,7 +131,7 @@ class Context:
         import glob
 
         root = self.cfg.input_root
-        if not root:
+        if not root or storage.is_remote(root):
             return ""
         here = [p for p in self.cfg.inputs if not os.path.isabs(p) and glob.glob(p, recursive=True)]
         if not here:
@@ -177,8 +186,8 @@ def clean_inputs(ctx: Context, i: int) -> dict[str, Any]:
     if i == 0:  # once: the file list document keys index into, and the files no reader handles
         write_json(ctx.work.inputs, {"root": str(root), "files": rel}, indent=None)
         for p in state.skipped:
-            stats.error(os.path.relpath(p, root), None, skip_reason(p))
-            stats.bad_file(os.path.relpath(p, root), skip_reason(p))
+            stats.error(storage.relative(p, root), None, skip_reason(p))
+            stats.bad_file(storage.relative(p, root), skip_reason(p))
             stats.drop(DocumentReader.name, "unsupported_file")
     mine = files[i :: ctx.n]
     docs = DocumentReader(mine, root, cfg.text_key, cfg.source_key, stats=stats).run()
@@ -231,7 +240,7 @@ def clean_inputs_changed(ctx: Context, i: int, done: dict[str, Any]) -> str | No
         if prev is not None and prev != now:
             what = f"size {prev[0]} -> {now[0]}" if prev[0] != now[0] else (
                 "content changed" if state.mode == "content" else "modification time changed")
-            why.append(f"{os.path.join(state.root, name)} changed ({what})")
+            why.append(f"{storage.join(state.root, name)} changed ({what})")
     return "; ".join(why) or "its input fingerprint changed"
 
 
@@ -398,6 +407,8 @@ def write_shards(ctx: Context, i: int) -> dict[str, Any]:
     dtype = token_dtype(tok["vocab_size"])
     B = cfg.block_size
     written = 0
+    if ctx.remote_out:
+        claim_remote_output(ctx)
     plans = {name: SplitPlan.load(ctx.work, name) for name in SPLITS}
     blocks = sum(int(p.shard_blocks[i :: ctx.n].sum()) for p in plans.values())
     with Progress(f"shards {i}/{ctx.n}", "block", total=blocks) as bar:
@@ -412,6 +423,10 @@ def write_shards(ctx: Context, i: int) -> dict[str, Any]:
                     writer.add(toks[sl], {plan.sources[k]: int(v) for k, v in enumerate(c) if v})
                     bar.update()
                 entry = writer.close(B)
+                if ctx.remote_out:  # one PUT: the object appears whole or not at all
+                    local = ctx.out / shard_name(split_name, s)
+                    storage.put_file(local, storage.join(ctx.remote_out, local.name))
+                    local.unlink()
                 entry["proportions"] = realized(entry["tokens_per_source"])
                 write_json(ctx.work.shard_entry(split_name, s), entry, indent=None)
                 written += 1
@@ -423,7 +438,41 @@ def report_dataset(ctx: Context, i: int) -> dict[str, Any]:
     from data_prep.dataset_manifest import write_manifest_and_report
 
     earlier = [(s.name, s.parallel) for s in STAGES if s.name != "report"]
-    return write_manifest_and_report(ctx, earlier, stage_hashes(ctx.cfg))
+    result = write_manifest_and_report(ctx, earlier, stage_hashes(ctx.cfg))
+    if ctx.remote_out:
+        upload_outputs(ctx)
+    return result
+
+
+def claim_remote_output(ctx: Context) -> None:
+    """Before a shard goes to a URL ``output_dir``: refuse one that holds another dataset's manifest
+    (its shards would be overwritten) unless ``run.force``, which first removes that manifest, so a
+    reader never pairs it with new shards. A manifest of this same config is left: its shards are
+    rewritten byte for byte."""
+    from data_prep.shard_format import MANIFEST
+
+    url = storage.join(ctx.remote_out, MANIFEST)
+    if not storage.exists(url):
+        return
+    theirs = json.loads(storage.read_bytes(url)).get("prep_config_hash")
+    if theirs == stage_hashes(ctx.cfg)["shards"]:
+        return
+    if not ctx.cfg.run.force:
+        raise FileExistsError(f"{url} is the manifest of another dataset (prep_config_hash {str(theirs)[:12]}…); its "
+                              "shards would be overwritten: choose another output_dir, or set run.force=true to "
+                              "replace it (its manifest is removed first)")
+    fs, path = storage.filesystem(url)
+    fs.rm_file(path)
+
+
+def upload_outputs(ctx: Context) -> None:
+    """The outputs besides the shards (uploaded as written) to the URL ``output_dir``, ``manifest.json``
+    last: a reader that finds the manifest finds everything it lists."""
+    from data_prep.shard_format import MANIFEST
+
+    files = sorted(p for p in ctx.out.iterdir() if p.is_file() and p.name != MANIFEST)
+    for p in [*files, ctx.out / MANIFEST]:
+        storage.put_file(p, storage.join(ctx.remote_out, p.name))
 
 
 # ---------------------------------------------------------------------------------------------- the list
@@ -479,7 +528,7 @@ def stage_hashes(cfg: PrepConfig) -> dict[str, str]:
         h[stage.name] = config_hash(prev + stage.depends(cfg))
         prev = [h[stage.name]]
         if stage.name == "clean":
-            prev.append(_clean_outputs(Path(cfg.output_dir) / "work", cfg.run.num_tasks, h["clean"]))
+            prev.append(_clean_outputs(cfg.local_out() / "work", cfg.run.num_tasks, h["clean"]))
     return h
 
 

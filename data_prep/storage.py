@@ -122,3 +122,56 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def as_path(location: str | os.PathLike) -> Any:
+    """A pathlib-like object for ``location``: ``Path`` for a local path, a ``UPath`` (universal-pathlib:
+    the pathlib API over fsspec, with ``name``, ``parent``, ``open``, ``stat``, ``read_bytes``) for a URL."""
+    if not is_remote(location):
+        return Path(str(location).removeprefix("file://"))
+    from upath import UPath
+
+    return UPath(str(location))
+
+
+def relative(path: Any, root: Any) -> str:
+    """``path`` relative to ``root`` (``/``-separated for a URL)."""
+    if is_remote(str(path)):
+        return str(path.relative_to(as_path(str(root))))
+    return os.path.relpath(path, root)
+
+
+def glob_files(pattern: str) -> list[Any]:
+    """The files a URL glob (or a URL of a file or folder) names, every file under a matched folder,
+    as ``UPath`` objects sorted by name."""
+    fs, path = filesystem(pattern)
+    proto = protocol(pattern)
+    matches = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+    found: set[str] = set()
+    for m in matches:
+        found.update(fs.find(m) if fs.isdir(m) else [m])
+    return [as_path(f"{proto}://{f}") for f in sorted(found)]
+
+
+def fingerprint(path: Any, mode: str) -> list[int | str]:
+    """What says an input object changed: ``[size, ETag]`` (or its modification time where the store
+    has no ETag), or with ``mode="content"`` ``[size, sha256]`` of its bytes (read in full)."""
+    info = path.fs.info(path.path)
+    size = int(info.get("size") or 0)
+    if mode == "content":
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        return [size, digest.hexdigest()]
+    return [size, str(info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or "")]
+
+
+def put_file(local: Path, location: str) -> None:
+    """Upload ``local`` to ``location`` in one request (S3, GCS and Azure make an object visible whole
+    or not at all: a killed upload leaves nothing under the name)."""
+    fs, path = filesystem(location)
+    try:
+        fs.put_file(str(local), path)
+    except (FileNotFoundError, PermissionError) as e:
+        raise type(e)(describe_error(location, e)) from None

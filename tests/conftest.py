@@ -94,6 +94,7 @@ def write_jsonl_zst(path: Path, records: list[dict]) -> Path:
 
 # Test shorthand for nested PrepConfig fields: num_tasks=2 means run.num_tasks=2.
 _NESTED = {"num_tasks": ("run", "num_tasks"), "workers": ("run", "workers"), "force": ("run", "force"),
+           "local_dir": ("run", "local_dir"),
            "holdout_ratio": ("holdout", "ratio"), "holdout_count": ("holdout", "count"),
            "eval_files": ("decontam", "eval_files")}
 _GROUPS = {"run": RunConfig, "holdout": HoldoutConfig, "decontam": DecontamConfig}

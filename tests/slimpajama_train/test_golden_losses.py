@@ -10,8 +10,11 @@ change that moves them on purpose updates the record
 
 Across machines: torch's own kernels, MKL and oneDNN choose code paths by the CPU's vector width,
 which changes the order of fp32 sums; the runs pin all three to AVX2 (every x86-64 CPU this suite
-runs on has it), so the same commit gives the same bits on Intel and AMD. The comparison allows
-1e-6 (absolute, on losses near 7) where anything else reorders a sum.
+runs on has it). That is not every code path: the record was taken on an AMD EPYC, and an Intel
+Xeon with AVX-512 gave losses 9.5e-7 apart (one float32 ulp at 8) and gradient norms 2.3e-6 apart
+(relative), beside 1.9e-6 between ZeRO-2 and FSDP2 on one machine. The comparison allows 1e-5 (loss
+absolute, gradient norm relative): 4x the widest gap between CPUs, and 100x below what a small real
+change moves (RMSNorm's eps 1e-5 -> 1.1e-5: 1.35e-3 in the loss, 1.8e-3 in the norm).
 """
 import hashlib
 import json
@@ -30,7 +33,7 @@ pytestmark = pytest.mark.slow  # every test here: `make test-fast` leaves the mo
 
 RECORD = Path(__file__).parent / "golden" / "demo_losses.json"
 STEPS = 20
-TOL = 1e-6
+TOL = 1e-5
 RUNS = {"fsdp2_1proc": (1, "fsdp2"), "fsdp2_2proc": (2, "fsdp2"), "zero2_2proc": (2, "zero2")}
 # The same vector code paths on every x86-64 CPU (see the module docstring).
 SAME_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

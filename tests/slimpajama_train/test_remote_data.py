@@ -181,9 +181,8 @@ def test_training_from_a_bucket_resumes_bitwise_after_sigterm_and_records_no_cre
 
 
 def test_locations_that_cannot_be_urls_yet_are_refused_with_what_to_do():
-    """Checkpoints and prep on object storage are not built yet: a URL there is refused by name, not
-    turned into a local folder called ``s3:`` (``Path`` folds ``s3://b`` into ``s3:/b``)."""
-    from data_prep.config import PrepConfig
+    """Checkpoints on object storage are not built yet: a URL there is refused by name, not turned
+    into a local folder called ``s3:`` (``Path`` folds ``s3://b`` into ``s3:/b``)."""
     from slimpajama_train.checkpoint import CheckpointConfig
     from slimpajama_train.config import TrainConfig
 
@@ -192,6 +191,3 @@ def test_locations_that_cannot_be_urls_yet_are_refused_with_what_to_do():
                         ({"resume_from": "s3://b/run/checkpoints/step_00000004"}, "resume_from")):
         with pytest.raises(ValueError, match=rf"{key}=.*not supported yet.*local or shared path"):
             TrainConfig(**kwargs)
-    for kwargs, key in (({"output_dir": "s3://b/shards"}, "output_dir"), ({"inputs": ["s3://b/raw"]}, r"inputs\[0\]")):
-        with pytest.raises(ValueError, match=rf"{key}=.*object storage not yet supported"):
-            PrepConfig(**kwargs)
