@@ -75,6 +75,29 @@ def simulated_shards(n: int, samples_per_shard: int) -> list[dict]:
     return shards
 
 
+def write_simulated(folder: Path, shards: list[dict], seq_len: int = 128, vocab: int = 32000) -> Path:
+    """Write ``shards`` (from :func:`simulated_shards`) as real shard files of random tokens, with a
+    manifest the trainer's reader accepts: for reads from disk and from a store at any shard count."""
+    from data_prep.shard_format import FORMAT_VERSION, MANIFEST, RecordLayout, ShardWriter, shard_name, token_dtype
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype, block = token_dtype(vocab), seq_len + 1
+    rng = np.random.default_rng(0)
+    entries = []
+    for i, s in enumerate(shards):
+        writer = ShardWriter(folder / shard_name("train", i), i, dtype)
+        src = next(iter(s["tokens_per_source"]))
+        for _ in range(s["samples"]):
+            writer.add(rng.integers(0, vocab, block, dtype=dtype), {src: block})
+        entries.append(writer.close(block))
+    manifest = {"format_version": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "seq_len": seq_len,
+                "block_size": block, "record": RecordLayout.for_block(block, np.dtype(dtype)).__dict__,
+                "tokenizer": {"vocab_size": vocab, "sha256": "0" * 64, "file": "tokenizer.model"},
+                "splits": {"train": {"shards": entries}, "val": {"shards": []}}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
 def shard_of(order, ids: np.ndarray) -> np.ndarray:
     return np.searchsorted(order.cum, ids, side="right") - 1
 
@@ -170,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache-dir", default=None, help="with --url: the cache folders (default: a temporary one)")
     p.add_argument("--simulate-shards", type=int, default=0, help="no files: this many simulated shards")
     p.add_argument("--samples-per-shard", type=int, default=4096, help="with --simulate-shards")
+    p.add_argument("--write-shards", action="store_true",
+                   help="with --simulate-shards: write them as files of random tokens (seq 128) and read those")
     p.add_argument("--ks", default="1,4,16,64", help="block sizes (shards) of the blocks order")
     p.add_argument("--samples", type=int, default=4096, help="positions read from the start of epoch 1")
     p.add_argument("--global-batch", type=int, default=64)
@@ -181,6 +206,11 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if bool(a.data) == bool(a.simulate_shards):
         p.error("give one of --data or --simulate-shards")
+    written = None
+    if a.write_shards and a.simulate_shards:
+        a.data = written = str(write_simulated(Path(tempfile.mkdtemp(prefix="bench_loader_shards_")),
+                                     simulated_shards(a.simulate_shards, a.samples_per_shard)))
+        a.simulate_shards = 0
     if (a.url or a.moto) and not a.data:
         p.error("--url and --moto need --data (the local copy: its reads are the baseline)")
     ks = [int(k) for k in a.ks.split(",")]
@@ -236,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     if server is not None:
         server.stop()
     shutil.rmtree(tmp, ignore_errors=True)
+    if written:
+        shutil.rmtree(written, ignore_errors=True)
     cols = ["samples_per_s", "opens_per_1k", "bytes_read_per_byte", "remote_samples_per_s", "remote_requests_per_1k",
             "remote_fetched_bytes_per_byte", "remote_cache_hit_rate", "requests_per_1k", "fetched_bytes_per_byte",
             "cache_hit_rate", "fetches_per_shard_epoch_mean", "source_share_dev_mean", "source_share_dev_max",

@@ -175,3 +175,30 @@ def put_file(local: Path, location: str) -> None:
         fs.put_file(str(local), path)
     except (FileNotFoundError, PermissionError) as e:
         raise type(e)(describe_error(location, e)) from None
+
+
+def fetch_tree(location: str, dest: Path) -> Path:
+    """Copy every object under the URL ``location`` to the local folder ``dest`` (a temporary folder
+    beside it, then a rename: ``dest`` is whole or absent). Kept if ``dest`` is already there: what
+    this fetches (a finished checkpoint or export) never changes under its name."""
+    import shutil
+    import tempfile
+
+    dest = Path(dest)
+    if dest.is_dir():
+        return dest
+    fs, path = filesystem(location)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{location}: no such folder (no object under it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for obj in fs.find(path):
+            local = tmp / posixpath.relpath(obj, path.rstrip("/"))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(obj, str(local))
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

@@ -29,6 +29,7 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
+from data_prep import storage
 from data_prep.cli import add_debug_flag, cli_errors
 from data_prep.shard_format import MANIFEST, load_manifest
 from data_prep.tokenizer import file_sha256
@@ -69,7 +70,7 @@ def load_export(path: Path, device: str | torch.device = "cpu") -> Transformer:
 def load_for_eval(path: str | Path, device: str) -> tuple[Transformer, dict[str, Any], Path]:
     """(model in eval mode, checkpoint meta, the directory it came from). For an export the meta holds
     only ``tokenizer_sha256``, of the export's ``tokenizer.model`` (absent if the folder has none)."""
-    p = Path(path)
+    p = resolve_checkpoint(path) if storage.is_remote(path) else Path(path)  # a URL: fetched (an export too)
     if is_export(p):
         tok = p / TOKENIZER_FILE
         return load_export(p, device), ({"tokenizer_sha256": file_sha256(tok)} if tok.is_file() else {}), p

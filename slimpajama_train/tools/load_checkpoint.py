@@ -1,6 +1,8 @@
 """Load a trained model from a sharded checkpoint into one process (for generation and export)."""
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -8,13 +10,18 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from data_prep import storage
 from slimpajama_train.checkpoint import LATEST, STATE, read_meta
 from slimpajama_train.model import ModelConfig, Transformer
 from slimpajama_train.safe_load import weights_only_loads
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory, or a checkpoints root / run dir (then follow ``latest``)."""
+    """Accept a checkpoint directory, or a checkpoints root / run dir (then follow ``latest``). A URL
+    (``s3://…``: a run or checkpoint copied to a bucket, or an export) is fetched whole into
+    ``$TMPDIR/slimpajama_checkpoint_cache/`` first, once: a checkpoint never changes under its name."""
+    if storage.is_remote(path):
+        return fetch_remote(str(path))
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder; give a checkpoint (…/checkpoints/step_XXXXXXXX), "
@@ -23,6 +30,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (root / LATEST).is_file():
             return root / (root / LATEST).read_text().strip()
     return p
+
+
+def fetch_remote(url: str) -> Path:
+    """The local copy of the checkpoint (following ``latest``) or export folder at ``url``."""
+    url = storage.check_location(url, "checkpoint").rstrip("/")
+    for root in (url, storage.join(url, "checkpoints")):
+        pointer = storage.join(root, LATEST)
+        if storage.exists(pointer):
+            url = storage.join(root, storage.read_bytes(pointer).decode().strip())
+            break
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    dest = Path(tempfile.gettempdir(), "slimpajama_checkpoint_cache", f"{key}-{url.rsplit('/', 1)[-1]}")
+    return storage.fetch_tree(url, dest)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any], Path]:

@@ -191,3 +191,58 @@ def test_locations_that_cannot_be_urls_yet_are_refused_with_what_to_do():
                         ({"resume_from": "s3://b/run/checkpoints/step_00000004"}, "resume_from")):
         with pytest.raises(ValueError, match=rf"{key}=.*not supported yet.*local or shared path"):
             TrainConfig(**kwargs)
+
+
+def test_a_loader_process_keeps_under_100_bytes_per_shard_through_the_cache(tmp_path):
+    """What a loader process holds for SlimPajama's 75k shards read from a URL through the cache, in
+    the blocks order: fixed-width arrays per shard (name, size, sha256, source, sample offsets, the
+    epoch's permutation: ~90 bytes, 6.7 MB), no object per shard and nothing per sample. Traced."""
+    import tracemalloc
+
+    from data_prep.shard_format import RecordLayout
+
+    n = 75_000
+    shards = [{"name": f"train-{i:06d}.tar", "bytes": 4096 * 4608, "samples": 4096, "tokens_per_source": {"cc": 1},
+               "sha256": f"{i:064x}"} for i in range(n)]
+    record = RecordLayout.for_block(2049, np.dtype("uint16")).__dict__
+    manifest = {"dtype": "uint16", "block_size": 2049, "record": record,
+                "tokenizer": {"vocab_size": 32000}, "splits": {"train": {"shards": shards}}}
+    tracemalloc.start()
+    ds = TokenBlocks("s3://bucket/shards", manifest, "train", seed=0, shuffle=True, order="blocks", block_shards=64,
+                     cache=CacheSpec(str(tmp_path / "cache"), 2**40))
+    ds.order.epoch_layout(3)  # what the first read of an epoch builds
+    kept = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    print(f"{kept / n:.0f} bytes per shard, {kept / 2**20:.1f} MiB at {n} shards")
+    assert kept < 100 * n
+
+
+@pytest.mark.slow
+def test_export_generate_and_eval_take_a_run_copied_to_a_bucket(s3_env, tiny_runs, tmp_path, monkeypatch):
+    """A run folder copied to a bucket (``aws s3 sync``) is read by export, generate (``load_model``)
+    and eval from its URL: ``latest`` followed, the checkpoint fetched once into the local cache, and
+    the export is byte for byte the one from the local run."""
+    import tempfile
+
+    import torch
+
+    from slimpajama_train.tools.evaluate import load_for_eval
+    from slimpajama_train.tools.export import export_checkpoint
+    from slimpajama_train.tools.load_checkpoint import load_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the checkpoint cache's parent
+    (tmp_path / "tmp").mkdir()
+    run = tiny_runs.get("fsdp2", 2, 8)
+    s3_env.make_bucket("runs")
+    url = s3_env.upload(run, "s3://runs/tiny")
+    export_checkpoint(url, tmp_path / "from_bucket")
+    export_checkpoint(run, tmp_path / "from_disk")
+    for f in ("model.safetensors", "config.json", "tokenizer.model"):
+        assert (tmp_path / "from_bucket" / f).read_bytes() == (tmp_path / "from_disk" / f).read_bytes(), f
+    model, meta, ckpt = load_model(url)
+    assert ckpt.name.endswith("step_00000008") and meta["step"] == 8
+    local_model, _, _ = load_model(run)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local_model.state_dict().values(),
+                                                 strict=True))
+    assert load_for_eval(f"{url}/checkpoints/step_00000004", "cpu")[1]["step"] == 4
+    assert len(list((tmp_path / "tmp" / "slimpajama_checkpoint_cache").iterdir())) == 2  # step 8 once, step 4
