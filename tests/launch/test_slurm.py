@@ -84,8 +84,17 @@ def _wait_for_step(job: Job, step: int, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
+# The straight job reads its shards from the tests' S3 endpoint (moto on 127.0.0.1; set by `scenarios`),
+# reached from the SLURM job through AWS_ENDPOINT_URL and the key in the job's environment, through a
+# shard cache in its work folder. The other jobs read the same shards from disk and compare their
+# losses with it, so every comparison also checks that the bucket gave the samples the disk gives.
+S3_SHARDS: dict[str, object] = {}
+
+
 def _straight(env: dict, work: Path, shards: Path) -> Job:
-    return _submit_train(env, work, shards).wait(env)
+    url, s3_env = S3_SHARDS["url"], S3_SHARDS["env"]
+    overrides = lambda _, run_dir: [*_wandb_overrides(url, run_dir), f"data.cache_dir={work}/cache"]  # noqa: E731
+    return _submit_train(env, work, shards, overrides, **s3_env).wait(env)
 
 
 def _plain_overrides(shards: Path, run_dir: Path) -> list[str]:
@@ -135,13 +144,14 @@ NEEDS = {"test_train_sbatch_runs_checkpoints_and_logs_per_rank": ["straight"],
 
 
 @pytest.fixture(scope="module")
-def scenarios(request, slurm_env, demo_shards, tmp_path_factory):
+def scenarios(request, slurm_env, demo_shards, s3_server, s3_demo_shards, tmp_path_factory):
     """Every scenario the selected tests of this module need, started at once, one thread each; a
     test's `scenarios[name].result()` is its job once ended (or the scenario's own error). Jobs still
     running at the end (a test failed early) are cancelled."""
     module = request.node.nodeid
     names = {name for item in request.session.items if item.nodeid.startswith(module)
              for name in NEEDS.get(item.originalname, [])}
+    S3_SHARDS.update(url=s3_demo_shards, env=s3_server.env)
     pool = ThreadPoolExecutor(max_workers=max(len(names), 1))
     futures: dict[str, Future] = {
         name: pool.submit(SCENARIOS[name], slurm_env, tmp_path_factory.mktemp(f"sbatch_{name}"), demo_shards)
@@ -164,6 +174,8 @@ def test_train_sbatch_runs_checkpoints_and_logs_per_rank(scenarios):
     rank_logs = sorted((work / "logs" / str(job) / "restart0" / "node0").glob("*/attempt_0/*/stderr.log"))
     assert [p.parent.name for p in rank_logs] == ["0", "1"] and "step" in rank_logs[0].read_text()
     assert len(_wandb_runs(run_dir)) == 1
+    assert json.loads((run_dir / "config.json").read_text())["config"]["data"]["path"].startswith("s3://")
+    assert list((work / "cache").glob("*-train-*.tar")), "the job read no shard through the cache"
 
 
 def _straight_losses(scenarios) -> dict:
