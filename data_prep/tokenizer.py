@@ -1,7 +1,6 @@
 """SentencePiece tokenizer: train a Llama-like BPE model on a sample, or load an existing ``.model``."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
+
+from data_prep.storage import file_sha256  # one implementation (evaluate imports it from here too)
 
 
 @dataclass
@@ -104,14 +105,6 @@ class WeightedReservoir:
     def texts(self) -> list[str]:
         """The sample in input order (by key), so training is deterministic."""
         return [t for _, _, t in sorted(self._heap, key=lambda item: item[1])]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _training_lines(texts: Iterable[str], max_len: int) -> Iterator[str]:

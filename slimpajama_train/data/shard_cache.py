@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from data_prep.cli import UserError
 from data_prep.storage import describe_error, file_sha256, filesystem
 
 LOCKS, TMP = ".locks", ".tmp"
@@ -35,11 +36,12 @@ LOCKS, TMP = ".locks", ".tmp"
 MARKER = ".slimpajama_shard_cache"
 
 
-class ShardFetchError(RuntimeError):
-    """A shard could not be fetched whole and intact after every retry (the message names the URL)."""
+class ShardFetchError(UserError, RuntimeError):
+    """A shard could not be fetched whole and intact after every retry (the message names the URL);
+    the entry points print it in a line or two, without the traceback."""
 
 
-class CacheFullError(RuntimeError):
+class CacheFullError(UserError, RuntimeError):
     """The shards in use fill the cache: nothing can be evicted for the one asked for."""
 
 
